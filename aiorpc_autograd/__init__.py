@@ -1,0 +1,50 @@
+"""aiorpc_autograd: asyncio-native RPC and distributed autograd for PyTorch.
+
+``import aiorpc_autograd as rpc`` gives the API of ``shared/API.md``; this
+module only re-exports.
+"""
+
+from __future__ import annotations
+
+from .api import (
+    get_debug_info,
+    get_worker_info,
+    init_rpc,
+    register,
+    rpc_async,
+    rpc_sync,
+    run,
+    shutdown,
+    worker,
+)
+from .errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    ProtocolError,
+    RemoteError,
+    RpcError,
+    RpcTimeoutError,
+)
+from .options import RpcOptions, WorkerInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionLostError",
+    "ProtocolError",
+    "RemoteError",
+    "RpcError",
+    "RpcOptions",
+    "RpcTimeoutError",
+    "WorkerInfo",
+    "get_debug_info",
+    "get_worker_info",
+    "init_rpc",
+    "register",
+    "rpc_async",
+    "rpc_sync",
+    "run",
+    "shutdown",
+    "worker",
+]

@@ -1,0 +1,568 @@
+"""The RPC agent: peers, request ids to futures, timeouts, dispatch, executor.
+
+Theory of operation
+-------------------
+One :class:`RpcAgent` per process runs on one event loop. It listens on TCP
+and (for workers on the same host) a Unix socket, and opens one outgoing
+connection per peer lazily, on the first request, reusing it afterwards.
+Connections are symmetric: the first frame each way is a ``Hello`` naming the
+worker; after that either side may send requests, and a response goes back on
+the connection its request came in on.
+
+Invariants:
+
+* every request this worker sent and that is not answered yet is in
+  ``_pending`` (request id -> :class:`_Pending`); it leaves exactly once:
+  answered, timed out, its connection lost, or the agent shut down;
+* ``_inflight`` counts requests this worker is serving and has not answered;
+* a frame that does not decode (:class:`ProtocolError`) drops its connection
+  only; an error raised while *serving* a request goes back as an
+  ``ExceptionMsg`` and never touches the connection.
+
+Plain functions run in a thread pool so the loop keeps serving; ``async def``
+functions are awaited on the loop. Handlers for further message kinds (RRefs,
+distributed autograd) are registered in ``handlers`` by their layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import itertools
+import logging
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import codec
+from .codec import ExceptionMsg, Hello, Message, Payload, PythonCall, PythonRet
+from .errors import (
+    ConnectionLostError,
+    ProtocolError,
+    RemoteError,
+    RpcError,
+    RpcTimeoutError,
+    remote_error,
+)
+from .options import RpcOptions, WorkerInfo
+from .rendezvous import Address, Rendezvous
+from .transport import Connection, connect, serve_tcp, serve_unix
+from .wire import Frame, Limits
+
+__all__ = ["RpcAgent", "registered_functions", "register_function"]
+
+log = logging.getLogger(__name__)
+
+ResponseDecoder = Callable[[Message], Any]
+Handler = Callable[[Connection, int, Message], None]
+
+# Functions callable by name (rpc.register); process-wide like Python imports.
+_REGISTERED: dict[str, Callable[..., Any]] = {}
+
+
+def register_function(name: str, func: Callable[..., Any]) -> None:
+    """Make ``func`` callable as ``name``.
+
+    Raises:
+        ValueError: another function is registered under ``name``.
+    """
+    current = _REGISTERED.get(name)
+    if current is not None and current is not func:
+        raise ValueError(f"a different function is already registered as {name!r}")
+    _REGISTERED[name] = func
+
+
+def registered_functions() -> dict[str, Callable[..., Any]]:
+    """The registry of functions callable by name."""
+    return _REGISTERED
+
+
+def _host_id() -> str:
+    """Identifies 'same host and network namespace' (where Unix sockets reach)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return f"{socket.gethostname()}:{uuid.getnode()}"
+    return f"{socket.gethostname()}:{boot}:{netns}"
+
+
+def _type_name(exc: BaseException) -> str:
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def exception_message(worker: str, exc: BaseException) -> ExceptionMsg:
+    """The wire form of an exception raised while serving a request."""
+    if isinstance(exc, RemoteError):  # a nested call failed: keep the origin
+        return ExceptionMsg(exc.worker, exc.type_name, exc.remote_message, exc.remote_traceback)
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return ExceptionMsg(worker, _type_name(exc), str(exc), tb)
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Any]
+    peer: int
+    decode: ResponseDecoder
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class _Peer:
+    info: WorkerInfo
+    address: Address
+    conn: Connection | None = None
+    queue: list[tuple[bytes, list[memoryview]]] = field(default_factory=list)
+    connecting: asyncio.Task[None] | None = None
+
+
+class RpcAgent:
+    """This process's agent. Create with :meth:`start`.
+
+    Attributes:
+        info: this worker.
+        options: the options it runs with.
+        handlers: request handlers by message class.
+    """
+
+    def __init__(self, name: str, options: RpcOptions, rdv: Rendezvous) -> None:
+        self.info = WorkerInfo(name, rdv.rank)
+        self.options = options
+        self.loop = asyncio.get_running_loop()
+        self.world_size = rdv.world_size
+        self._rdv = rdv
+        self._limits = Limits(
+            options.max_message_size, options.max_header_size, options.max_tensors
+        )
+        self._group = ""
+        self._peers: dict[int, _Peer] = {}
+        self._by_name: dict[str, WorkerInfo] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._incoming: set[Connection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._executor = ThreadPoolExecutor(
+            options.num_worker_threads, thread_name_prefix=f"aiorpc-{name}"
+        )
+        self._inflight = 0
+        self._running = False
+        self.handlers: dict[type[Message], Handler] = {PythonCall: self._on_python_call}
+        self.debug_counters: dict[str, Callable[[], int]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def start(
+        cls,
+        name: str,
+        rank: int | None,
+        world_size: int | None,
+        init_method: str,
+        options: RpcOptions,
+    ) -> RpcAgent:
+        """Listen, rendezvous with the group and return the running agent.
+
+        Raises:
+            ValueError: bad arguments, or a worker name used twice in the group.
+            RpcTimeoutError: the group did not assemble in time.
+        """
+        if not name or not isinstance(name, str):
+            raise ValueError("a worker name must be a non-empty string")
+        rdv = await Rendezvous.join(init_method, rank, world_size, options.rendezvous_timeout)
+        self = cls(name, options, rdv)
+        try:
+            await self._listen_and_exchange()
+        except BaseException:
+            await self._close(RpcError("initialisation failed"))
+            raise
+        self._running = True
+        return self
+
+    async def _listen_and_exchange(self) -> None:
+        opts = self.options
+        server, port = await serve_tcp(self._accept, opts.listen_host, 0, ssl=opts.ssl)
+        self._servers.append(server)
+        unix_path = ""
+        if opts.use_unix_sockets and hasattr(socket, "AF_UNIX"):
+            unix_path = f"\0aiorpc-{uuid.uuid4().hex}"
+            self._servers.append(await serve_unix(self._accept, unix_path))
+        host = opts.listen_host
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        me = Address(self.info.name, self.info.id, host, port, unix_path, _host_id())
+        addresses = await self._rdv.exchange(me)
+        self._group = self._rdv.prefix
+        seen: dict[str, int] = {}
+        for addr in addresses:
+            if addr.name in seen:
+                raise ValueError(
+                    f"worker name {addr.name!r} is used by both rank {seen[addr.name]} "
+                    f"and rank {addr.rank}: names must be unique"
+                )
+            seen[addr.name] = addr.rank
+            info = WorkerInfo(addr.name, addr.rank)
+            self._peers[addr.rank] = _Peer(info, addr)
+            self._by_name[addr.name] = info
+
+    async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
+        """Stop the agent; see ``aiorpc_autograd.shutdown``."""
+        if not self._running:
+            return
+        if timeout is None:
+            timeout = self.options.rpc_timeout or 60.0
+        deadline = time.monotonic() + timeout
+        timed_out: str | None = None
+        if graceful:
+            try:
+                await self._wait_idle(deadline)
+                await self._rdv.barrier("shutdown", max(deadline - time.monotonic(), 0.001))
+                await self._wait_idle(deadline)
+            except RpcTimeoutError as exc:
+                timed_out = str(exc)
+            await self._rdv.leave(max(deadline - time.monotonic(), 0.0))
+        self._running = False
+        await self._close(RpcError(f"RPC agent {self.info.name!r} shut down"))
+        if timed_out is not None:
+            raise RpcTimeoutError(f"graceful shutdown did not complete in {timeout}s: {timed_out}")
+
+    async def _wait_idle(self, deadline: float) -> None:
+        while self._pending or self._inflight:
+            if time.monotonic() >= deadline:
+                raise RpcTimeoutError(
+                    f"{len(self._pending)} requests pending, {self._inflight} being served"
+                )
+            await asyncio.sleep(0.002)
+
+    async def _close(self, error: RpcError) -> None:
+        self._running = False
+        for server in self._servers:
+            server.close()
+        for peer in self._peers.values():
+            if peer.connecting is not None:
+                peer.connecting.cancel()
+            if peer.conn is not None:
+                peer.conn.close()
+            peer.queue.clear()
+        for conn in list(self._incoming):
+            conn.close()
+        self._fail_pending(lambda p: True, error)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._rdv.close()
+        await asyncio.sleep(0)  # let the transports run their close callbacks
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`shutdown`."""
+        return self._running
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_info(self, to: str | int | WorkerInfo | None = None) -> WorkerInfo:
+        """Resolve a worker name, rank or WorkerInfo (None: this worker).
+
+        Raises:
+            ValueError: no such worker in the group.
+        """
+        if to is None:
+            return self.info
+        if isinstance(to, WorkerInfo):
+            peer = self._peers.get(to.id)
+            if peer is None or peer.info != to:
+                raise ValueError(f"unknown worker {to!r}")
+            return to
+        if isinstance(to, str):
+            info = self._by_name.get(to)
+            if info is None:
+                raise ValueError(f"unknown worker name {to!r}")
+            return info
+        if isinstance(to, int) and not isinstance(to, bool):
+            peer = self._peers.get(to)
+            if peer is None:
+                raise ValueError(f"unknown worker rank {to}")
+            return peer.info
+        raise TypeError(f"a worker is a name, a rank or a WorkerInfo, not {type(to).__name__}")
+
+    def all_workers(self) -> list[WorkerInfo]:
+        """Every worker of the group, by rank."""
+        return [self._peers[r].info for r in sorted(self._peers)]
+
+    def debug_info(self) -> dict[str, int]:
+        """Counters for ``get_debug_info``."""
+        conns = sum(1 for p in self._peers.values() if p.conn is not None and not p.conn.closed)
+        conns += sum(1 for c in self._incoming if not c.closed)
+        info = {
+            "num_pending_requests": len(self._pending),
+            "num_inflight_requests": self._inflight,
+            "num_connections": conns,
+            "num_worker_threads": self.options.num_worker_threads,
+        }
+        for key, counter in self.debug_counters.items():
+            info[key] = counter()
+        return info
+
+    # ------------------------------------------------------------------ sending
+
+    def request(
+        self,
+        to: WorkerInfo,
+        message: Message,
+        timeout: float | None = None,
+        decode: ResponseDecoder | None = None,
+    ) -> asyncio.Future[Any]:
+        """Send a request; the future resolves to ``decode(response)``.
+
+        Args:
+            to: the callee.
+            message: the request.
+            timeout: seconds; None: the options' ``rpc_timeout``; 0: none.
+            decode: turns the response message into the result; the default
+                loads a ``PythonRet`` payload. An ``ExceptionMsg`` always raises
+                :class:`RemoteError`.
+
+        Raises:
+            RpcError: the agent is not running.
+            TypeError: the message cannot be encoded.
+        """
+        if not self._running:
+            raise RpcError("RPC agent is not running (call init_rpc first)")
+        rid = next(self._ids)
+        header, buffers = codec.encode(message, rid)
+        fut = self.loop.create_future()
+        pending = _Pending(fut, to.id, decode or self.decode_result)
+        if timeout is None:
+            timeout = self.options.rpc_timeout
+        if timeout > 0:
+            pending.timer = self.loop.call_later(timeout, self._expire, rid, timeout, to)
+        self._pending[rid] = pending
+        self._send(to.id, header, buffers)
+        return fut
+
+    def decode_result(self, message: Message) -> Any:
+        """The default response decoder: the value of a ``PythonRet``."""
+        if isinstance(message, PythonRet):
+            return codec.load_payload(message.value, self.options.allow_pickle)
+        raise ProtocolError(f"unexpected response {type(message).__name__}")
+
+    def _send(self, peer_id: int, header: bytes, buffers: list[memoryview]) -> None:
+        peer = self._peers[peer_id]
+        conn = peer.conn
+        if conn is not None and not conn.closed and not peer.queue:
+            conn.send(header, buffers)
+            return
+        peer.queue.append((header, buffers))
+        if peer.connecting is None:
+            peer.connecting = self.loop.create_task(self._connect(peer))
+
+    async def _connect(self, peer: _Peer) -> None:
+        addr = peer.address
+        try:
+            if addr.unix_path and self.options.use_unix_sockets and addr.host_id == _host_id():
+                conn = await connect(self._make_connection, path=addr.unix_path)
+            else:
+                conn = await connect(
+                    self._make_connection, host=addr.host, port=addr.port, ssl=self.options.ssl
+                )
+        except (OSError, ConnectionLostError) as exc:
+            peer.connecting = None
+            peer.queue.clear()
+            self._fail_pending(
+                lambda p: p.peer == peer.info.id,
+                ConnectionLostError(f"cannot connect to worker {peer.info.name!r}: {exc}"),
+            )
+            return
+        conn.peer = peer.info
+        hello, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
+        conn.send(hello, [])
+        peer.conn = conn
+        peer.connecting = None
+        queue, peer.queue = peer.queue, []
+        for header, buffers in queue:
+            conn.send(header, buffers)
+
+    def reply(self, conn: Connection, rid: int, message: Message) -> None:
+        """Send the response to request ``rid`` (dropped if the peer is gone)."""
+        if conn.closed:
+            log.debug("dropping the reply to %s: connection closed", conn.peer_label)
+            return
+        try:
+            header, buffers = codec.encode(message, rid)
+        except Exception as exc:  # the result cannot travel: say so instead
+            header, buffers = codec.encode(exception_message(self.info.name, exc), rid)
+        conn.send(header, buffers)
+
+    def reply_error(self, conn: Connection, rid: int, exc: BaseException) -> None:
+        """Send ``exc`` as the failure of request ``rid``."""
+        self.reply(conn, rid, exception_message(self.info.name, exc))
+
+    # ------------------------------------------------------------------ receiving
+
+    def _make_connection(self) -> Connection:
+        return Connection(self._limits, self._on_frame, self._on_lost)
+
+    def _accept(self) -> Connection:
+        conn = self._make_connection()
+        self._incoming.add(conn)
+        return conn
+
+    def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        try:
+            rid, message = codec.decode(frame)
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", conn.peer_label, exc)
+            conn.abort(exc)
+            return
+        if message.IS_RESPONSE:
+            self._on_response(rid, message)
+            return
+        if isinstance(message, Hello):
+            self._on_hello(conn, message)
+            return
+        if conn.peer is None:
+            log.warning("dropping connection from %s: no Hello first", conn.peer_label)
+            conn.abort(ProtocolError("the first message must be Hello"))
+            return
+        handler = self.handlers.get(type(message))
+        if handler is None:
+            self.reply_error(conn, rid, ProtocolError(f"unsupported request {message.TYPE!r}"))
+            return
+        handler(conn, rid, message)
+
+    def _on_hello(self, conn: Connection, hello: Hello) -> None:
+        peer = self._peers.get(hello.worker_id)
+        if hello.group != self._group or peer is None or peer.info.name != hello.name:
+            log.warning("refusing %s: not a worker of this group", conn.peer_label)
+            conn.abort(ProtocolError("not a worker of this group"))
+            return
+        if conn.peer is None:  # an incoming connection: answer with ours
+            conn.peer = peer.info
+            header, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
+            conn.send(header, [])
+
+    def _on_response(self, rid: int, message: Message) -> None:
+        pending = self._pending.pop(rid, None)
+        if pending is None:
+            return  # timed out or cancelled already
+        if pending.timer is not None:
+            pending.timer.cancel()
+        fut = pending.future
+        if fut.done():
+            return
+        if isinstance(message, ExceptionMsg):
+            fut.set_exception(
+                remote_error(message.worker, message.type_name, message.message, message.traceback)
+            )
+            return
+        try:
+            fut.set_result(pending.decode(message))
+        except Exception as exc:
+            fut.set_exception(exc)
+
+    def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
+        self._incoming.discard(conn)
+        info = conn.peer
+        if not isinstance(info, WorkerInfo):
+            return
+        peer = self._peers.get(info.id)
+        if peer is not None and peer.conn is conn:
+            peer.conn = None
+            reason = f": {exc}" if exc else ""
+            self._fail_pending(
+                lambda p: p.peer == info.id,
+                ConnectionLostError(f"lost the connection to worker {info.name!r}{reason}"),
+            )
+
+    def _expire(self, rid: int, timeout: float, to: WorkerInfo) -> None:
+        pending = self._pending.pop(rid, None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(
+                RpcTimeoutError(f"call to worker {to.name!r} timed out after {timeout}s")
+            )
+
+    def _fail_pending(self, which: Callable[[_Pending], bool], error: RpcError) -> None:
+        for rid in [rid for rid, p in self._pending.items() if which(p)]:
+            pending = self._pending.pop(rid)
+            if pending.timer is not None:
+                pending.timer.cancel()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    # ------------------------------------------------------------------ serving
+
+    def serve(
+        self, conn: Connection, rid: int, work: Awaitable[Message] | asyncio.Future[Message]
+    ) -> None:
+        """Answer request ``rid`` with the message ``work`` produces (or its error)."""
+        self._inflight += 1
+        fut = asyncio.ensure_future(work, loop=self.loop)
+        fut.add_done_callback(functools.partial(self._served, conn, rid))
+
+    def _served(self, conn: Connection, rid: int, fut: asyncio.Future[Message]) -> None:
+        self._inflight -= 1
+        if fut.cancelled():
+            self.reply_error(conn, rid, RpcError("the request was cancelled on the callee"))
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self.reply_error(conn, rid, exc)
+        else:
+            self.reply(conn, rid, fut.result())
+
+    def resolve_call(self, target: str | None, payload: Payload) -> tuple[Any, Any, Any]:
+        """Decode a call's ``(func, args, kwargs)``.
+
+        Raises:
+            LookupError: no function is registered under ``target``.
+            ProtocolError: the payload is pickled and pickle is not allowed.
+        """
+        allow = self.options.allow_pickle
+        if target is None:
+            if not allow:
+                raise ProtocolError(
+                    "refused a pickled call: this worker runs in safe mode, "
+                    "call a function registered with rpc.register by name"
+                )
+            func, args, kwargs = codec.load_payload(payload, allow)
+        else:
+            func = _REGISTERED.get(target)
+            if func is None:
+                raise LookupError(f"no function is registered as {target!r}")
+            args, kwargs = codec.load_payload(payload, allow)
+        return func, tuple(args), dict(kwargs or {})
+
+    async def invoke(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run ``func``: awaited on the loop if it is ``async``, else in the pool
+        (a coroutine a plain function returns is awaited on the loop).
+
+        The current ``contextvars`` context travels with it either way.
+        """
+        if inspect.iscoroutinefunction(func):
+            return await func(*args, **kwargs)
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, func, *args, **kwargs)
+        result = await self.loop.run_in_executor(self._executor, call)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _on_python_call(self, conn: Connection, rid: int, message: Message) -> None:
+        assert isinstance(message, PythonCall)
+        self.serve(conn, rid, self._run_call(message))
+
+    async def _run_call(self, message: PythonCall) -> Message:
+        func, args, kwargs = self.resolve_call(message.target, message.value)
+        result = await self.invoke(func, args, kwargs)
+        return PythonRet(codec.dump_payload(result, self.options.allow_pickle))

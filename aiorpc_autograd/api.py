@@ -1,0 +1,256 @@
+"""The public functions of ``shared/API.md``: lifecycle, calls, introspection.
+
+Thin by design: each finds this process's agent and delegates to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar, overload
+
+from . import codec
+from .agent import RpcAgent, register_function
+from .codec import PythonCall
+from .errors import RpcError
+from .options import RpcOptions, WorkerInfo
+from .transport import new_event_loop
+
+__all__ = [
+    "current_agent",
+    "get_debug_info",
+    "get_worker_info",
+    "init_rpc",
+    "register",
+    "rpc_async",
+    "rpc_sync",
+    "run",
+    "shutdown",
+    "worker",
+]
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+WorkerRef = str | int | WorkerInfo
+
+_agent: RpcAgent | None = None
+
+
+def current_agent() -> RpcAgent:
+    """This process's running agent.
+
+    Raises:
+        RpcError: ``init_rpc`` has not been called (or shutdown has).
+    """
+    agent = _agent
+    if agent is None or not agent.running:
+        raise RpcError("RPC is not initialised: call `await init_rpc(...)` first")
+    return agent
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run the coroutine ``main`` on uvloop (asyncio's loop if uvloop is
+    missing) and return its result: the usual entry point of a worker script."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)
+
+
+async def init_rpc(
+    name: str,
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    init_method: str | None = None,
+    options: RpcOptions | None = None,
+) -> WorkerInfo:
+    """Start this process's agent on the running loop and join the group.
+
+    Args:
+        name: this worker's name, unique in the group.
+        rank: this worker's rank (env:// reads RANK when None).
+        world_size: the number of workers (env:// reads WORLD_SIZE when None).
+        init_method: ``"tcp://HOST:PORT"`` (rank 0 hosts the store) or
+            ``"env://"`` (the default).
+        options: agent options.
+
+    Returns:
+        This worker's :class:`WorkerInfo`, once every worker is known.
+
+    Raises:
+        RuntimeError: an agent is already running in this process.
+        ValueError: bad arguments, or ``name`` is used by another worker.
+        RpcTimeoutError: the group did not assemble in time.
+    """
+    global _agent
+    if _agent is not None and _agent.running:
+        raise RuntimeError("RPC is already initialised in this process")
+    agent = await RpcAgent.start(
+        name, rank, world_size, init_method or "env://", options or RpcOptions()
+    )
+    _agent = agent
+    return agent.info
+
+
+async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
+    """Stop this process's agent.
+
+    Args:
+        graceful: keep serving while waiting until every worker called shutdown
+            and all outstanding work is done, then close; False fails every
+            pending call with :class:`RpcError` and closes at once.
+        timeout: bounds the whole wait (None: the options' ``rpc_timeout``).
+
+    Raises:
+        RpcTimeoutError: the graceful wait timed out (the agent is closed anyway).
+    """
+    global _agent
+    agent = _agent
+    if agent is None:
+        return
+    try:
+        await agent.shutdown(graceful, timeout)
+    finally:
+        if _agent is agent:
+            _agent = None
+
+
+@contextlib.asynccontextmanager
+async def worker(
+    name: str,
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    init_method: str | None = None,
+    options: RpcOptions | None = None,
+) -> AsyncIterator[WorkerInfo]:
+    """``init_rpc`` on enter, graceful ``shutdown`` on exit (non-graceful when
+    the body raised, so an error is not hidden behind a wait)."""
+    info = await init_rpc(name, rank, world_size, init_method=init_method, options=options)
+    try:
+        yield info
+    except BaseException:
+        await shutdown(graceful=False)
+        raise
+    await shutdown()
+
+
+def get_worker_info(name: str | None = None) -> WorkerInfo:
+    """The :class:`WorkerInfo` of worker ``name`` (this worker when None).
+
+    Raises:
+        ValueError: no worker of that name.
+    """
+    return current_agent().worker_info(name)
+
+
+def get_debug_info() -> dict[str, int]:
+    """This worker's counters: ``num_pending_requests`` (calls awaiting a reply),
+    ``num_owner_rrefs``, ``num_user_rrefs``, ``num_connections`` and more."""
+    info = {"num_owner_rrefs": 0, "num_user_rrefs": 0}
+    info.update(current_agent().debug_info())
+    return info
+
+
+@overload
+def register(func: F, *, name: str | None = None) -> F: ...
+@overload
+def register(func: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+def register(func: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
+    """Make ``func`` callable by name: ``rpc_async(to, "name", ...)``.
+
+    Usable as ``@register``, ``@register(name="x")`` or ``register(f)``. The
+    only way to call anything in safe mode (``allow_pickle=False``).
+
+    Raises:
+        ValueError: a different function is registered under that name.
+    """
+
+    def deco(f: F) -> F:
+        register_function(name or getattr(f, "__name__", None) or repr(f), f)
+        return f
+
+    return deco(func) if func is not None else deco
+
+
+def _call_message(
+    func: Callable[..., Any] | str, args: Any, kwargs: Any, allow: bool
+) -> PythonCall:
+    args = tuple(args)
+    kwargs = dict(kwargs or {})
+    if isinstance(func, str):
+        return PythonCall(func, codec.dump_payload((args, kwargs), allow))
+    if not callable(func):
+        raise TypeError(f"func must be callable or a registered name, not {type(func).__name__}")
+    if not allow:
+        raise TypeError("safe mode (allow_pickle=False) calls registered functions by name only")
+    return PythonCall(None, codec.dump_payload((func, args, kwargs), allow))
+
+
+def _on_loop_thread(agent: RpcAgent) -> bool:
+    try:
+        return asyncio.get_running_loop() is agent.loop
+    except RuntimeError:
+        return False
+
+
+def rpc_async(
+    to: WorkerRef,
+    func: Callable[..., T] | str,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> asyncio.Future[T]:
+    """Call ``func(*args, **kwargs)`` on worker ``to``.
+
+    Sends the call at once and returns an ``asyncio.Future`` of the result, so
+    many calls can be in flight. Must be called on the agent's loop.
+
+    Args:
+        to: the callee: a name, a rank or a :class:`WorkerInfo` (self included).
+        func: a picklable callable or the name of a registered function.
+        args: positional arguments.
+        kwargs: keyword arguments.
+        timeout: seconds; None: the options' ``rpc_timeout``; 0: no timeout.
+
+    Raises:
+        RuntimeError: called off the agent's event loop (use :func:`rpc_sync`).
+        ValueError: unknown worker.
+        TypeError: the call cannot be encoded.
+
+    The future raises :class:`RemoteError` (the callee raised),
+    :class:`RpcTimeoutError` or :class:`ConnectionLostError`.
+    """
+    agent = current_agent()
+    if not _on_loop_thread(agent):
+        raise RuntimeError("rpc_async must be called on the RPC agent's event loop; use rpc_sync")
+    info = agent.worker_info(to)
+    message = _call_message(func, args, kwargs, agent.options.allow_pickle)
+    return agent.request(info, message, timeout)
+
+
+def rpc_sync(
+    to: WorkerRef,
+    func: Callable[..., T] | str,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> T:
+    """The blocking form of :func:`rpc_async`, for code off the event loop
+    (a plain remote function, another thread).
+
+    Raises:
+        RuntimeError: called on the agent's loop thread (it would deadlock).
+    """
+    agent = current_agent()
+    if _on_loop_thread(agent):
+        raise RuntimeError(
+            "rpc_sync would block the event loop it needs: use `await rpc_async(...)` here"
+        )
+
+    async def call() -> T:
+        return await rpc_async(to, func, args, kwargs, timeout)
+
+    cfut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(call(), agent.loop)
+    return cfut.result()

@@ -1,0 +1,855 @@
+"""Message types and their encoding to (msgpack header, tensor buffers).
+
+Theory of operation
+-------------------
+Every message is a small frozen dataclass whose class names its
+:class:`MessageType` (the set mirrors PyTorch's ``message.h``). A frame's
+header is the msgpack array ``[type, request_id, tensor_table, *fields]``:
+
+* ``request_id`` matches a response to its request (0 for none);
+* ``tensor_table`` lists one descriptor per tensor the message carries,
+  ``[dtype_name, shape, buffer_index, byte_offset, requires_grad]`` (or nil for
+  an undefined tensor, such as a missing gradient); the frame's buffer
+  ``buffer_index`` holds the tensor's elements, C-contiguous, from
+  ``byte_offset``;
+* the fields are the message's own, in declaration order.
+
+Tensors never go through pickle: a :class:`Payload` is a value encoded as
+pickle (``PICKLE``, tensors pulled out by ``persistent_id``) or msgpack
+(``MSGPACK``, safe mode, tensors as an ext type), plus its tensor table. A
+payload is decoded lazily (:func:`load_payload`) so the autograd layer can
+replace received tensors (hang them off a recv function) before the value is
+built, and so a value that fails to unpickle fails that one request, not the
+connection. Wrapping messages (autograd forward request/response, profiling)
+carry another message as a field; the frame's tensor table is the innermost
+payload's.
+
+Sending a tensor costs no copy when it is C-contiguous (a contiguous view sends
+just its own elements); a received tensor is built on the received buffer.
+Structural errors raise :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import msgpack
+import torch
+
+from .errors import ProtocolError
+from .wire import Frame
+
+__all__ = [
+    "MessageType",
+    "Payload",
+    "PayloadKind",
+    "Message",
+    "PythonCall",
+    "PythonRet",
+    "PythonRemoteCall",
+    "RemoteRet",
+    "RRefFetchCall",
+    "RRefFetchRet",
+    "RRefUserDelete",
+    "RRefForkRequest",
+    "RRefChildAccept",
+    "RRefAck",
+    "ForwardAutogradReq",
+    "ForwardAutogradResp",
+    "PropagateGradientsReq",
+    "PropagateGradientsResp",
+    "CleanupAutogradContextReq",
+    "CleanupAutogradContextResp",
+    "RunWithProfilingReq",
+    "RunWithProfilingResp",
+    "RRefBackwardReq",
+    "RRefBackwardResp",
+    "ExceptionMsg",
+    "Hello",
+    "Heartbeat",
+    "decode",
+    "dump_payload",
+    "encode",
+    "load_payload",
+    "tensor_payload",
+]
+
+
+class MessageType(IntEnum):
+    """Message kinds; values are PyTorch's (``message.h``) where it has one."""
+
+    SCRIPT_CALL = 0x00  # reserved: builtins travel as PYTHON_CALL
+    SCRIPT_RET = 0x01  # reserved
+    PYTHON_CALL = 0x02
+    PYTHON_RET = 0x03
+    SCRIPT_REMOTE_CALL = 0x04  # reserved
+    PYTHON_REMOTE_CALL = 0x05
+    REMOTE_RET = 0x06
+    SCRIPT_RREF_FETCH_CALL = 0x07  # reserved
+    PYTHON_RREF_FETCH_CALL = 0x08
+    SCRIPT_RREF_FETCH_RET = 0x09  # reserved
+    PYTHON_RREF_FETCH_RET = 0x0A
+    RREF_USER_DELETE = 0x0B
+    RREF_FORK_REQUEST = 0x0C
+    RREF_CHILD_ACCEPT = 0x0D
+    RREF_ACK = 0x0E
+    FORWARD_AUTOGRAD_REQ = 0x0F
+    FORWARD_AUTOGRAD_RESP = 0x10
+    BACKWARD_AUTOGRAD_REQ = 0x11
+    BACKWARD_AUTOGRAD_RESP = 0x12
+    CLEANUP_AUTOGRAD_CONTEXT_REQ = 0x13
+    CLEANUP_AUTOGRAD_CONTEXT_RESP = 0x14
+    RUN_WITH_PROFILING_REQ = 0x15
+    RUN_WITH_PROFILING_RESP = 0x16
+    RREF_BACKWARD_REQ = 0x17
+    RREF_BACKWARD_RESP = 0x18
+    EXCEPTION = 0x37
+    # Ours (connection management), beyond PyTorch's set.
+    HELLO = 0x40
+    HEARTBEAT = 0x41
+
+
+class PayloadKind(IntEnum):
+    """How a payload's value is encoded."""
+
+    PICKLE = 0
+    MSGPACK = 1
+    TENSORS = 2  # the value is the tensor table itself (e.g. gradients)
+
+
+class Payload:
+    """An encoded value and the tensors pulled out of it.
+
+    Attributes:
+        kind: the encoding of ``data``.
+        data: the encoded value (tensors replaced by table indices).
+        tensors: the tensor table; entries may be None (undefined tensors).
+    """
+
+    __slots__ = ("data", "kind", "tensors")
+
+    def __init__(self, kind: PayloadKind, data: bytes, tensors: list[torch.Tensor | None]) -> None:
+        self.kind = kind
+        self.data = data
+        self.tensors = tensors
+
+    def __repr__(self) -> str:
+        return f"Payload({self.kind.name}, {len(self.data)} bytes, {len(self.tensors)} tensors)"
+
+
+# --------------------------------------------------------------------------- values
+
+
+_EXT_TENSOR = 1
+_DTYPES: dict[str, torch.dtype] = {
+    str(v).removeprefix("torch."): v
+    for v in vars(torch).values()
+    if isinstance(v, torch.dtype) and not str(v).startswith(("torch.qint", "torch.quint"))
+}
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor | None]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._tensors = tensors
+        self._seen: dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            key = id(obj)
+            index = self._seen.get(key)
+            if index is None:
+                index = self._seen[key] = len(self._tensors)
+                self._tensors.append(obj)
+            if type(obj) is torch.nn.Parameter:
+                return ("P", index)
+            return index
+        hook = _persistent_hooks.get(type(obj))
+        if hook is not None:
+            return hook(obj)
+        return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, tensors: Sequence[torch.Tensor | None]) -> None:
+        super().__init__(file)
+        self._tensors = tensors
+
+    def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is int:
+            return self._tensors[pid]
+        if type(pid) is tuple and pid and pid[0] == "P":
+            t = self._tensors[pid[1]]
+            assert t is not None
+            return torch.nn.Parameter(t, requires_grad=t.requires_grad)
+        if type(pid) is tuple and pid and pid[0] in _persistent_loaders:
+            return _persistent_loaders[pid[0]](pid)
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+# Extension points for objects that must not be pickled by value (RRefs): a
+# dumper maps an instance to a persistent id tuple ``(tag, ...)``; a loader maps
+# that tuple back. Registered by the layers that own those types.
+_persistent_hooks: dict[type, Callable[[Any], Any]] = {}
+_persistent_loaders: dict[str, Callable[[tuple[Any, ...]], Any]] = {}
+
+
+def register_persistent(
+    cls: type,
+    tag: str,
+    dump: Callable[[Any], tuple[Any, ...]],
+    load: Callable[[tuple[Any, ...]], Any],
+) -> None:
+    """Make instances of ``cls`` travel by reference in pickled payloads.
+
+    Args:
+        cls: the type to intercept.
+        tag: the first element of the persistent id tuples ``dump`` returns.
+        dump: maps an instance to ``(tag, ...)`` (msgpack-able elements).
+        load: maps such a tuple back to an object on the receiver.
+    """
+    _persistent_hooks[cls] = dump
+    _persistent_loaders[tag] = load
+
+
+def dump_payload(value: Any, allow_pickle: bool = True) -> Payload:
+    """Encode ``value`` with its tensors pulled out into the tensor table.
+
+    Args:
+        value: any picklable value (msgpack values and tensors in safe mode).
+        allow_pickle: False encodes with msgpack only (safe mode).
+
+    Raises:
+        TypeError: the value cannot be encoded.
+    """
+    tensors: list[torch.Tensor | None] = []
+    if allow_pickle:
+        buf = io.BytesIO()
+        try:
+            _Pickler(buf, tensors).dump(value)
+        except (pickle.PicklingError, AttributeError) as exc:
+            raise TypeError(f"cannot pickle {type(value).__name__}: {exc}") from exc
+        return Payload(PayloadKind.PICKLE, buf.getvalue(), tensors)
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors.append(obj)
+            return msgpack.ExtType(_EXT_TENSOR, (len(tensors) - 1).to_bytes(4, "little"))
+        raise TypeError(f"{type(obj).__name__} cannot travel in safe mode (no pickle)")
+
+    return Payload(PayloadKind.MSGPACK, msgpack.packb(value, default=default), tensors)
+
+
+def tensor_payload(tensors: Iterable[torch.Tensor | None]) -> Payload:
+    """A payload whose value is just a list of tensors (None allowed)."""
+    return Payload(PayloadKind.TENSORS, b"", list(tensors))
+
+
+def load_payload(payload: Payload, allow_pickle: bool = True) -> Any:
+    """Decode a payload's value, tensors taken from its table.
+
+    Raises:
+        ProtocolError: the payload is pickled and ``allow_pickle`` is False, or
+            the msgpack data is malformed.
+        Exception: whatever unpickling raises (a missing class, say).
+    """
+    kind = payload.kind
+    tensors = payload.tensors
+    if kind is PayloadKind.TENSORS:
+        return tensors
+    if kind is PayloadKind.PICKLE:
+        if not allow_pickle:
+            raise ProtocolError("pickled payload refused: this worker runs in safe mode")
+        return _Unpickler(io.BytesIO(payload.data), tensors).load()
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code != _EXT_TENSOR or len(data) != 4:
+            raise ProtocolError(f"unknown msgpack extension {code}")
+        index = int.from_bytes(data, "little")
+        if index >= len(tensors):
+            raise ProtocolError(f"tensor index {index} out of range")
+        return tensors[index]
+
+    try:
+        return msgpack.unpackb(payload.data, ext_hook=ext_hook, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed msgpack payload: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The elements of ``t`` as a flat byte view, copying only if not contiguous."""
+    if t.layout != torch.strided:
+        raise TypeError(f"cannot send a tensor with layout {t.layout}")
+    if t.is_quantized:
+        raise TypeError("cannot send a quantized tensor")
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    # numpy() shares memory and keeps the tensor alive for as long as the view.
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def _encode_tensors(
+    tensors: Sequence[torch.Tensor | None],
+) -> tuple[list[Any], list[memoryview]]:
+    table: list[Any] = []
+    buffers: list[memoryview] = []
+    for t in tensors:
+        if t is None:
+            table.append(None)
+            continue
+        buffers.append(_tensor_bytes(t))
+        table.append([str(t.dtype)[6:], list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)])
+    return table, buffers
+
+
+def _decode_tensors(table: Any, buffers: list[memoryview]) -> list[torch.Tensor | None]:
+    if type(table) is not list:
+        raise ProtocolError("tensor table is not a list")
+    out: list[torch.Tensor | None] = []
+    for desc in table:
+        if desc is None:
+            out.append(None)
+            continue
+        if type(desc) is not list or len(desc) != 5:
+            raise ProtocolError("malformed tensor descriptor")
+        dtype_name, shape, index, offset, requires_grad = desc
+        dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
+        if dtype is None:
+            raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
+        if (
+            type(shape) is not list
+            or not all(type(d) is int and d >= 0 for d in shape)
+            or type(index) is not int
+            or type(offset) is not int
+            or not 0 <= index < len(buffers)
+            or offset < 0
+        ):
+            raise ProtocolError("malformed tensor descriptor")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * dtype.itemsize
+        buf = buffers[index]
+        if offset + nbytes > len(buf):
+            raise ProtocolError(
+                f"tensor of {nbytes} bytes at offset {offset} overruns its {len(buf)}-byte buffer"
+            )
+        if nbytes == 0:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
+            t = t.view(dtype).view(shape)
+        if requires_grad is True and (dtype.is_floating_point or dtype.is_complex):
+            t.requires_grad_()
+        out.append(t)
+    return out
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class Message:
+    """Base class of every message. Subclasses are frozen slotted dataclasses."""
+
+    __slots__ = ()
+    TYPE: ClassVar[MessageType]
+    IS_RESPONSE: ClassVar[bool] = False
+
+    def payload(self) -> Payload | None:
+        """The payload whose tensor table the frame carries, if any."""
+        return None
+
+    def to_fields(self) -> list[Any]:
+        """The message's fields as msgpack values (payload: ``[kind, data]``)."""
+        return [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        """Rebuild the message from its fields and the frame's tensors."""
+        checks = _field_checks(cls)
+        if len(values) != len(checks):
+            raise ProtocolError(f"{cls.__name__} takes {len(checks)} fields, got {len(values)}")
+        for value, (name, check) in zip(values, checks, strict=True):
+            if not check(value):
+                raise ProtocolError(f"{cls.__name__}.{name} has the wrong type")
+        return cls(*values)
+
+
+def _is_id_pair(v: Any) -> bool:
+    return type(v) is list and len(v) == 2 and all(type(x) is int for x in v)
+
+
+_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda v: type(v) is str,
+    "int": lambda v: type(v) is int,
+    "bool": lambda v: type(v) is bool,
+    "list[int]": _is_id_pair,
+}
+_FIELD_CHECKS: dict[type, list[tuple[str, Callable[[Any], bool]]]] = {}
+
+
+def _field_checks(cls: type[Message]) -> list[tuple[str, Callable[[Any], bool]]]:
+    checks = _FIELD_CHECKS.get(cls)
+    if checks is None:
+        checks = _FIELD_CHECKS[cls] = [
+            (f.name, _CHECKS[str(f.type)])
+            for f in fields(cls)  # type: ignore[arg-type]
+        ]
+    return checks
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+def _message(cls: type[Message]) -> type[Message]:
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+def _payload_field(p: Payload) -> list[Any]:
+    return [int(p.kind), p.data]
+
+
+def _payload_from(value: Any, tensors: list[torch.Tensor | None]) -> Payload:
+    if type(value) is not list or len(value) != 2 or type(value[1]) is not bytes:
+        raise ProtocolError("malformed payload field")
+    return Payload(PayloadKind(value[0]), value[1], tensors)
+
+
+class _WithPayload(Message):
+    """A message whose only variable part is one payload."""
+
+    __slots__ = ()
+    value: Payload
+
+    def payload(self) -> Payload:
+        return self.value
+
+    def to_fields(self) -> list[Any]:
+        return [_payload_field(self.value)]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        (value,) = values
+        return cls(_payload_from(value, tensors))  # type: ignore[call-arg]
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class PythonCall(Message):
+    """Call a function. ``target`` is a registered name, or None when the
+    payload is the pickled ``(func, args, kwargs)``; else it is ``(args, kwargs)``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PYTHON_CALL
+    target: str | None
+    value: Payload
+
+    def payload(self) -> Payload:
+        return self.value
+
+    def to_fields(self) -> list[Any]:
+        return [self.target, _payload_field(self.value)]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        target, value = values
+        if target is not None and type(target) is not str:
+            raise ProtocolError("call target must be a string or nil")
+        return cls(target, _payload_from(value, tensors))
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class PythonRet(_WithPayload):
+    """The result of a call (or of an RRef-owner method call)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PYTHON_RET
+    IS_RESPONSE: ClassVar[bool] = True
+    value: Payload
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class PythonRemoteCall(Message):
+    """Run a call whose result the callee owns as RRef ``rref_id``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PYTHON_REMOTE_CALL
+    target: str | None
+    value: Payload
+    rref_id: list[int]
+    fork_id: list[int]
+
+    def payload(self) -> Payload:
+        return self.value
+
+    def to_fields(self) -> list[Any]:
+        return [self.target, _payload_field(self.value), self.rref_id, self.fork_id]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        target, value, rref_id, fork_id = values
+        return cls(target, _payload_from(value, tensors), _id_pair(rref_id), _id_pair(fork_id))
+
+
+def _id_pair(value: Any) -> list[int]:
+    if type(value) is not list or len(value) != 2 or not all(type(v) is int for v in value):
+        raise ProtocolError("malformed RRef/fork id")
+    return value
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RemoteRet(Message):
+    """The owner created the value of ``rref_id``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.REMOTE_RET
+    IS_RESPONSE: ClassVar[bool] = True
+    rref_id: list[int]
+    fork_id: list[int]
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefFetchCall(Message):
+    """``to_here``: fetch the value of ``rref_id``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PYTHON_RREF_FETCH_CALL
+    rref_id: list[int]
+    from_worker: int
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefFetchRet(_WithPayload):
+    """The value of an RRef."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PYTHON_RREF_FETCH_RET
+    IS_RESPONSE: ClassVar[bool] = True
+    value: Payload
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefUserDelete(Message):
+    """A user dropped its reference ``fork_id`` to ``rref_id``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RREF_USER_DELETE
+    rref_id: list[int]
+    fork_id: list[int]
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefForkRequest(Message):
+    """A child tells the owner about its new reference ``fork_id``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RREF_FORK_REQUEST
+    rref_id: list[int]
+    fork_id: list[int]
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefChildAccept(Message):
+    """The child tells its parent the owner knows of ``fork_id``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RREF_CHILD_ACCEPT
+    fork_id: list[int]
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefAck(Message):
+    """Empty acknowledgement."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RREF_ACK
+    IS_RESPONSE: ClassVar[bool] = True
+
+
+class _AutogradWrapper(Message):
+    """``RpcWithAutograd``: a message plus autograd metadata."""
+
+    __slots__ = ()
+    from_worker: int
+    context_id: int
+    message_id: int
+    device_map: dict[str, str]
+    wrapped: Message
+
+    def payload(self) -> Payload | None:
+        return self.wrapped.payload()
+
+    def to_fields(self) -> list[Any]:
+        w = self.wrapped
+        return [
+            self.from_worker,
+            self.context_id,
+            self.message_id,
+            self.device_map,
+            int(w.TYPE),
+            w.to_fields(),
+        ]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        from_worker, context_id, message_id, device_map, wtype, wfields = values
+        if not (type(from_worker) is int and type(context_id) is int and type(message_id) is int):
+            raise ProtocolError("malformed autograd metadata")
+        if type(device_map) is not dict:
+            raise ProtocolError("malformed device map")
+        wrapped = _build(wtype, wfields, tensors)
+        if isinstance(wrapped, _AutogradWrapper):
+            raise ProtocolError("nested autograd wrappers")
+        return cls(from_worker, context_id, message_id, device_map, wrapped)  # type: ignore[call-arg]
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class ForwardAutogradReq(_AutogradWrapper):
+    """A request sent inside a distributed autograd context."""
+
+    TYPE: ClassVar[MessageType] = MessageType.FORWARD_AUTOGRAD_REQ
+    from_worker: int
+    context_id: int
+    message_id: int
+    device_map: dict[str, str]
+    wrapped: Message
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class ForwardAutogradResp(_AutogradWrapper):
+    """The response to a wrapped request whose tensors require grad."""
+
+    TYPE: ClassVar[MessageType] = MessageType.FORWARD_AUTOGRAD_RESP
+    IS_RESPONSE: ClassVar[bool] = True
+    from_worker: int
+    context_id: int
+    message_id: int
+    device_map: dict[str, str]
+    wrapped: Message
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class PropagateGradientsReq(Message):
+    """Gradients for the send function ``message_id`` of context ``context_id``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.BACKWARD_AUTOGRAD_REQ
+    context_id: int
+    message_id: int
+    grads: Payload
+    retain_graph: bool
+    from_worker: int = -1
+
+    def payload(self) -> Payload:
+        return self.grads
+
+    def to_fields(self) -> list[Any]:
+        return [self.context_id, self.message_id, self.retain_graph, self.from_worker]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        context_id, message_id, retain_graph, from_worker = values
+        return cls(context_id, message_id, tensor_payload(tensors), bool(retain_graph), from_worker)
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class PropagateGradientsResp(Message):
+    """The gradients were applied."""
+
+    TYPE: ClassVar[MessageType] = MessageType.BACKWARD_AUTOGRAD_RESP
+    IS_RESPONSE: ClassVar[bool] = True
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class CleanupAutogradContextReq(Message):
+    """Release context ``context_id`` (and forward to the workers it knows)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CLEANUP_AUTOGRAD_CONTEXT_REQ
+    context_id: int
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class CleanupAutogradContextResp(Message):
+    """The context was released."""
+
+    TYPE: ClassVar[MessageType] = MessageType.CLEANUP_AUTOGRAD_CONTEXT_RESP
+    IS_RESPONSE: ClassVar[bool] = True
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RunWithProfilingReq(Message):
+    """Run ``wrapped`` with the profiler on; ``config`` is the profiler's."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RUN_WITH_PROFILING_REQ
+    profiling_id: list[int]
+    config: dict[str, Any]
+    wrapped: Message
+
+    def payload(self) -> Payload | None:
+        return self.wrapped.payload()
+
+    def to_fields(self) -> list[Any]:
+        w = self.wrapped
+        return [self.profiling_id, self.config, int(w.TYPE), w.to_fields()]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        profiling_id, config, wtype, wfields = values
+        return cls(_id_pair(profiling_id), config, _build(wtype, wfields, tensors))
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RunWithProfilingResp(Message):
+    """The wrapped response with the profiled events."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RUN_WITH_PROFILING_RESP
+    IS_RESPONSE: ClassVar[bool] = True
+    profiling_id: list[int]
+    events: list[Any]
+    wrapped: Message
+
+    def payload(self) -> Payload | None:
+        return self.wrapped.payload()
+
+    def to_fields(self) -> list[Any]:
+        w = self.wrapped
+        return [self.profiling_id, self.events, int(w.TYPE), w.to_fields()]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        profiling_id, events, wtype, wfields = values
+        return cls(_id_pair(profiling_id), events, _build(wtype, wfields, tensors))
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefBackwardReq(Message):
+    """Run backward from the scalar RRef ``rref_id`` on its owner."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RREF_BACKWARD_REQ
+    rref_id: list[int]
+    context_id: int
+    retain_graph: bool
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class RRefBackwardResp(Message):
+    """The RRef backward finished."""
+
+    TYPE: ClassVar[MessageType] = MessageType.RREF_BACKWARD_RESP
+    IS_RESPONSE: ClassVar[bool] = True
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class ExceptionMsg(Message):
+    """The request failed: the remote error as data."""
+
+    TYPE: ClassVar[MessageType] = MessageType.EXCEPTION
+    IS_RESPONSE: ClassVar[bool] = True
+    worker: str
+    type_name: str
+    message: str
+    traceback: str
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message on a connection, both ways: who is speaking."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    name: str
+    worker_id: int
+    group: str
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Liveness probe; answered with a Heartbeat response."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HEARTBEAT
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def _packb(obj: Any) -> bytes:
+    # A fresh packer per call: encode may run on any thread.
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode(message: Message, request_id: int = 0) -> tuple[bytes, list[memoryview]]:
+    """Encode a message as (header, buffers) for :func:`wire.encode_frame`.
+
+    Raises:
+        TypeError: a tensor or value cannot be encoded.
+    """
+    payload = message.payload()
+    if payload is None or not payload.tensors:
+        table: list[Any] = []
+        buffers: list[memoryview] = []
+    else:
+        table, buffers = _encode_tensors(payload.tensors)
+    header = _packb([int(message.TYPE), request_id, table, *message.to_fields()])
+    return header, buffers
+
+
+def decode(frame: Frame) -> tuple[int, Message]:
+    """Decode a frame into (request_id, message). Tensors are built on the
+    frame's buffers without a copy.
+
+    Raises:
+        ProtocolError: the frame is not a well-formed message.
+    """
+    try:
+        header = msgpack.unpackb(frame.header, use_list=True, strict_map_key=False)
+    except Exception as exc:
+        raise ProtocolError(f"malformed message header: {exc}") from exc
+    if type(header) is not list or len(header) < 3:
+        raise ProtocolError("message header is not [type, id, tensors, ...]")
+    mtype, request_id, table = header[0], header[1], header[2]
+    if type(request_id) is not int or request_id < 0:
+        raise ProtocolError("bad request id")
+    tensors = _decode_tensors(table, frame.buffers)
+    return request_id, _build(mtype, header[3:], tensors)
+
+
+def _build(mtype: Any, values: Any, tensors: list[torch.Tensor | None]) -> Message:
+    cls = _REGISTRY.get(mtype) if type(mtype) is int else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {mtype!r}")
+    if type(values) is not list:
+        raise ProtocolError(f"malformed {cls.__name__} fields")
+    try:
+        return cls.from_fields(values, tensors)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+        raise ProtocolError(f"malformed {cls.__name__}: {exc}") from exc

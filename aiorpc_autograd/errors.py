@@ -1,0 +1,137 @@
+"""The typed errors of aiorpc_autograd.
+
+Every error the library raises on purpose derives from :class:`RpcError`::
+
+    RpcError
+     ├── RpcTimeoutError      (also a built-in TimeoutError) a call, rendezvous or
+     │                        shutdown took longer than its timeout
+     ├── RemoteError          the callee raised; carries the worker's name, the
+     │    │                   remote exception's type name, message and traceback
+     │    └── <RemoteError+builtin>  when the remote type is a built-in exception,
+     │                        the raised error is also an instance of it, so
+     │                        ``except ValueError`` works across the wire
+     ├── ConnectionLostError  (also a ConnectionError) a peer went away while
+     │                        requests to it were in flight
+     ├── ProtocolError        a malformed or oversized frame; the connection that
+     │                        carried it is dropped, the agent keeps serving
+     └── AuthenticationError  a peer failed the shared-secret handshake
+
+Remote failures travel as data (worker, type name, message, traceback text) and
+are rebuilt on the caller by :func:`remote_error`.
+"""
+
+from __future__ import annotations
+
+import builtins
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionLostError",
+    "ProtocolError",
+    "RemoteError",
+    "RpcError",
+    "RpcTimeoutError",
+    "remote_error",
+]
+
+
+class RpcError(Exception):
+    """Base class of every error raised by aiorpc_autograd."""
+
+
+class RpcTimeoutError(RpcError, TimeoutError):
+    """An operation did not complete within its timeout."""
+
+
+class ConnectionLostError(RpcError, ConnectionError):
+    """The connection to a peer was lost while requests to it were in flight."""
+
+
+class ProtocolError(RpcError):
+    """A peer sent a malformed, oversized or otherwise invalid message."""
+
+
+class AuthenticationError(RpcError):
+    """A peer could not prove it holds the group's shared secret."""
+
+
+class RemoteError(RpcError):
+    """The remote callee raised an exception.
+
+    Attributes:
+        worker: name of the worker on which the exception was raised.
+        type_name: qualified name of the remote exception's type.
+        remote_message: ``str()`` of the remote exception.
+        remote_traceback: the remote traceback, formatted as text.
+    """
+
+    def __init__(
+        self, worker: str, type_name: str, remote_message: str, remote_traceback: str = ""
+    ) -> None:
+        self.worker = worker
+        self.type_name = type_name
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        super().__init__(worker, type_name, remote_message, remote_traceback)
+
+    def __str__(self) -> str:
+        text = f"{self.type_name} on worker {self.worker!r}: {self.remote_message}"
+        if self.remote_traceback:
+            text += f"\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
+        return text
+
+    def __reduce__(self) -> tuple[object, tuple[str, str, str, str]]:
+        return (
+            remote_error,
+            (self.worker, self.type_name, self.remote_message, self.remote_traceback),
+        )
+
+
+_REMOTE_SUBCLASSES: dict[type[BaseException], type[RemoteError]] = {}
+
+# Built-in exceptions whose constructors or semantics make them unsafe to mix in.
+_NOT_MIXED = (BaseExceptionGroup, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _builtin_exception(type_name: str) -> type[Exception] | None:
+    if "." in type_name and not type_name.startswith("builtins."):
+        return None
+    candidate = getattr(builtins, type_name.rpartition(".")[2], None)
+    if (
+        isinstance(candidate, type)
+        and issubclass(candidate, Exception)
+        and not issubclass(candidate, _NOT_MIXED)
+    ):
+        return candidate
+    return None
+
+
+def remote_error(
+    worker: str, type_name: str, message: str, traceback_text: str = ""
+) -> RemoteError:
+    """Build the error raised on the caller for an exception raised remotely.
+
+    Args:
+        worker: the worker on which the exception was raised.
+        type_name: the remote exception type's name (``ValueError`` or
+            ``module.Class``).
+        message: ``str()`` of the remote exception.
+        traceback_text: the remote traceback as text.
+
+    Returns:
+        A :class:`RemoteError`; for a built-in exception type, an instance of a
+        subclass of both :class:`RemoteError` and that built-in type.
+    """
+    base = _builtin_exception(type_name)
+    if base is None:
+        return RemoteError(worker, type_name, message, traceback_text)
+    cls = _REMOTE_SUBCLASSES.get(base)
+    if cls is None:
+        try:
+            cls = type(f"Remote{base.__name__}", (RemoteError, base), {})
+        except TypeError:  # layout conflict (e.g. OSError subclasses): no mix-in
+            cls = RemoteError
+        _REMOTE_SUBCLASSES[base] = cls
+    err = cls.__new__(cls)
+    RemoteError.__init__(err, worker, type_name, message, traceback_text)
+    return err

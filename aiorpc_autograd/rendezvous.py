@@ -1,0 +1,162 @@
+"""Group rendezvous through PyTorch's own store (``TCPStore``).
+
+Blocking store calls are made on a dedicated thread so the event loop keeps
+serving. ``init_method`` is ``tcp://HOST:PORT`` (rank 0 hosts the store) or
+``env://`` (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as torchrun sets them,
+including ``TORCHELASTIC_USE_AGENT_STORE``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import msgpack
+import torch.distributed as dist
+from torch.distributed import Store  # type: ignore[attr-defined]
+
+from .errors import RpcTimeoutError
+
+__all__ = ["Address", "Rendezvous"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where a worker listens, as published in the store."""
+
+    name: str
+    rank: int
+    host: str
+    port: int
+    unix_path: str
+    host_id: str
+
+    def pack(self) -> bytes:
+        return msgpack.packb(  # type: ignore[no-any-return]
+            [self.name, self.rank, self.host, self.port, self.unix_path, self.host_id]
+        )
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Address:
+        name, rank, host, port, unix_path, host_id = msgpack.unpackb(data)
+        return cls(name, rank, host, port, unix_path, host_id)
+
+
+class Rendezvous:
+    """A joined store and the helpers the agent needs from it.
+
+    Use :meth:`join` to create one.
+    """
+
+    def __init__(
+        self, store: Store, rank: int, world_size: int, prefix: str, timeout: float
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.prefix = prefix
+        self.timeout = timeout
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="aiorpc-store")
+
+    @classmethod
+    async def join(
+        cls, init_method: str, rank: int | None, world_size: int | None, timeout: float
+    ) -> Rendezvous:
+        """Join the group's store.
+
+        Raises:
+            ValueError: rank or world size missing or inconsistent.
+            RpcTimeoutError: the store could not be reached in time.
+        """
+        if init_method.startswith("env://"):
+            rank = int(os.environ["RANK"]) if rank is None and "RANK" in os.environ else rank
+            if world_size is None and "WORLD_SIZE" in os.environ:
+                world_size = int(os.environ["WORLD_SIZE"])
+        if rank is None or world_size is None:
+            raise ValueError(
+                f"rank and world_size are required with init_method={init_method!r} "
+                "(or set RANK and WORLD_SIZE for env://)"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+
+        def connect() -> tuple[Store, int, int]:
+            it = dist.rendezvous(  # type: ignore[attr-defined]
+                init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+            )
+            store, r, w = next(it)
+            store.set_timeout(timedelta(seconds=timeout))
+            return store, r, w
+
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                store, r, w = await loop.run_in_executor(pool, connect)
+            except (RuntimeError, TimeoutError) as exc:
+                if "timeout" in str(exc).lower() or isinstance(exc, TimeoutError):
+                    raise RpcTimeoutError(f"rendezvous at {init_method} timed out: {exc}") from exc
+                raise
+        # A generation per rank, so re-initialising on one store gets fresh keys;
+        # every rank counts the same number of inits, so all agree on it.
+        self = cls(store, r, w, "", timeout)
+        gen = await self.call(store.add, f"aiorpc/gen/{r}", 1)
+        self.prefix = f"aiorpc/{gen}/"
+        return self
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking store call on the store thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def exchange(self, me: Address) -> list[Address]:
+        """Publish this worker's address and return every worker's, by rank."""
+        store = self.store
+        await self.call(store.set, f"{self.prefix}addr/{self.rank}", me.pack())
+        keys = [f"{self.prefix}addr/{r}" for r in range(self.world_size)]
+        try:
+            await self.call(store.wait, keys, timedelta(seconds=self.timeout))
+        except RuntimeError as exc:
+            raise RpcTimeoutError(f"not every worker joined within {self.timeout}s: {exc}") from exc
+        values = await self.call(store.multi_get, keys)
+        return [Address.unpack(v) for v in values]
+
+    async def barrier(self, tag: str, timeout: float) -> None:
+        """Wait until every worker reached the barrier ``tag``.
+
+        Raises:
+            RpcTimeoutError: not all arrived within ``timeout`` seconds.
+        """
+        store = self.store
+        deadline = time.monotonic() + timeout
+        arrived = await self.call(store.add, f"{self.prefix}{tag}/arrived", 1)
+        if arrived == self.world_size:
+            await self.call(store.set, f"{self.prefix}{tag}/done", b"1")
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            await self.call(store.wait, [f"{self.prefix}{tag}/done"], timedelta(seconds=remaining))
+        except RuntimeError as exc:
+            raise RpcTimeoutError(f"barrier {tag!r} timed out after {timeout}s") from exc
+
+    async def leave(self, timeout: float) -> None:
+        """Announce this worker is done with the store; the host (rank 0) waits,
+        up to ``timeout``, until all others are, so nobody loses the store early."""
+        store = self.store
+        deadline = time.monotonic() + timeout
+        try:
+            left = await self.call(store.add, f"{self.prefix}left", 1)
+            while self.rank == 0 and left < self.world_size and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+                left = await self.call(store.add, f"{self.prefix}left", 0)
+        except RuntimeError:
+            pass  # the store's host is gone already: nothing left to protect
+
+    def close(self) -> None:
+        """Stop the store thread (the store goes when the last reference does)."""
+        self._thread.shutdown(wait=False)

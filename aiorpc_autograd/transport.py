@@ -1,0 +1,224 @@
+"""asyncio transports: frame-carrying connections over TCP and Unix sockets.
+
+A :class:`Connection` is an ``asyncio.BufferedProtocol``: the event loop reads
+straight into the buffer the :class:`~aiorpc_autograd.wire.FrameReader` hands
+out (a reused scratch buffer for small frames, the frame's own body buffer for
+large ones), and frames are written with one ``writelines`` call of the header
+bytes and the tensors' memoryviews. This layer only moves frames; it knows
+nothing of messages.
+
+uvloop is used when installed (:func:`new_event_loop`); the stdlib loop works too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl as _ssl
+from collections.abc import Callable
+from typing import Any, cast
+
+from .errors import ConnectionLostError, ProtocolError
+from .wire import Frame, FrameReader, Limits, encode_frame
+
+__all__ = ["Connection", "connect", "new_event_loop", "serve_tcp", "serve_unix"]
+
+log = logging.getLogger(__name__)
+
+# A frame body at least this large that is not complete in the scratch buffer is
+# read straight into its own buffer (no copy through the scratch buffer).
+_DIRECT_THRESHOLD = 64 * 1024
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's when it is installed, else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+FrameHandler = Callable[["Connection", Frame], None]
+LostHandler = Callable[["Connection", BaseException | None], None]
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One framed, full-duplex connection.
+
+    Args:
+        limits: frame size limits for what this side receives.
+        on_frame: called on the loop with each complete frame, in order.
+        on_lost: called once when the connection is closed or lost, with the
+            error (None on a clean close).
+    """
+
+    def __init__(self, limits: Limits, on_frame: FrameHandler, on_lost: LostHandler) -> None:
+        self._reader = FrameReader(limits, direct_threshold=_DIRECT_THRESHOLD)
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._error: BaseException | None = None
+        self.peer: Any = None  # set by the owner once the peer is known
+        self.made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.BaseProtocol ------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.made.done():
+            self.made.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        error = self._error or exc
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionLostError("connection closed"))
+        self._drain_waiters.clear()
+        if not self.made.done():
+            self.made.set_exception(ConnectionLostError("connection closed"))
+        self._on_lost(self, error)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        for waiter in self._drain_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._drain_waiters.clear()
+
+    # -- asyncio.BufferedProtocol --------------------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            frames = self._reader.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", self.peer_label, exc)
+            self.abort(exc)
+            return
+        for frame in frames:
+            if self._closed:
+                return
+            self._on_frame(self, frame)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    # -- API -----------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or closed."""
+        return self._closed or self._transport is None or self._transport.is_closing()
+
+    @property
+    def peer_label(self) -> str:
+        """The peer, for messages: its name when known, else its address."""
+        if self.peer is not None:
+            return str(self.peer)
+        if self._transport is not None:
+            return str(self._transport.get_extra_info("peername"))
+        return "?"
+
+    def send(self, header: bytes, buffers: list[memoryview], flags: int = 0) -> None:
+        """Write one frame (no copy of the buffers).
+
+        Raises:
+            ConnectionLostError: the connection is closed.
+        """
+        if self.closed:
+            raise ConnectionLostError(f"connection to {self.peer_label} is closed")
+        assert self._transport is not None
+        self._transport.writelines(encode_frame(header, buffers, flags))
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if self._closed:
+            raise ConnectionLostError(f"connection to {self.peer_label} is closed")
+        if not self._paused:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+
+    def close(self) -> None:
+        """Close after the buffered writes are flushed."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def abort(self, error: BaseException | None = None) -> None:
+        """Close at once, discarding buffered writes."""
+        if error is not None and self._error is None:
+            self._error = error
+        if self._transport is not None:
+            self._transport.abort()
+
+
+ProtocolFactory = Callable[[], Connection]
+
+
+async def serve_tcp(
+    factory: ProtocolFactory, host: str, port: int = 0, ssl: _ssl.SSLContext | None = None
+) -> tuple[asyncio.AbstractServer, int]:
+    """Listen on TCP; returns the server and the port it is bound to."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, host, port, ssl=ssl, reuse_address=True)
+    bound = server.sockets[0].getsockname()[1]
+    return server, int(bound)
+
+
+async def serve_unix(factory: ProtocolFactory, path: str) -> asyncio.AbstractServer:
+    """Listen on a Unix socket (a leading NUL selects Linux's abstract namespace)."""
+    loop = asyncio.get_running_loop()
+    # Bound here, not by the loop: uvloop refuses abstract-namespace names.
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.setblocking(False)
+        return await loop.create_unix_server(factory, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def connect(
+    factory: ProtocolFactory,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    path: str | None = None,
+    ssl: _ssl.SSLContext | None = None,
+) -> Connection:
+    """Open a connection over a Unix socket (``path``) or TCP (``host``, ``port``)."""
+    loop = asyncio.get_running_loop()
+    if path is not None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, path)
+            _, proto = await loop.create_unix_connection(factory, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+    else:
+        if host is None or port is None:
+            raise ValueError("connect needs a path, or a host and a port")
+        _, proto = await loop.create_connection(
+            factory, host, port, ssl=ssl, server_hostname=host if ssl else None
+        )
+    await proto.made
+    return proto

@@ -1,0 +1,288 @@
+"""Frame format and an incremental frame reader (sans-I/O).
+
+Theory of operation
+-------------------
+A connection carries a stream of frames. Each frame is::
+
+    prefix   24 bytes, little-endian: magic b"ARPC", version u8, flags u8,
+             reserved u16 (0), header_len u32, n_buffers u32, body_len u64
+    lengths  n_buffers x u64: the byte length of each buffer
+    header   header_len bytes (msgpack, opaque to this layer)
+    body     body_len bytes: the buffers, each starting at an offset that is a
+             multiple of ALIGN from the start of the body (zero padding between)
+
+The reader checks every size against :class:`Limits` as soon as the prefix is
+known, *before* it allocates anything, and raises :class:`ProtocolError` on a
+bad magic, an unknown version, a reserved field that is not zero, inconsistent
+lengths or a frame over the limits. After an error the reader stays failed.
+
+Bytes can be pushed two ways: :meth:`FrameReader.feed` (any chunking), or the
+zero-copy pair :meth:`FrameReader.get_buffer` / :meth:`FrameReader.buffer_updated`
+used by ``asyncio.BufferedProtocol``. Small frames are parsed out of a reusable
+scratch buffer (many per read); the body of a large frame is read straight into
+its own ``bytearray``, which the frame's buffers then view without a copy.
+
+This module does no I/O and imports no asyncio.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import ProtocolError
+
+__all__ = [
+    "ALIGN",
+    "MAGIC",
+    "PREFIX_SIZE",
+    "VERSION",
+    "Frame",
+    "FrameReader",
+    "Limits",
+    "encode_frame",
+]
+
+MAGIC = b"ARPC"
+VERSION = 1
+ALIGN = 64
+_PREFIX = struct.Struct("<4sBBHIIQ")
+PREFIX_SIZE = _PREFIX.size  # 24
+_U64 = struct.Struct("<Q")
+_ZEROS = bytes(ALIGN)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits checked before any allocation.
+
+    Attributes:
+        max_message_size: most bytes after the prefix (lengths, header and body).
+        max_header_size: most bytes of header.
+        max_buffers: most buffers in one frame.
+    """
+
+    max_message_size: int = 4 << 30
+    max_header_size: int = 64 << 20
+    max_buffers: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A complete frame: flags, header bytes, and the buffers as writable views."""
+
+    flags: int
+    header: bytes
+    buffers: list[memoryview]
+
+
+def encode_frame(
+    header: bytes, buffers: Sequence[memoryview | bytes] = (), flags: int = 0
+) -> list[bytes | memoryview]:
+    """Lay out one frame as a list of chunks for ``transport.writelines``.
+
+    The buffers are not copied: the returned list refers to them.
+
+    Args:
+        header: the header bytes.
+        buffers: byte buffers (C-contiguous; memoryviews are cast to bytes).
+        flags: frame flags (0..255).
+
+    Returns:
+        The chunks, in wire order.
+    """
+    views = [b if isinstance(b, bytes) else b.cast("B") if b.format != "B" else b for b in buffers]
+    lengths = [len(v) for v in views]
+    body_len = 0
+    for n in lengths[:-1]:
+        body_len += _aligned(n)
+    if lengths:
+        body_len += lengths[-1]
+    meta = bytearray(_PREFIX.pack(MAGIC, VERSION, flags, 0, len(header), len(views), body_len))
+    for n in lengths:
+        meta += _U64.pack(n)
+    meta += header
+    chunks: list[bytes | memoryview] = [bytes(meta)]
+    for i, v in enumerate(views):
+        if len(v):
+            chunks.append(v)
+        if i < len(views) - 1 and lengths[i] % ALIGN:
+            chunks.append(_ZEROS[: ALIGN - lengths[i] % ALIGN])
+    return chunks
+
+
+class FrameReader:
+    """Incremental frame parser; see the module docstring.
+
+    Args:
+        limits: size limits.
+        scratch_size: size of the reusable buffer small frames are read into.
+        direct_threshold: a frame body at least this large, if not already
+            complete in the scratch buffer, is read straight into its own buffer.
+    """
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        scratch_size: int = 256 * 1024,
+        direct_threshold: int = 0,
+    ) -> None:
+        self._limits = limits or Limits()
+        self._scratch = bytearray(max(scratch_size, PREFIX_SIZE))
+        self._start = 0
+        self._end = 0
+        self._direct_threshold = direct_threshold
+        # Direct-body state: a frame whose body is being read into its own buffer.
+        self._body: bytearray | None = None
+        self._body_view: memoryview | None = None
+        self._filled = 0
+        self._pending: tuple[int, bytes, list[int]] | None = None
+        self._failed: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as part of a frame."""
+        return self._end - self._start + self._filled
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Push bytes (any chunking) and return the frames they complete."""
+        src = memoryview(data).cast("B")
+        frames: list[Frame] = []
+        while src:
+            buf = self.get_buffer()
+            n = min(len(buf), len(src))
+            buf[:n] = src[:n]
+            src = src[n:]
+            frames.extend(self.buffer_updated(n))
+        return frames
+
+    def get_buffer(self) -> memoryview:
+        """Return a writable view the next received bytes should go into."""
+        if self._failed is not None:
+            raise self._failed
+        if self._body_view is not None:
+            return self._body_view[self._filled :]
+        if self._end == len(self._scratch):
+            self._compact()
+        return memoryview(self._scratch)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """Record that ``nbytes`` were written into the last :meth:`get_buffer`.
+
+        Returns:
+            The frames completed so far.
+
+        Raises:
+            ProtocolError: the stream is malformed or over the limits.
+        """
+        if self._failed is not None:
+            raise self._failed
+        if self._body is not None:
+            self._filled += nbytes
+            if self._filled < len(self._body):
+                return []
+            assert self._pending is not None
+            flags, header, lengths = self._pending
+            frame = Frame(flags, header, _split(self._body, lengths))
+            self._body = self._body_view = self._pending = None
+            self._filled = 0
+            return [frame]
+        self._end += nbytes
+        try:
+            return self._parse()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def _compact(self) -> None:
+        if self._start:
+            n = self._end - self._start
+            self._scratch[:n] = self._scratch[self._start : self._end]
+            self._start, self._end = 0, n
+
+    def _reserve(self, needed: int) -> None:
+        """Make room for a frame prefix + lengths + header of ``needed`` bytes."""
+        self._compact()
+        if needed > len(self._scratch):
+            grown = bytearray(needed)
+            grown[: self._end] = self._scratch[: self._end]
+            self._scratch = grown
+
+    def _parse(self) -> list[Frame]:
+        frames: list[Frame] = []
+        lim = self._limits
+        scratch = self._scratch
+        while self._end - self._start >= PREFIX_SIZE:
+            start = self._start
+            magic, version, flags, reserved, header_len, nbuf, body_len = _PREFIX.unpack_from(
+                scratch, start
+            )
+            if magic != MAGIC:
+                raise ProtocolError(f"bad frame magic {bytes(magic)!r}")
+            if version != VERSION:
+                raise ProtocolError(f"unsupported protocol version {version} (speaks {VERSION})")
+            if reserved:
+                raise ProtocolError("reserved prefix field is not zero")
+            if header_len > lim.max_header_size:
+                raise ProtocolError(
+                    f"header of {header_len} bytes exceeds the limit of {lim.max_header_size}"
+                )
+            if nbuf > lim.max_buffers:
+                raise ProtocolError(f"{nbuf} buffers exceed the limit of {lim.max_buffers}")
+            total = 8 * nbuf + header_len + body_len
+            if total > lim.max_message_size:
+                raise ProtocolError(
+                    f"message of {total} bytes exceeds max_message_size={lim.max_message_size}"
+                )
+            meta_len = PREFIX_SIZE + 8 * nbuf + header_len
+            avail = self._end - start
+            if avail < meta_len:
+                if meta_len > len(scratch) - start:
+                    self._reserve(meta_len)
+                break
+            pos = start + PREFIX_SIZE
+            lengths = [_U64.unpack_from(scratch, pos + 8 * i)[0] for i in range(nbuf)]
+            expect = sum(_aligned(n) for n in lengths[:-1]) + (lengths[-1] if lengths else 0)
+            if expect != body_len:
+                raise ProtocolError(
+                    f"buffer lengths add up to {expect} bytes but the body has {body_len}"
+                )
+            pos += 8 * nbuf
+            header = bytes(scratch[pos : pos + header_len])
+            pos += header_len
+            have = avail - meta_len
+            if have >= body_len:
+                body = bytearray(scratch[pos : pos + body_len])
+                self._start = pos + body_len
+                frames.append(Frame(flags, header, _split(body, lengths)))
+                continue
+            if body_len < self._direct_threshold:
+                # Wait for the rest in the scratch buffer (grown if needed).
+                if PREFIX_SIZE + total > len(scratch) - start:
+                    self._reserve(PREFIX_SIZE + total)
+                break
+            body = bytearray(body_len)
+            body[:have] = scratch[pos : pos + have]
+            self._start = self._end = 0
+            self._body, self._body_view = body, memoryview(body)
+            self._filled = have
+            self._pending = (flags, header, lengths)
+            break
+        if self._start == self._end:
+            self._start = self._end = 0
+        return frames
+
+
+def _split(body: bytearray, lengths: list[int]) -> list[memoryview]:
+    view = memoryview(body)
+    out = []
+    pos = 0
+    for n in lengths:
+        out.append(view[pos : pos + n])
+        pos += _aligned(n)
+    return out

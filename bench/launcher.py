@@ -1,0 +1,243 @@
+"""Spawn one group of benchmark workers and collect rank 0's records.
+
+Workers are ``python -m bench.worker`` subprocesses, each in its own session
+(process group) so that a hung group can be killed whole, and each with a
+log file rather than a pipe so that a chatty worker can never block.  All
+addresses are on 127.0.0.1: the rendezvous is ``tcp://127.0.0.1:PORT`` and
+TensorPipe is told to use the loopback interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.specs import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Seconds allowed for interpreter start, ``import torch`` and rendezvous.
+STARTUP_S = 90.0
+#: Once a worker has failed, how long the others get to exit on their own.
+FAILURE_GRACE_S = 15.0
+#: Characters of each worker's log kept when something went wrong.
+LOG_TAIL = 4000
+
+
+@dataclass
+class LaunchResult:
+    """What one launch produced.
+
+    Attributes:
+        config: the configuration's name.
+        records: rank 0's JSON records by benchmark name; a planned benchmark
+            without a record gets an ``ok: False`` one explaining why.
+        ranks: each rank's facts (pid, affinity, ...) from its "ready" line;
+            None for a rank that never got its agent up.
+        returncodes: exit status per rank (negative: killed by that signal).
+        timed_out: the launch hit its timeout and was killed.
+        wall_s: seconds from spawn to the last exit.
+        logs: tail of each rank's output, kept only when something failed.
+    """
+
+    config: str
+    records: dict[str, dict[str, Any]]
+    returncodes: list[int]
+    timed_out: bool
+    wall_s: float
+    ranks: list[dict[str, Any] | None]
+    loadavg: list[float]
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every rank exited 0 and every benchmark reported success."""
+        return (
+            not self.timed_out
+            and all(rc == 0 for rc in self.returncodes)
+            and all(r.get("ok") for r in self.records.values())
+        )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker: this one, plus loopback-only settings."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["MASTER_ADDR"] = "127.0.0.1"
+    # TensorPipe otherwise resolves the hostname and may listen elsewhere.
+    env["TP_SOCKET_IFNAME"] = "lo"
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate, then kill, the process group led by ``proc`` (ours alone)."""
+    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_all(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> bool:
+    """Wait for every process; kill them all at the deadline or after a failure.
+
+    Returns:
+        True when the deadline was hit.
+    """
+    deadline = time.monotonic() + timeout_s
+    failed_at: float | None = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return False
+        now = time.monotonic()
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = now
+        expired = now >= deadline
+        if expired or (failed_at is not None and now - failed_at > FAILURE_GRACE_S):
+            for p in procs:
+                _kill_group(p)
+            return expired
+        time.sleep(0.25)
+
+
+def _tail(path: Path) -> str:
+    data = path.read_bytes()[-LOG_TAIL:]
+    return data.decode("utf-8", errors="replace")
+
+
+def launch(
+    config: Config,
+    plan: Sequence[tuple[str, dict[str, Any]]],
+    *,
+    world_size: int,
+    timeout_s: float,
+    cores: Sequence[int],
+) -> LaunchResult:
+    """Run ``plan`` once under ``config`` with ``world_size`` fresh workers.
+
+    Args:
+        config: library, pinning and options.
+        plan: ``(benchmark name, params)`` for rank 0 to run in order.
+        world_size: number of worker processes.
+        timeout_s: the whole launch, start-up included.
+        cores: cores to pin to; rank ``r`` gets ``cores[r % len(cores)]``.
+    """
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tmpdir = Path(tmp)
+        result_file = tmpdir / "rank0.jsonl"
+        port = free_port()
+        env = worker_env()
+        procs: list[subprocess.Popen[bytes]] = []
+        log_paths = [tmpdir / f"rank{rank}.log" for rank in range(world_size)]
+        loadavg = list(os.getloadavg())
+        start = time.monotonic()
+        try:
+            for rank, log_path in enumerate(log_paths):
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "bench.worker",
+                    f"--impl={config.impl}",
+                    f"--rank={rank}",
+                    f"--world-size={world_size}",
+                    f"--port={port}",
+                    f"--options={json.dumps(dict(config.options))}",
+                    f"--plan={json.dumps(list(plan))}",
+                    f"--result-file={result_file}",
+                ]
+                if config.pinned:
+                    cmd.append(f"--pin-core={cores[rank % len(cores)]}")
+                with log_path.open("wb") as log:
+                    procs.append(
+                        subprocess.Popen(
+                            cmd,
+                            cwd=ROOT,
+                            env=env,
+                            stdin=subprocess.DEVNULL,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
+            timed_out = _wait_all(procs, timeout_s)
+        finally:
+            for p in procs:  # a no-op unless spawning or waiting raised
+                _kill_group(p)
+        wall_s = time.monotonic() - start
+        returncodes = [p.returncode for p in procs]
+
+        records: dict[str, dict[str, Any]] = {}
+        ranks: list[dict[str, Any] | None] = [None] * world_size
+        if result_file.exists():
+            for line in result_file.read_text(encoding="utf-8").splitlines():
+                record = json.loads(line)
+                if record.get("ready"):
+                    ranks[record["rank"]] = record["info"]
+                else:
+                    records[record["bench"]] = record
+        not_ready = [rank for rank, info in enumerate(ranks) if info is None]
+        why = "timed out" if timed_out else f"exit codes {returncodes}"
+        if not_ready:
+            why += f"; rank(s) {not_ready} never finished init_rpc"
+        for name, _ in plan:
+            records.setdefault(name, {"bench": name, "ok": False, "error": f"no result ({why})"})
+
+        result = LaunchResult(config.name, records, returncodes, timed_out, wall_s, ranks, loadavg)
+        if not result.ok:
+            result.logs = [_tail(p) for p in log_paths]
+        return result
+
+
+def probe_ours(timeout_s: float = 120.0) -> str | None:
+    """Check, in a fresh interpreter, that our package offers the API we use.
+
+    Returns:
+        None when usable, otherwise the reason (the error's last lines).
+    """
+    code = (
+        "import aiorpc_autograd as r\n"
+        "for n in ('run', 'init_rpc', 'rpc_async', 'shutdown', 'RpcOptions'):\n"
+        "    getattr(r, n)\n"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            env=worker_env(),
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"`import aiorpc_autograd` did not finish within {timeout_s:.0f} s"
+    if proc.returncode == 0:
+        return None
+    lines = proc.stderr.decode("utf-8", errors="replace").strip().splitlines()
+    return "\n".join(lines[-6:]) or f"probe exited with {proc.returncode}"

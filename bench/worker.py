@@ -1,0 +1,158 @@
+"""Entry point of one benchmark worker process: ``python -m bench.worker``.
+
+The launcher passes everything on the command line.  The process pins
+itself first (so every thread the RPC library starts later inherits the
+affinity), then imports the side module and hands over.  Rank 0 writes one
+JSON line per benchmark to ``--result-file`` as soon as it is measured, so a
+later hang or crash loses only what was still running; every rank first adds
+a "ready" line once its agent is up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class WorkerContext:
+    """What a side module needs to run its part of a launch.
+
+    Attributes:
+        rank: this worker's rank; rank 0 measures.
+        world_size: number of workers.
+        port: TCP port of the rendezvous on 127.0.0.1.
+        options: keyword arguments for the library's options object.
+        plan: ``(benchmark name, params)`` in order.
+        result_file: where every rank appends a "ready" line and rank 0
+            its benchmark records (short appends, so lines do not interleave).
+        info: facts about this process, attached to every record.
+    """
+
+    rank: int
+    world_size: int
+    port: int
+    options: dict[str, Any]
+    plan: list[tuple[str, dict[str, Any]]]
+    result_file: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def init_method(self) -> str:
+        """The rendezvous address, always on the loopback."""
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @staticmethod
+    def name_of(rank: int) -> str:
+        """The worker name used for ``rank`` on both sides."""
+        return f"w{rank}"
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Append one JSON record to the result file and flush it."""
+        with open(self.result_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({**record, "rank": self.rank, "info": self.info}) + "\n")
+            fh.flush()
+
+    def ready(self) -> None:
+        """Record, on every rank, that the agent is up (and this rank's facts)."""
+        self.emit({"ready": True})
+
+    def steps(self, benches: dict[str, BenchFn]) -> Iterator[tuple[str, dict[str, Any], BenchFn]]:
+        """Yield ``(name, params, fn)`` for each planned benchmark this side has.
+
+        A benchmark missing from ``benches`` is recorded as not implemented.
+        """
+        for name, params in self.plan:
+            fn = benches.get(name)
+            if fn is None:
+                self.emit(
+                    {
+                        "bench": name,
+                        "ok": False,
+                        "error": "not implemented for this library",
+                    }
+                )
+            else:
+                yield name, params, fn
+
+    @contextlib.contextmanager
+    def measuring(self, name: str) -> Iterator[dict[str, Any]]:
+        """Record one benchmark: fill the yielded dict with its metrics.
+
+        An exception inside the block is recorded with its traceback and
+        suppressed, so the next benchmark still runs.
+        """
+        metrics: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        try:
+            yield metrics
+        except Exception:  # noqa: BLE001 - recorded and reported by the launcher
+            self.emit(
+                {
+                    "bench": name,
+                    "ok": False,
+                    "error": traceback.format_exc(),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+        else:
+            self.emit(
+                {
+                    "bench": name,
+                    "ok": True,
+                    "metrics": metrics,
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
+
+
+BenchFn = Callable[..., Any]
+"""A side module's benchmark: ``fn(peer, params) -> metrics`` (a coroutine on our side)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the launcher's arguments, pin, and run the chosen side."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--impl", choices=("torch", "ours"), required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--pin-core", type=int, default=None)
+    parser.add_argument("--options", default="{}", help="JSON dict of library options")
+    parser.add_argument("--plan", required=True, help="JSON list of [name, params]")
+    parser.add_argument("--result-file", required=True)
+    args = parser.parse_args(argv)
+
+    # Pin before importing torch: threads inherit the affinity of their creator.
+    if args.pin_core is not None:
+        os.sched_setaffinity(0, {args.pin_core})
+    ctx = WorkerContext(
+        rank=args.rank,
+        world_size=args.world_size,
+        port=args.port,
+        options=json.loads(args.options),
+        plan=[(name, params) for name, params in json.loads(args.plan)],
+        result_file=args.result_file,
+        info={"pid": os.getpid(), "affinity": sorted(os.sched_getaffinity(0))},
+    )
+    if args.impl == "torch":
+        from bench import torch_side
+
+        torch_side.run_worker(ctx)
+    else:
+        from bench import ours_side
+
+        ours_side.run_worker(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
