@@ -6,6 +6,7 @@ module only re-exports.
 
 from __future__ import annotations
 
+from . import dist_autograd
 from .api import (
     get_debug_info,
     get_worker_info,
@@ -38,6 +39,7 @@ __all__ = [
     "RpcOptions",
     "RpcTimeoutError",
     "WorkerInfo",
+    "dist_autograd",
     "get_debug_info",
     "get_worker_info",
     "init_rpc",

@@ -40,7 +40,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import codec
 from .codec import ExceptionMsg, Hello, Message, Payload, PythonCall, PythonRet
@@ -60,9 +60,14 @@ from .wire import Frame, Limits
 __all__ = ["RpcAgent", "registered_functions", "register_function"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ResponseDecoder = Callable[[Message], Any]
-Handler = Callable[[Connection, int, Message], None]
+# A request handler returns the response, or an awaitable of it; raising (or the
+# awaitable failing) answers with the error.
+Handler = Callable[[Message], "Message | Awaitable[Message]"]
+RequestWrapper = Callable[[WorkerInfo, Message], Message]
+ResponseUnwrapper = Callable[[int, Message], Message]
 
 # Functions callable by name (rpc.register); process-wide like Python imports.
 _REGISTERED: dict[str, Callable[..., Any]] = {}
@@ -158,8 +163,14 @@ class RpcAgent:
         )
         self._inflight = 0
         self._running = False
-        self.handlers: dict[type[Message], Handler] = {PythonCall: self._on_python_call}
+        self.handlers: dict[type[Message], Handler] = {PythonCall: self._run_call}
+        # Hooks of the distributed-autograd layer: wrap outgoing requests, unwrap
+        # responses by type (the int is the peer's worker id).
+        self.request_wrapper: RequestWrapper | None = None
+        self.response_unwrappers: dict[type[Message], ResponseUnwrapper] = {}
         self.debug_counters: dict[str, Callable[[], int]] = {}
+        # Services installed on this agent by the layers above (autograd, rrefs).
+        self.extensions: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -338,6 +349,8 @@ class RpcAgent:
         if not self._running:
             raise RpcError("RPC agent is not running (call init_rpc first)")
         rid = next(self._ids)
+        if self.request_wrapper is not None:
+            message = self.request_wrapper(to, message)
         header, buffers = codec.encode(message, rid)
         fut = self.loop.create_future()
         pending = _Pending(fut, to.id, decode or self.decode_result)
@@ -424,7 +437,7 @@ class RpcAgent:
             conn.abort(exc)
             return
         if message.IS_RESPONSE:
-            self._on_response(rid, message)
+            self._on_response(conn, rid, message)
             return
         if isinstance(message, Hello):
             self._on_hello(conn, message)
@@ -433,11 +446,22 @@ class RpcAgent:
             log.warning("dropping connection from %s: no Hello first", conn.peer_label)
             conn.abort(ProtocolError("the first message must be Hello"))
             return
+        self.dispatch(conn, rid, message)
+
+    def dispatch(self, conn: Connection, rid: int, message: Message) -> None:
+        """Run the handler of a request and answer it."""
         handler = self.handlers.get(type(message))
-        if handler is None:
-            self.reply_error(conn, rid, ProtocolError(f"unsupported request {message.TYPE!r}"))
+        try:
+            if handler is None:
+                raise ProtocolError(f"unsupported request {message.TYPE.name}")
+            result = handler(message)
+        except Exception as exc:
+            self.reply_error(conn, rid, exc)
             return
-        handler(conn, rid, message)
+        if isinstance(result, Message):
+            self.reply(conn, rid, result)
+        else:
+            self.serve(conn, rid, result)
 
     def _on_hello(self, conn: Connection, hello: Hello) -> None:
         peer = self._peers.get(hello.worker_id)
@@ -450,7 +474,7 @@ class RpcAgent:
             header, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
             conn.send(header, [])
 
-    def _on_response(self, rid: int, message: Message) -> None:
+    def _on_response(self, conn: Connection, rid: int, message: Message) -> None:
         pending = self._pending.pop(rid, None)
         if pending is None:
             return  # timed out or cancelled already
@@ -459,6 +483,13 @@ class RpcAgent:
         fut = pending.future
         if fut.done():
             return
+        unwrap = self.response_unwrappers.get(type(message))
+        if unwrap is not None:
+            try:
+                message = unwrap(pending.peer, message)
+            except Exception as exc:
+                fut.set_exception(exc)
+                return
         if isinstance(message, ExceptionMsg):
             fut.set_exception(
                 remote_error(message.worker, message.type_name, message.message, message.traceback)
@@ -541,6 +572,10 @@ class RpcAgent:
             args, kwargs = codec.load_payload(payload, allow)
         return func, tuple(args), dict(kwargs or {})
 
+    def run_in_executor(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` in the agent's thread pool."""
+        return self.loop.run_in_executor(self._executor, fn)
+
     async def invoke(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
@@ -558,11 +593,8 @@ class RpcAgent:
             result = await result
         return result
 
-    def _on_python_call(self, conn: Connection, rid: int, message: Message) -> None:
+    async def _run_call(self, message: Message) -> Message:
         assert isinstance(message, PythonCall)
-        self.serve(conn, rid, self._run_call(message))
-
-    async def _run_call(self, message: PythonCall) -> Message:
         func, args, kwargs = self.resolve_call(message.target, message.value)
         result = await self.invoke(func, args, kwargs)
         return PythonRet(codec.dump_payload(result, self.options.allow_pickle))

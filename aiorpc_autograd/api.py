@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar, overload
 
 from . import codec
 from .agent import RpcAgent, register_function
+from .autograd_service import AutogradService
 from .codec import PythonCall
 from .errors import RpcError
 from .options import RpcOptions, WorkerInfo
@@ -89,6 +91,7 @@ async def init_rpc(
     agent = await RpcAgent.start(
         name, rank, world_size, init_method or "env://", options or RpcOptions()
     )
+    AutogradService.install(agent)
     _agent = agent
     return agent.info
 
@@ -249,8 +252,27 @@ def rpc_sync(
             "rpc_sync would block the event loop it needs: use `await rpc_async(...)` here"
         )
 
-    async def call() -> T:
-        return await rpc_async(to, func, args, kwargs, timeout)
+    # The call runs on the loop in a copy of this thread's context, so an
+    # autograd context set here (a remote function's) travels with it.
+    ctx = contextvars.copy_context()
+    cfut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-    cfut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(call(), agent.loop)
+    def start() -> None:
+        try:
+            fut = ctx.run(rpc_async, to, func, args, kwargs, timeout)
+        except BaseException as exc:
+            cfut.set_exception(exc)
+            return
+
+        def done(f: asyncio.Future[T]) -> None:
+            if f.cancelled():
+                cfut.cancel()
+            elif f.exception() is not None:
+                cfut.set_exception(f.exception())  # type: ignore[arg-type]
+            else:
+                cfut.set_result(f.result())
+
+        fut.add_done_callback(done)
+
+    agent.loop.call_soon_threadsafe(start)
     return cfut.result()

@@ -69,6 +69,9 @@ __all__ = [
     "RunWithProfilingResp",
     "RRefBackwardReq",
     "RRefBackwardResp",
+    "BackwardAbortReq",
+    "BackwardStartReq",
+    "BackwardStartResp",
     "ExceptionMsg",
     "Hello",
     "Heartbeat",
@@ -112,6 +115,9 @@ class MessageType(IntEnum):
     # Ours (connection management), beyond PyTorch's set.
     HELLO = 0x40
     HEARTBEAT = 0x41
+    BACKWARD_START_REQ = 0x42
+    BACKWARD_START_RESP = 0x43
+    BACKWARD_ABORT_REQ = 0x44
 
 
 class PayloadKind(IntEnum):
@@ -657,18 +663,28 @@ class PropagateGradientsReq(Message):
     message_id: int
     grads: Payload
     retain_graph: bool
-    from_worker: int = -1
+    from_worker: int
+    pass_id: int
 
     def payload(self) -> Payload:
         return self.grads
 
     def to_fields(self) -> list[Any]:
-        return [self.context_id, self.message_id, self.retain_graph, self.from_worker]
+        return [self.context_id, self.message_id, self.retain_graph, self.from_worker, self.pass_id]
 
     @classmethod
     def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
-        context_id, message_id, retain_graph, from_worker = values
-        return cls(context_id, message_id, tensor_payload(tensors), bool(retain_graph), from_worker)
+        context_id, message_id, retain_graph, from_worker, pass_id = values
+        if not all(type(v) is int for v in (context_id, message_id, from_worker, pass_id)):
+            raise ProtocolError("malformed PropagateGradientsReq")
+        return cls(
+            context_id,
+            message_id,
+            tensor_payload(tensors),
+            bool(retain_graph),
+            from_worker,
+            pass_id,
+        )
 
 
 @_message
@@ -763,6 +779,40 @@ class RRefBackwardResp(Message):
 
     TYPE: ClassVar[MessageType] = MessageType.RREF_BACKWARD_RESP
     IS_RESPONSE: ClassVar[bool] = True
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class BackwardStartReq(Message):
+    """Ours: a backward pass ``pass_id`` started in ``context_id``; answered
+    (:class:`BackwardStartResp`) when the receiver's part of it is done."""
+
+    TYPE: ClassVar[MessageType] = MessageType.BACKWARD_START_REQ
+    context_id: int
+    pass_id: int
+    retain_graph: bool
+    from_worker: int
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class BackwardStartResp(Message):
+    """Ours: the receiver's part of the pass is done."""
+
+    TYPE: ClassVar[MessageType] = MessageType.BACKWARD_START_RESP
+    IS_RESPONSE: ClassVar[bool] = True
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class BackwardAbortReq(Message):
+    """Ours: stop pass ``pass_id`` of ``context_id`` (an error elsewhere);
+    answered with :class:`BackwardStartResp`."""
+
+    TYPE: ClassVar[MessageType] = MessageType.BACKWARD_ABORT_REQ
+    context_id: int
+    pass_id: int
+    reason: str
 
 
 @_message

@@ -1,0 +1,464 @@
+"""Distributed autograd: contexts, send/recv records and the backward engine.
+
+Theory of operation
+-------------------
+A *context* (one per forward+backward pass, id unique across the group: the
+creating worker's id in the high 16 bits, a counter in the low 48) exists on
+every worker the pass touched. When a message inside a context carries tensors
+that require grad, the sender records a :class:`SendFunction` (those tensors)
+and the receiver a :class:`RecvFunction` under the same autograd message id;
+the receiver's copies of the tensors are fresh leaves, so the local autograd
+engine stops at them and reports their gradients, which go back to the sender.
+
+A backward pass (:class:`BackwardPass`, one per worker and pass) has *sources*
+(the local roots on the worker that started it; every send function of the
+context elsewhere) and *targets* (the leaves reachable from the sources: the
+recv functions' tensors and this worker's own leaves). Invariants:
+
+* every recv function of the context answers exactly once per pass: with its
+  gradients, or with "none" when no source reaches it (an RPC result that was
+  never used) -- so every send function resolves, and no pass hangs on an
+  unused result (PyTorch's FAST mode hangs there);
+* a target is *ready* when every source that reaches it has resolved; the
+  local engine runs only when a target becomes ready, over every resolved
+  source not yet run, so a subgraph shared by several send functions runs
+  once in the common case instead of once per arriving gradient;
+* the pass is done on a worker when every source resolved and ran and every
+  recv function answered.
+
+This module holds state machines and talks to peers only through the
+:class:`PassIO` interface the agent layer supplies; it does no I/O and does
+not import asyncio.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+__all__ = [
+    "BackwardPass",
+    "ContextContainer",
+    "DistAutogradContext",
+    "PassIO",
+    "RecvFunction",
+    "SendFunction",
+    "current_context_id",
+    "reachable_leaves",
+]
+
+# The current context of the running task/thread (asyncio tasks each have their own).
+current_context_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "aiorpc_autograd_context", default=None
+)
+
+_ID_BITS = 48
+_ID_MASK = (1 << _ID_BITS) - 1
+
+
+class SendFunction:
+    """Records the tensors (requiring grad) a message sent to ``peer``."""
+
+    __slots__ = ("message_id", "peer", "tensors")
+
+    def __init__(self, message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
+        self.message_id = message_id
+        self.peer = peer
+        self.tensors = tensors
+
+    def __repr__(self) -> str:
+        n = len(self.tensors)
+        return f"SendFunction(message_id={self.message_id}, to={self.peer}, {n} tensors)"
+
+
+class RecvFunction:
+    """Records the leaves a message from ``peer`` created on this worker; their
+    gradients go back to ``peer``'s send function of the same message id."""
+
+    __slots__ = ("message_id", "peer", "tensors")
+
+    def __init__(self, message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
+        self.message_id = message_id
+        self.peer = peer
+        self.tensors = tensors
+
+    def __repr__(self) -> str:
+        n = len(self.tensors)
+        return f"RecvFunction(message_id={self.message_id}, from={self.peer}, {n} tensors)"
+
+
+class DistAutogradContext:
+    """One context on one worker: its send/recv functions, the workers it
+    exchanged messages with, and the gradients accumulated for local leaves."""
+
+    def __init__(self, context_id: int) -> None:
+        self._context_id = context_id
+        self._sends: dict[int, SendFunction] = {}
+        self._recvs: dict[int, RecvFunction] = {}
+        self._grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._known: set[int] = set()
+        self._lock = threading.Lock()
+        # Touched on the event loop only: the pass running here, the passes
+        # over here (with their error, if any), the passes aborted here.
+        self.current_pass: BackwardPass | None = None
+        self.finished_passes: dict[int, BaseException | None] = {}
+        self.aborted_passes: set[int] = set()
+
+    def context_id(self) -> int:
+        """This context's id."""
+        return self._context_id
+
+    def send_functions(self) -> dict[int, SendFunction]:
+        """Autograd message id -> send function recorded on this worker."""
+        with self._lock:
+            return dict(self._sends)
+
+    def recv_functions(self) -> dict[int, RecvFunction]:
+        """Autograd message id -> recv function recorded on this worker."""
+        with self._lock:
+            return dict(self._recvs)
+
+    def known_worker_ids(self) -> set[int]:
+        """The workers this context exchanged messages with."""
+        with self._lock:
+            return set(self._known)
+
+    def add_known_worker(self, worker_id: int) -> None:
+        with self._lock:
+            self._known.add(worker_id)
+
+    def add_send(self, fn: SendFunction) -> None:
+        with self._lock:
+            self._sends[fn.message_id] = fn
+            self._known.add(fn.peer)
+
+    def add_recv(self, fn: RecvFunction) -> None:
+        with self._lock:
+            self._recvs[fn.message_id] = fn
+            self._known.add(fn.peer)
+
+    def accumulate_grad(self, leaf: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add ``grad`` to the gradient of ``leaf`` held in this context."""
+        with self._lock:
+            prev = self._grads.get(leaf)
+            self._grads[leaf] = grad if prev is None else prev + grad
+
+    def gradients(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Leaf tensor -> gradient accumulated in this context."""
+        with self._lock:
+            return dict(self._grads)
+
+    def __repr__(self) -> str:
+        return (
+            f"DistAutogradContext(id={self._context_id}, sends={len(self._sends)}, "
+            f"recvs={len(self._recvs)}, known={sorted(self._known)})"
+        )
+
+
+class ContextContainer:
+    """The contexts of one worker, and its id generators."""
+
+    def __init__(self, worker_id: int) -> None:
+        if not 0 <= worker_id < 1 << 16:
+            raise ValueError("worker ids must fit in 16 bits")
+        self.worker_id = worker_id
+        self._contexts: dict[int, DistAutogradContext] = {}
+        self._context_ids = itertools.count(1)
+        self._message_ids = itertools.count(1)
+        self._pass_ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def _next(self, counter: Iterable[int]) -> int:
+        n = next(iter(counter))
+        if n > _ID_MASK:
+            raise RuntimeError("autograd id space exhausted")
+        return (self.worker_id << _ID_BITS) | n
+
+    def new_context(self) -> DistAutogradContext:
+        """Create a context with a group-unique id."""
+        ctx = DistAutogradContext(self._next(self._context_ids))
+        with self._lock:
+            self._contexts[ctx.context_id()] = ctx
+        return ctx
+
+    def new_message_id(self) -> int:
+        """A group-unique autograd message id."""
+        return self._next(self._message_ids)
+
+    def new_pass_id(self) -> int:
+        """A group-unique backward pass id."""
+        return self._next(self._pass_ids)
+
+    def get_or_create(self, context_id: int) -> DistAutogradContext:
+        """The context ``context_id``, created if this worker has none yet."""
+        with self._lock:
+            ctx = self._contexts.get(context_id)
+            if ctx is None:
+                ctx = self._contexts[context_id] = DistAutogradContext(context_id)
+            return ctx
+
+    def get(self, context_id: int) -> DistAutogradContext | None:
+        """The context, or None."""
+        with self._lock:
+            return self._contexts.get(context_id)
+
+    def retrieve(self, context_id: int) -> DistAutogradContext:
+        """The context ``context_id``.
+
+        Raises:
+            RuntimeError: no such context on this worker.
+        """
+        ctx = self.get(context_id)
+        if ctx is None:
+            raise RuntimeError(f"could not find autograd context with id {context_id}")
+        return ctx
+
+    def release(self, context_id: int) -> DistAutogradContext | None:
+        """Remove and return the context (None if absent)."""
+        with self._lock:
+            return self._contexts.pop(context_id, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._contexts)
+
+    def contexts(self) -> list[DistAutogradContext]:
+        with self._lock:
+            return list(self._contexts.values())
+
+
+def _leaf_closure(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaves (tensors requiring grad without a grad_fn) ``tensors`` reach."""
+    leaves: dict[int, torch.Tensor] = {}
+    stack: list[Any] = []
+    seen: set[Any] = set()
+    for t in tensors:
+        if t.grad_fn is None:
+            if t.requires_grad:
+                leaves[id(t)] = t
+        else:
+            stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):  # AccumulateGrad
+            leaves[id(variable)] = variable
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                stack.append(nxt)
+    return list(leaves.values())
+
+
+reachable_leaves = _leaf_closure
+
+
+class PassIO(Protocol):
+    """What a :class:`BackwardPass` needs from the layer that owns the I/O."""
+
+    def propagate(self, recv: RecvFunction, grads: list[torch.Tensor | None] | None) -> None:
+        """Send the gradients of ``recv``'s tensors (None: no gradient) to its sender."""
+
+    def compute(
+        self, job: Callable[[], list[torch.Tensor | None]], done: Callable[[Any], None]
+    ) -> None:
+        """Run ``job`` off the event loop; call ``done`` with its result or the
+        exception it raised, back on the loop."""
+
+    def finished(self, error: BaseException | None) -> None:
+        """This worker's part of the pass is over (with ``error`` if it failed)."""
+
+
+_ROOT = -1  # the source key of the local roots
+
+
+class BackwardPass:
+    """This worker's part of one distributed backward pass; see the module doc.
+
+    Args:
+        ctx: the context.
+        pass_id: the pass's group-unique id.
+        retain_graph: keep the graph after the pass.
+        roots: the local roots (only on the worker that started the pass).
+        io: the I/O interface.
+    """
+
+    def __init__(
+        self,
+        ctx: DistAutogradContext,
+        pass_id: int,
+        retain_graph: bool,
+        roots: Sequence[torch.Tensor] | None,
+        io: PassIO,
+    ) -> None:
+        self.ctx = ctx
+        self.pass_id = pass_id
+        self.retain_graph = retain_graph
+        self.io = io
+        self.error: BaseException | None = None
+        self.done = False
+        self._sends = ctx.send_functions()
+        self._recvs = ctx.recv_functions()
+        self._roots = list(roots or [])
+        # source key -> the gradients for its tensors (None: resolved without any)
+        self._resolved: dict[int, list[torch.Tensor | None] | None] = {}
+        self._ran: set[int] = set()
+        self._running = False
+        self.batches = 0
+        # Which sources reach which leaves.
+        self._reach: dict[int, list[torch.Tensor]] = {}
+        if self._roots:
+            self._reach[_ROOT] = _leaf_closure(self._roots)
+        for mid, send in self._sends.items():
+            self._reach[mid] = _leaf_closure(send.tensors)
+        self._deps: dict[int, set[int]] = {}  # id(leaf) -> source keys reaching it
+        for key, leaves in self._reach.items():
+            for leaf in leaves:
+                self._deps.setdefault(id(leaf), set()).add(key)
+        self._recv_of_leaf: dict[int, RecvFunction] = {
+            id(t): recv for recv in self._recvs.values() for t in recv.tensors
+        }
+        self._recv_grads: dict[int, list[torch.Tensor | None]] = {
+            mid: [None] * len(recv.tensors) for mid, recv in self._recvs.items()
+        }
+        self._answered: set[int] = set()
+
+    # -- events --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin: answer unreachable recv functions, run the roots if any."""
+        if self._roots:
+            self._resolved[_ROOT] = [torch.ones_like(r) for r in self._roots]
+        self._advance()
+
+    def on_gradients(self, message_id: int, grads: list[torch.Tensor | None] | None) -> None:
+        """Gradients (or None) arrived for the send function ``message_id``.
+
+        Raises:
+            RuntimeError: no such send function, or it already resolved.
+        """
+        if self.done:
+            return
+        send = self._sends.get(message_id)
+        if send is None:
+            raise RuntimeError(
+                f"no send function with autograd message id {message_id} in context "
+                f"{self.ctx.context_id()} on this worker"
+            )
+        if message_id in self._resolved:
+            raise RuntimeError(f"gradients for message {message_id} arrived twice in one pass")
+        if grads is not None and len(grads) != len(send.tensors):
+            raise RuntimeError(
+                f"{len(grads)} gradients for send function {message_id} of "
+                f"{len(send.tensors)} tensors"
+            )
+        self._resolved[message_id] = grads
+        self._advance()
+
+    def abort(self, error: BaseException) -> None:
+        """Stop the pass: nothing more runs or is sent."""
+        if not self.done:
+            self.error = error
+            self._finish()
+
+    # -- machinery -----------------------------------------------------------
+
+    def _source_ready(self, leaf_id: int) -> bool:
+        return all(k in self._resolved for k in self._deps.get(leaf_id, ()))
+
+    def _advance(self) -> None:
+        if self.done or self._running:
+            return
+        pending = [k for k in self._resolved if k not in self._ran]
+        if pending:
+            # Run when a target these sources reach is ready (all its sources
+            # resolved), or when nothing else can arrive.
+            everything = len(self._resolved) == len(self._reach)
+            if everything or any(
+                self._source_ready(id(leaf)) for k in pending for leaf in self._reach.get(k, ())
+            ):
+                self._run(pending, final=everything)
+                return
+        self._answer_ready_recvs()
+        if len(self._resolved) == len(self._reach) and len(self._ran) == len(self._reach):
+            self._finish()
+
+    def _run(self, keys: list[int], final: bool) -> None:
+        outputs: list[torch.Tensor] = []
+        grad_outputs: list[torch.Tensor] = []
+        inputs: dict[int, torch.Tensor] = {}
+        for key in keys:
+            grads = self._resolved[key]
+            tensors = self._roots if key == _ROOT else self._sends[key].tensors
+            if grads is None:
+                continue
+            used = False
+            for t, g in zip(tensors, grads, strict=True):
+                if g is not None:
+                    outputs.append(t)
+                    grad_outputs.append(g)
+                    used = True
+            if used:
+                for leaf in self._reach[key]:
+                    inputs[id(leaf)] = leaf
+        self._ran.update(keys)
+        if not outputs or not inputs:
+            self._advance()
+            return
+        leaves = list(inputs.values())
+        retain = self.retain_graph or not final
+
+        def job() -> list[torch.Tensor | None]:
+            return list(
+                torch.autograd.grad(
+                    outputs, leaves, grad_outputs, retain_graph=retain, allow_unused=True
+                )
+            )
+
+        self._running = True
+        self.batches += 1
+        self.io.compute(job, lambda result: self._batch_done(leaves, result))
+
+    def _batch_done(self, leaves: list[torch.Tensor], result: Any) -> None:
+        self._running = False
+        if self.done:
+            return
+        if isinstance(result, BaseException):
+            self.error = result
+            self._finish()
+            return
+        for leaf, grad in zip(leaves, result, strict=True):
+            if grad is None:
+                continue
+            recv = self._recv_of_leaf.get(id(leaf))
+            if recv is None:
+                self.ctx.accumulate_grad(leaf, grad)
+                continue
+            slots = self._recv_grads[recv.message_id]
+            i = next(i for i, t in enumerate(recv.tensors) if t is leaf)
+            slots[i] = grad if slots[i] is None else slots[i] + grad  # type: ignore[operator]
+        self._advance()
+
+    def _answer_ready_recvs(self) -> None:
+        for mid, recv in self._recvs.items():
+            if mid in self._answered:
+                continue
+            keys = set().union(*(self._deps.get(id(t), set()) for t in recv.tensors))
+            if all(k in self._ran for k in keys):
+                self._answered.add(mid)
+                grads = self._recv_grads.pop(mid)
+                self.io.propagate(recv, grads if any(g is not None for g in grads) else None)
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.io.finished(self.error)
