@@ -12,6 +12,7 @@ from .api import (
     get_worker_info,
     init_rpc,
     register,
+    remote,
     rpc_async,
     rpc_sync,
     run,
@@ -27,6 +28,7 @@ from .errors import (
     RpcTimeoutError,
 )
 from .options import RpcOptions, WorkerInfo
+from .rref import RRef
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "RemoteError",
     "RpcError",
     "RpcOptions",
+    "RRef",
     "RpcTimeoutError",
     "WorkerInfo",
     "dist_autograd",
@@ -44,6 +47,7 @@ __all__ = [
     "get_worker_info",
     "init_rpc",
     "register",
+    "remote",
     "rpc_async",
     "rpc_sync",
     "run",

@@ -27,6 +27,7 @@ distributed autograd) are registered in ``handlers`` by their layers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
 import inspect
@@ -37,7 +38,7 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -163,14 +164,20 @@ class RpcAgent:
         )
         self._inflight = 0
         self._running = False
+        # Frames from peers that finished the rendezvous before we did: replayed
+        # once every worker is known.
+        self._early: list[tuple[Connection, Frame]] | None = []
         self.handlers: dict[type[Message], Handler] = {PythonCall: self._run_call}
         # Hooks of the distributed-autograd layer: wrap outgoing requests, unwrap
         # responses by type (the int is the peer's worker id).
         self.request_wrapper: RequestWrapper | None = None
         self.response_unwrappers: dict[type[Message], ResponseUnwrapper] = {}
         self.debug_counters: dict[str, Callable[[], int]] = {}
-        # Services installed on this agent by the layers above (autograd, rrefs).
+        # Services installed on this agent by the layers above (autograd, rrefs),
+        # what they need to be idle before shutdown, and what to do first then.
         self.extensions: dict[str, Any] = {}
+        self.idle_checks: list[Callable[[], bool]] = []
+        self.before_shutdown: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -182,8 +189,11 @@ class RpcAgent:
         world_size: int | None,
         init_method: str,
         options: RpcOptions,
+        services: Sequence[Callable[[RpcAgent], object]] = (),
     ) -> RpcAgent:
         """Listen, rendezvous with the group and return the running agent.
+
+        ``services`` install their handlers on the agent before it listens.
 
         Raises:
             ValueError: bad arguments, or a worker name used twice in the group.
@@ -193,6 +203,8 @@ class RpcAgent:
             raise ValueError("a worker name must be a non-empty string")
         rdv = await Rendezvous.join(init_method, rank, world_size, options.rendezvous_timeout)
         self = cls(name, options, rdv)
+        for install in services:
+            install(self)
         try:
             await self._listen_and_exchange()
         except BaseException:
@@ -226,6 +238,10 @@ class RpcAgent:
             info = WorkerInfo(addr.name, addr.rank)
             self._peers[addr.rank] = _Peer(info, addr)
             self._by_name[addr.name] = info
+        early, self._early = self._early or [], None
+        for conn, frame in early:
+            if not conn.closed:
+                self._on_frame(conn, frame)
 
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop the agent; see ``aiorpc_autograd.shutdown``."""
@@ -236,6 +252,8 @@ class RpcAgent:
         deadline = time.monotonic() + timeout
         timed_out: str | None = None
         if graceful:
+            for hook in self.before_shutdown:
+                hook()
             try:
                 await self._wait_idle(deadline)
                 await self._rdv.barrier("shutdown", max(deadline - time.monotonic(), 0.001))
@@ -249,7 +267,7 @@ class RpcAgent:
             raise RpcTimeoutError(f"graceful shutdown did not complete in {timeout}s: {timed_out}")
 
     async def _wait_idle(self, deadline: float) -> None:
-        while self._pending or self._inflight:
+        while self._pending or self._inflight or not all(c() for c in self.idle_checks):
             if time.monotonic() >= deadline:
                 raise RpcTimeoutError(
                     f"{len(self._pending)} requests pending, {self._inflight} being served"
@@ -362,6 +380,102 @@ class RpcAgent:
         self._send(to.id, header, buffers)
         return fut
 
+    def on_loop_thread(self) -> bool:
+        """True when called on the thread running the agent's loop."""
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def call_message(self, func: Callable[..., Any] | str, args: Any, kwargs: Any) -> PythonCall:
+        """The request that calls ``func(*args, **kwargs)`` (by name if a str).
+
+        Raises:
+            TypeError: not callable, not encodable, or pickled in safe mode.
+        """
+        allow = self.options.allow_pickle
+        args = tuple(args)
+        kwargs = dict(kwargs or {})
+        if isinstance(func, str):
+            return PythonCall(func, codec.dump_payload((args, kwargs), allow))
+        if not callable(func):
+            raise TypeError(
+                f"func must be callable or a registered name, not {type(func).__name__}"
+            )
+        if not allow:
+            raise TypeError(
+                "safe mode (allow_pickle=False) calls registered functions by name only"
+            )
+        return PythonCall(None, codec.dump_payload((func, args, kwargs), allow))
+
+    def call(
+        self,
+        to: str | int | WorkerInfo,
+        func: Callable[..., Any] | str,
+        args: Any = (),
+        kwargs: Any = None,
+        timeout: float | None = None,
+    ) -> asyncio.Future[Any]:
+        """Send a call; the future resolves to its result. Loop thread only.
+
+        Raises:
+            RuntimeError: called off the agent's loop.
+        """
+        if not self.on_loop_thread():
+            raise RuntimeError(
+                "rpc_async must be called on the RPC agent's event loop; use rpc_sync"
+            )
+        info = self.worker_info(to)
+        return self.request(info, self.call_message(func, args, kwargs), timeout)
+
+    def blocking(self, start: Callable[[], asyncio.Future[T]]) -> T:
+        """From a thread other than the loop's: run ``start`` on the loop (in a
+        copy of this thread's contextvars, so an autograd context travels) and
+        block until the future it returns is done.
+
+        Raises:
+            RuntimeError: called on the loop thread (it would deadlock).
+        """
+        if self.on_loop_thread():
+            raise RuntimeError(
+                "this call would block the event loop it needs: use its async form here"
+            )
+        ctx = contextvars.copy_context()
+        cfut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut = ctx.run(start)
+            except BaseException as exc:
+                cfut.set_exception(exc)
+                return
+
+            def done(f: asyncio.Future[T]) -> None:
+                if f.cancelled():
+                    cfut.cancel()
+                elif f.exception() is not None:
+                    cfut.set_exception(f.exception())  # type: ignore[arg-type]
+                else:
+                    cfut.set_result(f.result())
+
+            fut.add_done_callback(done)
+
+        self.loop.call_soon_threadsafe(run)
+        return cfut.result()
+
+    def on_loop(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the loop thread (directly if already there) and return
+        its result; from another thread this blocks until it ran."""
+        if self.on_loop_thread():
+            return fn()
+
+        def start() -> asyncio.Future[T]:
+            fut: asyncio.Future[T] = self.loop.create_future()
+            fut.set_result(fn())
+            return fut
+
+        return self.blocking(start)
+
     def decode_result(self, message: Message) -> Any:
         """The default response decoder: the value of a ``PythonRet``."""
         if isinstance(message, PythonRet):
@@ -430,6 +544,9 @@ class RpcAgent:
         return conn
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
+        if self._early is not None:
+            self._early.append((conn, frame))
+            return
         try:
             rid, message = codec.decode(frame)
         except ProtocolError as exc:

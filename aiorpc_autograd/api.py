@@ -6,18 +6,15 @@ Thin by design: each finds this process's agent and delegates to it.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import contextvars
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar, overload
 
-from . import codec
 from .agent import RpcAgent, register_function
 from .autograd_service import AutogradService
-from .codec import PythonCall
 from .errors import RpcError
 from .options import RpcOptions, WorkerInfo
+from .rref import RRef, RRefService
 from .transport import new_event_loop
 
 __all__ = [
@@ -26,6 +23,7 @@ __all__ = [
     "get_worker_info",
     "init_rpc",
     "register",
+    "remote",
     "rpc_async",
     "rpc_sync",
     "run",
@@ -89,9 +87,13 @@ async def init_rpc(
     if _agent is not None and _agent.running:
         raise RuntimeError("RPC is already initialised in this process")
     agent = await RpcAgent.start(
-        name, rank, world_size, init_method or "env://", options or RpcOptions()
+        name,
+        rank,
+        world_size,
+        init_method or "env://",
+        options or RpcOptions(),
+        services=(AutogradService.install, RRefService.install),
     )
-    AutogradService.install(agent)
     _agent = agent
     return agent.info
 
@@ -151,9 +153,7 @@ def get_worker_info(name: str | None = None) -> WorkerInfo:
 def get_debug_info() -> dict[str, int]:
     """This worker's counters: ``num_pending_requests`` (calls awaiting a reply),
     ``num_owner_rrefs``, ``num_user_rrefs``, ``num_connections`` and more."""
-    info = {"num_owner_rrefs": 0, "num_user_rrefs": 0}
-    info.update(current_agent().debug_info())
-    return info
+    return current_agent().debug_info()
 
 
 @overload
@@ -175,27 +175,6 @@ def register(func: F | None = None, *, name: str | None = None) -> F | Callable[
         return f
 
     return deco(func) if func is not None else deco
-
-
-def _call_message(
-    func: Callable[..., Any] | str, args: Any, kwargs: Any, allow: bool
-) -> PythonCall:
-    args = tuple(args)
-    kwargs = dict(kwargs or {})
-    if isinstance(func, str):
-        return PythonCall(func, codec.dump_payload((args, kwargs), allow))
-    if not callable(func):
-        raise TypeError(f"func must be callable or a registered name, not {type(func).__name__}")
-    if not allow:
-        raise TypeError("safe mode (allow_pickle=False) calls registered functions by name only")
-    return PythonCall(None, codec.dump_payload((func, args, kwargs), allow))
-
-
-def _on_loop_thread(agent: RpcAgent) -> bool:
-    try:
-        return asyncio.get_running_loop() is agent.loop
-    except RuntimeError:
-        return False
 
 
 def rpc_async(
@@ -225,12 +204,7 @@ def rpc_async(
     The future raises :class:`RemoteError` (the callee raised),
     :class:`RpcTimeoutError` or :class:`ConnectionLostError`.
     """
-    agent = current_agent()
-    if not _on_loop_thread(agent):
-        raise RuntimeError("rpc_async must be called on the RPC agent's event loop; use rpc_sync")
-    info = agent.worker_info(to)
-    message = _call_message(func, args, kwargs, agent.options.allow_pickle)
-    return agent.request(info, message, timeout)
+    return current_agent().call(to, func, args, kwargs, timeout)
 
 
 def rpc_sync(
@@ -241,38 +215,31 @@ def rpc_sync(
     timeout: float | None = None,
 ) -> T:
     """The blocking form of :func:`rpc_async`, for code off the event loop
-    (a plain remote function, another thread).
+    (a plain remote function, another thread). The caller's contextvars (its
+    autograd context) travel with the call.
 
     Raises:
         RuntimeError: called on the agent's loop thread (it would deadlock).
     """
     agent = current_agent()
-    if _on_loop_thread(agent):
-        raise RuntimeError(
-            "rpc_sync would block the event loop it needs: use `await rpc_async(...)` here"
-        )
+    result: T = agent.blocking(lambda: agent.call(to, func, args, kwargs, timeout))
+    return result
 
-    # The call runs on the loop in a copy of this thread's context, so an
-    # autograd context set here (a remote function's) travels with it.
-    ctx = contextvars.copy_context()
-    cfut: concurrent.futures.Future[T] = concurrent.futures.Future()
 
-    def start() -> None:
-        try:
-            fut = ctx.run(rpc_async, to, func, args, kwargs, timeout)
-        except BaseException as exc:
-            cfut.set_exception(exc)
-            return
+def remote(
+    to: WorkerRef,
+    func: Callable[..., T] | str,
+    args: tuple[Any, ...] | list[Any] = (),
+    kwargs: dict[str, Any] | None = None,
+    timeout: float | None = None,
+) -> RRef[T]:
+    """Run ``func(*args, **kwargs)`` on ``to``, which owns the result; returns
+    an :class:`RRef` to it at once.
 
-        def done(f: asyncio.Future[T]) -> None:
-            if f.cancelled():
-                cfut.cancel()
-            elif f.exception() is not None:
-                cfut.set_exception(f.exception())  # type: ignore[arg-type]
-            else:
-                cfut.set_result(f.result())
-
-        fut.add_done_callback(done)
-
-    agent.loop.call_soon_threadsafe(start)
-    return cfut.result()
+    Errors creating the value surface at its next use (``to_here``, proxies)
+    as :class:`RemoteError`, a creation timeout as :class:`RpcTimeoutError`.
+    """
+    agent = current_agent()
+    service = RRefService.current()
+    info = agent.worker_info(to)
+    return agent.on_loop(lambda: service.remote(info, func, args, kwargs, timeout))

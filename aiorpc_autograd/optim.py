@@ -1,0 +1,97 @@
+"""``DistributedOptimizer``: one local optimizer per parameter owner.
+
+``from aiorpc_autograd.optim import DistributedOptimizer``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .api import current_agent, remote, rpc_async
+from .dist_autograd import get_gradients
+from .options import WorkerInfo
+from .rref import RRef
+
+__all__ = ["DistributedOptimizer"]
+
+
+class _LocalOptimizer:
+    """Lives on a parameter owner: steps its parameters with a context's grads.
+
+    Steps of one instance are serialised by a lock (they run in the owner's
+    thread pool, possibly concurrently).
+    """
+
+    def __init__(
+        self,
+        optimizer_class: type[torch.optim.Optimizer],
+        params: Sequence[RRef[torch.Tensor]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.params = [p.local_value() for p in params]
+        self.optim = optimizer_class(self.params, *args, **kwargs)
+        self.lock = threading.Lock()
+
+    def step(self, context_id: int) -> None:
+        grads = get_gradients(context_id)
+        with self.lock:
+            # Parameters without a gradient in this context get none, so the
+            # optimizer leaves them alone (a stale .grad must not be reapplied).
+            for p in self.params:
+                p.grad = grads.get(p)
+            self.optim.step()
+
+
+def _step(local: RRef[_LocalOptimizer], context_id: int) -> None:
+    local.local_value().step(context_id)
+
+
+class DistributedOptimizer:
+    """Steps parameters spread over workers with their gradients in a context.
+
+    Returns at once: the per-owner optimizers are created in the background
+    (``rpc.remote``), at the latest before the first step completes.
+
+    Args:
+        optimizer_class: a ``torch.optim.Optimizer`` subclass.
+        params_rref: RRefs to the parameters (on any workers).
+        *args: passed on to each ``optimizer_class(local_params, *args, **kwargs)``.
+        **kwargs: likewise.
+    """
+
+    def __init__(
+        self,
+        optimizer_class: type[torch.optim.Optimizer],
+        params_rref: Iterable[RRef[torch.Tensor]],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        by_owner: dict[WorkerInfo, list[RRef[torch.Tensor]]] = {}
+        for p in params_rref:
+            by_owner.setdefault(p.owner(), []).append(p)
+        self._agent = current_agent()
+        self._optimizers: dict[WorkerInfo, RRef[_LocalOptimizer]] = {
+            owner: remote(owner, _LocalOptimizer, (optimizer_class, params, args, kwargs))
+            for owner, params in by_owner.items()
+        }
+
+    async def step(self, context_id: int) -> None:
+        """Step every owner's optimizer with that context's gradients,
+        concurrently; steps on one owner are serialised.
+
+        Raises:
+            RemoteError: an owner failed (raised after all owners finished).
+        """
+        steps = [
+            rpc_async(owner, _step, (opt, context_id)) for owner, opt in self._optimizers.items()
+        ]
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
