@@ -30,11 +30,13 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import hmac
 import inspect
 import itertools
 import logging
 import os
 import socket
+import ssl
 import time
 import traceback
 import uuid
@@ -44,8 +46,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from . import codec
-from .codec import ExceptionMsg, Hello, Message, Payload, PythonCall, PythonRet
+from .codec import (
+    ExceptionMsg,
+    Heartbeat,
+    Hello,
+    Message,
+    Payload,
+    PythonCall,
+    PythonRet,
+    RRefAck,
+)
 from .errors import (
+    AuthenticationError,
     ConnectionLostError,
     ProtocolError,
     RemoteError,
@@ -53,6 +65,7 @@ from .errors import (
     RpcTimeoutError,
     remote_error,
 )
+from .handshake import token_proof
 from .options import RpcOptions, WorkerInfo
 from .rendezvous import Address, Rendezvous
 from .transport import Connection, connect, serve_tcp, serve_unix
@@ -68,6 +81,8 @@ ResponseDecoder = Callable[[Message], Any]
 # awaitable failing) answers with the error.
 Handler = Callable[[Message], "Message | Awaitable[Message]"]
 RequestWrapper = Callable[[WorkerInfo, Message], Message]
+# (action, delay) for an outgoing message, or None: see aiorpc_autograd.testing.
+FaultHook = Callable[[Message], "tuple[str, float] | None"]
 ResponseUnwrapper = Callable[[int, Message], Message]
 
 # Functions callable by name (rpc.register); process-wide like Python imports.
@@ -167,7 +182,14 @@ class RpcAgent:
         # Frames from peers that finished the rendezvous before we did: replayed
         # once every worker is known.
         self._early: list[tuple[Connection, Frame]] | None = []
-        self.handlers: dict[type[Message], Handler] = {PythonCall: self._run_call}
+        self.handlers: dict[type[Message], Handler] = {
+            PythonCall: self._run_call,
+            Heartbeat: lambda m: RRefAck(),
+        }
+        # Tests: decides per outgoing message whether to drop, delay, fail it
+        # or drop its connection (aiorpc_autograd.testing).
+        self.fault_injector: FaultHook | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         # Hooks of the distributed-autograd layer: wrap outgoing requests, unwrap
         # responses by type (the int is the peer's worker id).
         self.request_wrapper: RequestWrapper | None = None
@@ -211,24 +233,63 @@ class RpcAgent:
             await self._close(RpcError("initialisation failed"))
             raise
         self._running = True
+        if options.heartbeat_interval > 0:
+            self._heartbeat = self.loop.create_task(self._heartbeat_loop())
         return self
+
+    @property
+    def _use_unix(self) -> bool:
+        # With TLS on, every link is TLS over TCP, also on one host.
+        opts = self.options
+        return opts.use_unix_sockets and opts.ssl is None and hasattr(socket, "AF_UNIX")
+
+    @property
+    def _client_ssl(self) -> ssl.SSLContext | None:
+        return self.options.ssl_client or self.options.ssl
 
     async def _listen_and_exchange(self) -> None:
         opts = self.options
+        if (
+            opts.allow_pickle
+            and not opts.auth_token
+            and opts.listen_host not in ("127.0.0.1", "::1", "localhost")
+        ):
+            log.warning(
+                "worker %r listens on %s with pickle allowed and no auth_token: any peer "
+                "that reaches this port can run code here; set auth_token (or "
+                "AIORPC_AUTH_TOKEN), ssl, or allow_pickle=False",
+                self.info.name,
+                opts.listen_host,
+            )
         server, port = await serve_tcp(self._accept, opts.listen_host, 0, ssl=opts.ssl)
         self._servers.append(server)
         unix_path = ""
-        if opts.use_unix_sockets and hasattr(socket, "AF_UNIX"):
+        if self._use_unix:
             unix_path = f"\0aiorpc-{uuid.uuid4().hex}"
             self._servers.append(await serve_unix(self._accept, unix_path))
         host = opts.listen_host
         if host in ("", "0.0.0.0", "::"):
             host = socket.gethostname()
-        me = Address(self.info.name, self.info.id, host, port, unix_path, _host_id())
+        group = self._rdv.prefix
+        token = opts.auth_token
+        proof = token_proof(token, group, self.info.id) if token else b""
+        me = Address(self.info.name, self.info.id, host, port, unix_path, _host_id(), proof)
         addresses = await self._rdv.exchange(me)
-        self._group = self._rdv.prefix
+        self._group = group
         seen: dict[str, int] = {}
         for addr in addresses:
+            if token and not hmac.compare_digest(
+                addr.token_proof, token_proof(token, group, addr.rank)
+            ):
+                raise AuthenticationError(
+                    f"worker {addr.name!r} (rank {addr.rank}) does not hold this worker's "
+                    "auth_token: check the token given to each worker"
+                )
+            if not token and addr.token_proof:
+                raise AuthenticationError(
+                    f"worker {addr.name!r} (rank {addr.rank}) uses an auth_token "
+                    "and this worker has none"
+                )
             if addr.name in seen:
                 raise ValueError(
                     f"worker name {addr.name!r} is used by both rank {seen[addr.name]} "
@@ -276,6 +337,8 @@ class RpcAgent:
 
     async def _close(self, error: RpcError) -> None:
         self._running = False
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         for server in self._servers:
             server.close()
         for peer in self._peers.values():
@@ -377,8 +440,34 @@ class RpcAgent:
         if timeout > 0:
             pending.timer = self.loop.call_later(timeout, self._expire, rid, timeout, to)
         self._pending[rid] = pending
+        if self.fault_injector is not None and self._inject(to.id, message, header, buffers, rid):
+            return fut
         self._send(to.id, header, buffers)
         return fut
+
+    def _inject(
+        self, peer_id: int, message: Message, header: bytes, buffers: list[memoryview], rid: int
+    ) -> bool:
+        """Apply an injected fault to an outgoing request; True if it was handled."""
+        assert self.fault_injector is not None
+        fault = self.fault_injector(message)
+        if fault is None:
+            return False
+        action, delay = fault
+        if action == "drop":
+            return True
+        if action == "delay":
+            self.loop.call_later(delay, self._send, peer_id, header, buffers)
+            return True
+        if action == "fail":
+            self._fail_pending(lambda p: p is self._pending.get(rid), RpcError("injected failure"))
+            return True
+        if action == "disconnect":
+            conn = self._peers[peer_id].conn
+            if conn is not None:
+                conn.abort(ConnectionLostError("injected disconnect"))
+            return False  # the request goes out on a new connection
+        raise ValueError(f"unknown fault action {action!r}")
 
     def on_loop_thread(self) -> bool:
         """True when called on the thread running the agent's loop."""
@@ -495,19 +584,21 @@ class RpcAgent:
     async def _connect(self, peer: _Peer) -> None:
         addr = peer.address
         try:
-            if addr.unix_path and self.options.use_unix_sockets and addr.host_id == _host_id():
-                conn = await connect(self._make_connection, path=addr.unix_path)
+            if addr.unix_path and self._use_unix and addr.host_id == _host_id():
+                conn = await connect(self._make_client, path=addr.unix_path)
             else:
                 conn = await connect(
-                    self._make_connection, host=addr.host, port=addr.port, ssl=self.options.ssl
+                    self._make_client, host=addr.host, port=addr.port, ssl=self._client_ssl
                 )
-        except (OSError, ConnectionLostError) as exc:
+        except (OSError, ConnectionLostError, AuthenticationError) as exc:
             peer.connecting = None
             peer.queue.clear()
-            self._fail_pending(
-                lambda p: p.peer == peer.info.id,
-                ConnectionLostError(f"cannot connect to worker {peer.info.name!r}: {exc}"),
+            error: RpcError = (
+                exc
+                if isinstance(exc, AuthenticationError)
+                else ConnectionLostError(f"cannot connect to worker {peer.info.name!r}: {exc}")
             )
+            self._fail_pending(lambda p: p.peer == peer.info.id, error)
             return
         conn.peer = peer.info
         hello, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
@@ -527,7 +618,24 @@ class RpcAgent:
             header, buffers = codec.encode(message, rid)
         except Exception as exc:  # the result cannot travel: say so instead
             header, buffers = codec.encode(exception_message(self.info.name, exc), rid)
+        if self.fault_injector is not None:
+            fault = self.fault_injector(message)
+            if fault is not None:
+                action, delay = fault
+                if action in ("drop", "fail"):
+                    return
+                if action == "disconnect":
+                    conn.abort(ConnectionLostError("injected disconnect"))
+                    return
+                if action == "delay":
+                    self.loop.call_later(delay, self._send_on, conn, header, buffers)
+                    return
         conn.send(header, buffers)
+
+    @staticmethod
+    def _send_on(conn: Connection, header: bytes, buffers: list[memoryview]) -> None:
+        if not conn.closed:
+            conn.send(header, buffers)
 
     def reply_error(self, conn: Connection, rid: int, exc: BaseException) -> None:
         """Send ``exc`` as the failure of request ``rid``."""
@@ -535,11 +643,13 @@ class RpcAgent:
 
     # ------------------------------------------------------------------ receiving
 
-    def _make_connection(self) -> Connection:
-        return Connection(self._limits, self._on_frame, self._on_lost)
+    def _make_client(self) -> Connection:
+        token = self.options.auth_token
+        return Connection(self._limits, self._on_frame, self._on_lost, token, client=True)
 
     def _accept(self) -> Connection:
-        conn = self._make_connection()
+        token = self.options.auth_token
+        conn = Connection(self._limits, self._on_frame, self._on_lost, token, client=False)
         self._incoming.add(conn)
         return conn
 
@@ -630,6 +740,29 @@ class RpcAgent:
                 lambda p: p.peer == info.id,
                 ConnectionLostError(f"lost the connection to worker {info.name!r}{reason}"),
             )
+
+    async def _heartbeat_loop(self) -> None:
+        """Probe peers that owe us answers; drop those silent for too long."""
+        interval = self.options.heartbeat_interval
+        limit = self.options.heartbeat_timeout
+        probe, _ = codec.encode(Heartbeat(), 0)  # id 0: the ack matches nothing
+        while True:
+            await asyncio.sleep(min(interval, limit / 2))
+            now = time.monotonic()
+            for peer_id in {p.peer for p in self._pending.values()}:
+                conn = self._peers[peer_id].conn
+                if conn is None or conn.closed:
+                    continue
+                silent = now - conn.last_received
+                if silent > limit:
+                    conn.abort(
+                        ConnectionLostError(
+                            f"worker {conn.peer_label!r} sent nothing for {silent:.1f}s "
+                            f"(heartbeat_timeout={limit}s)"
+                        )
+                    )
+                elif silent >= interval:
+                    conn.send(probe, [])
 
     def _expire(self, rid: int, timeout: float, to: WorkerInfo) -> None:
         pending = self._pending.pop(rid, None)

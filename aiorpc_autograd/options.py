@@ -34,10 +34,18 @@ class RpcOptions:
             tensors on accelerators are sent to a peer.
         auth_token: shared secret; peers that cannot prove they hold it are
             refused. Defaults to the ``AIORPC_AUTH_TOKEN`` environment variable.
-        ssl: an ``ssl.SSLContext`` used for TCP links, or None.
+        ssl: an ``ssl.SSLContext`` for TCP links (the listening side's, and the
+            connecting side's too unless ``ssl_client`` is set), or None. With
+            TLS on, workers on one host also talk over TLS/TCP, not Unix sockets.
+        ssl_client: the ``ssl.SSLContext`` for connections this worker opens.
         max_message_size: largest frame (header and tensor data) accepted, in bytes.
         max_header_size: largest msgpack header accepted, in bytes.
         max_tensors: most tensors accepted in one message.
+        heartbeat_interval: seconds between liveness probes on a connection
+            with calls in flight; 0 disables them.
+        heartbeat_timeout: a peer silent this long while calls to it are in
+            flight is considered dead: its connection is dropped and those
+            calls fail with ``ConnectionLostError``.
         listen_host: address the TCP listener binds to.
         use_unix_sockets: connect to workers on the same host over Unix sockets.
         allow_pickle: if False (safe mode), only registered functions can be
@@ -50,6 +58,9 @@ class RpcOptions:
     device_maps: dict[str, dict[str, str]] = field(default_factory=dict)
     auth_token: str | None = field(default_factory=lambda: os.environ.get("AIORPC_AUTH_TOKEN"))
     ssl: _ssl.SSLContext | None = None
+    ssl_client: _ssl.SSLContext | None = None
+    heartbeat_interval: float = 2.0
+    heartbeat_timeout: float = 10.0
     max_message_size: int = 4 << 30
     max_header_size: int = 64 << 20
     max_tensors: int = 65536
@@ -68,5 +79,11 @@ class RpcOptions:
                 raise ValueError(f"{name} must be positive")
         if self.rendezvous_timeout <= 0:
             raise ValueError("rendezvous_timeout must be positive")
-        if self.ssl is not None and not isinstance(self.ssl, _ssl.SSLContext):
-            raise TypeError("ssl must be an ssl.SSLContext or None")
+        for name in ("ssl", "ssl_client"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, _ssl.SSLContext):
+                raise TypeError(f"{name} must be an ssl.SSLContext or None")
+        if self.heartbeat_interval < 0 or self.heartbeat_timeout <= 0:
+            raise ValueError("heartbeat_interval must be >= 0 and heartbeat_timeout > 0")
+        if self.auth_token is not None and not self.auth_token:
+            raise ValueError("auth_token must be a non-empty string or None")

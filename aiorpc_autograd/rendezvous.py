@@ -38,16 +38,25 @@ class Address:
     port: int
     unix_path: str
     host_id: str
+    token_proof: bytes = b""  # handshake.token_proof, when the group has a token
 
     def pack(self) -> bytes:
         return msgpack.packb(  # type: ignore[no-any-return]
-            [self.name, self.rank, self.host, self.port, self.unix_path, self.host_id]
+            [
+                self.name,
+                self.rank,
+                self.host,
+                self.port,
+                self.unix_path,
+                self.host_id,
+                self.token_proof,
+            ]
         )
 
     @classmethod
     def unpack(cls, data: bytes) -> Address:
-        name, rank, host, port, unix_path, host_id = msgpack.unpackb(data)
-        return cls(name, rank, host, port, unix_path, host_id)
+        name, rank, host, port, unix_path, host_id, proof = msgpack.unpackb(data)
+        return cls(name, rank, host, port, unix_path, host_id, proof)
 
 
 class Rendezvous:

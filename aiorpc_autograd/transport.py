@@ -16,10 +16,12 @@ import asyncio
 import logging
 import socket
 import ssl as _ssl
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from .errors import ConnectionLostError, ProtocolError
+from .errors import AuthenticationError, ConnectionLostError, ProtocolError
+from .handshake import ClientHandshake, ServerHandshake
 from .wire import Frame, FrameReader, Limits, encode_frame
 
 __all__ = ["Connection", "connect", "new_event_loop", "serve_tcp", "serve_unix"]
@@ -52,10 +54,24 @@ class Connection(asyncio.BufferedProtocol):
         on_frame: called on the loop with each complete frame, in order.
         on_lost: called once when the connection is closed or lost, with the
             error (None on a clean close).
+        auth_token: run the mutual challenge-response of
+            :mod:`~aiorpc_autograd.handshake` first, as ``client`` or server.
+        client: this side opened the connection.
     """
 
-    def __init__(self, limits: Limits, on_frame: FrameHandler, on_lost: LostHandler) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        on_frame: FrameHandler,
+        on_lost: LostHandler,
+        auth_token: str | None = None,
+        client: bool = False,
+    ) -> None:
         self._reader = FrameReader(limits, direct_threshold=_DIRECT_THRESHOLD)
+        self._handshake: ClientHandshake | ServerHandshake | None = None
+        if auth_token:
+            self._handshake = ClientHandshake(auth_token) if client else ServerHandshake(auth_token)
+        self._hs_buf = bytearray(4096)
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._transport: asyncio.Transport | None = None
@@ -64,7 +80,10 @@ class Connection(asyncio.BufferedProtocol):
         self._closed = False
         self._error: BaseException | None = None
         self.peer: Any = None  # set by the owner once the peer is known
+        # Done once connected and (with a token) mutually authenticated.
         self.made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.made.add_done_callback(_retrieved)  # accepted connections never await it
+        self.last_received = 0.0
 
     # -- asyncio.BaseProtocol ------------------------------------------------
 
@@ -74,8 +93,18 @@ class Connection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self.made.done():
+        self.last_received = time.monotonic()
+        if self._handshake is None:
             self.made.set_result(None)
+        else:
+            self._flush_handshake()
+
+    def _flush_handshake(self) -> None:
+        hs = self._handshake
+        assert hs is not None and self._transport is not None
+        if hs.outgoing:
+            self._transport.write(bytes(hs.outgoing))
+            hs.outgoing.clear()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -85,7 +114,11 @@ class Connection(asyncio.BufferedProtocol):
                 waiter.set_exception(ConnectionLostError("connection closed"))
         self._drain_waiters.clear()
         if not self.made.done():
-            self.made.set_exception(ConnectionLostError("connection closed"))
+            self.made.set_exception(
+                error
+                if isinstance(error, AuthenticationError)
+                else ConnectionLostError("connection closed")
+            )
         self._on_lost(self, error)
 
     def pause_writing(self) -> None:
@@ -101,12 +134,18 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol --------------------------------------------
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._handshake is not None:
+            return memoryview(self._hs_buf)
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_received = time.monotonic()
         try:
-            frames = self._reader.buffer_updated(nbytes)
-        except ProtocolError as exc:
+            if self._handshake is not None:
+                frames = self._handshake_received(nbytes)
+            else:
+                frames = self._reader.buffer_updated(nbytes)
+        except (ProtocolError, AuthenticationError) as exc:
             log.warning("dropping connection from %s: %s", self.peer_label, exc)
             self.abort(exc)
             return
@@ -114,6 +153,18 @@ class Connection(asyncio.BufferedProtocol):
             if self._closed:
                 return
             self._on_frame(self, frame)
+
+    def _handshake_received(self, nbytes: int) -> list[Frame]:
+        hs = self._handshake
+        assert hs is not None
+        rest = hs.feed(bytes(self._hs_buf[:nbytes]))
+        self._flush_handshake()
+        if not hs.done:
+            return []
+        self._handshake = None
+        if not self.made.done():
+            self.made.set_result(None)
+        return self._reader.feed(rest) if rest else []
 
     def eof_received(self) -> bool:
         return False  # close the transport
@@ -166,6 +217,11 @@ class Connection(asyncio.BufferedProtocol):
             self._error = error
         if self._transport is not None:
             self._transport.abort()
+
+
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 ProtocolFactory = Callable[[], Connection]
