@@ -106,6 +106,17 @@ def registered_functions() -> dict[str, Callable[..., Any]]:
     return _REGISTERED
 
 
+def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.set_exception(RpcError("cancelled"))
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
+
+
 def _host_id() -> str:
     """Identifies 'same host and network namespace' (where Unix sockets reach)."""
     try:
@@ -786,7 +797,7 @@ class RpcAgent:
     ) -> None:
         """Answer request ``rid`` with the message ``work`` produces (or its error)."""
         self._inflight += 1
-        fut = asyncio.ensure_future(work, loop=self.loop)
+        fut = work if isinstance(work, asyncio.Future) else asyncio.ensure_future(work)
         fut.add_done_callback(functools.partial(self._served, conn, rid))
 
     def _served(self, conn: Connection, rid: int, fut: asyncio.Future[Message]) -> None:
@@ -843,8 +854,39 @@ class RpcAgent:
             result = await result
         return result
 
-    async def _run_call(self, message: Message) -> Message:
+    def _run_call(self, message: Message) -> Message | Awaitable[Message]:
         assert isinstance(message, PythonCall)
         func, args, kwargs = self.resolve_call(message.target, message.value)
-        result = await self.invoke(func, args, kwargs)
-        return PythonRet(codec.dump_payload(result, self.options.allow_pickle))
+        if inspect.iscoroutinefunction(func):
+            return self._await_call(func(*args, **kwargs))
+        # The hot path: the pool's future, no Task and no coroutine.
+        ctx = contextvars.copy_context()
+        fut = self.loop.run_in_executor(
+            self._executor, functools.partial(ctx.run, func, *args, **kwargs)
+        )
+        result: asyncio.Future[Message] = self.loop.create_future()
+        fut.add_done_callback(functools.partial(self._call_done, result))
+        return result
+
+    async def _await_call(self, awaitable: Awaitable[Any]) -> Message:
+        value = await awaitable
+        if inspect.isawaitable(value):
+            value = await value
+        return PythonRet(codec.dump_payload(value, self.options.allow_pickle))
+
+    def _call_done(self, result: asyncio.Future[Message], fut: asyncio.Future[Any]) -> None:
+        if result.done():
+            return
+        exc = fut.exception() if not fut.cancelled() else RpcError("cancelled")
+        if exc is not None:
+            result.set_exception(exc)
+            return
+        value = fut.result()
+        if inspect.isawaitable(value):  # a plain function returned a coroutine
+            task = self.loop.create_task(self._await_call(value))
+            task.add_done_callback(lambda t: _chain(t, result))
+            return
+        try:
+            result.set_result(PythonRet(codec.dump_payload(value, self.options.allow_pickle)))
+        except Exception as err:
+            result.set_exception(err)

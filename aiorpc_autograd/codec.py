@@ -433,10 +433,16 @@ def _payload_field(p: Payload) -> list[Any]:
     return [int(p.kind), p.data]
 
 
+_KINDS = {int(k): k for k in PayloadKind}  # Enum(...) lookups are slow
+
+
 def _payload_from(value: Any, tensors: list[torch.Tensor | None]) -> Payload:
     if type(value) is not list or len(value) != 2 or type(value[1]) is not bytes:
         raise ProtocolError("malformed payload field")
-    return Payload(PayloadKind(value[0]), value[1], tensors)
+    kind = _KINDS.get(value[0])
+    if kind is None:
+        raise ProtocolError(f"unknown payload kind {value[0]!r}")
+    return Payload(kind, value[1], tensors)
 
 
 class _WithPayload(Message):

@@ -72,6 +72,10 @@ class Connection(asyncio.BufferedProtocol):
         if auth_token:
             self._handshake = ClientHandshake(auth_token) if client else ServerHandshake(auth_token)
         self._hs_buf = bytearray(4096)
+        # Frames sent in one loop iteration go out in one writelines call: one
+        # syscall (and one wake-up of the peer) instead of one per frame.
+        self._outbox: list[bytes | memoryview] = []
+        self._loop = asyncio.get_running_loop()
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._transport: asyncio.Transport | None = None
@@ -193,8 +197,14 @@ class Connection(asyncio.BufferedProtocol):
         """
         if self.closed:
             raise ConnectionLostError(f"connection to {self.peer_label} is closed")
-        assert self._transport is not None
-        self._transport.writelines(encode_frame(header, buffers, flags))
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox += encode_frame(header, buffers, flags)
+
+    def _flush(self) -> None:
+        chunks, self._outbox = self._outbox, []
+        if chunks and self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(chunks)
 
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""
@@ -209,6 +219,7 @@ class Connection(asyncio.BufferedProtocol):
     def close(self) -> None:
         """Close after the buffered writes are flushed."""
         if self._transport is not None and not self._transport.is_closing():
+            self._flush()
             self._transport.close()
 
     def abort(self, error: BaseException | None = None) -> None:
