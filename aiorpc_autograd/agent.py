@@ -669,7 +669,7 @@ class RpcAgent:
             self._early.append((conn, frame))
             return
         try:
-            rid, message = codec.decode(frame)
+            rid, message = codec.decode(frame, self.options.max_tensors)
         except ProtocolError as exc:
             log.warning("dropping connection from %s: %s", conn.peer_label, exc)
             conn.abort(exc)
@@ -713,9 +713,14 @@ class RpcAgent:
             conn.send(header, [])
 
     def _on_response(self, conn: Connection, rid: int, message: Message) -> None:
-        pending = self._pending.pop(rid, None)
+        pending = self._pending.get(rid)
         if pending is None:
-            return  # timed out or cancelled already
+            return  # timed out or cancelled already (or a heartbeat's ack)
+        if not isinstance(conn.peer, WorkerInfo) or conn.peer.id != pending.peer:
+            log.warning("dropping connection from %s: answer to a foreign request", conn.peer_label)
+            conn.abort(ProtocolError("response to a request this peer was not sent"))
+            return
+        del self._pending[rid]
         if pending.timer is not None:
             pending.timer.cancel()
         fut = pending.future
@@ -728,14 +733,13 @@ class RpcAgent:
             except Exception as exc:
                 fut.set_exception(exc)
                 return
-        if isinstance(message, ExceptionMsg):
-            fut.set_exception(
-                remote_error(message.worker, message.type_name, message.message, message.traceback)
-            )
-            return
         try:
-            fut.set_result(pending.decode(message))
-        except Exception as exc:
+            if isinstance(message, ExceptionMsg):
+                m = message
+                fut.set_exception(remote_error(m.worker, m.type_name, m.message, m.traceback))
+            else:
+                fut.set_result(pending.decode(message))
+        except Exception as exc:  # the future resolves whatever happens
             fut.set_exception(exc)
 
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:

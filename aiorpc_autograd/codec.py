@@ -185,14 +185,19 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, tensors: Sequence[torch.Tensor | None]) -> None:
         super().__init__(file)
         self._tensors = tensors
+        self._parameters: dict[int, torch.nn.Parameter] = {}
 
     def persistent_load(self, pid: Any) -> Any:
         if type(pid) is int:
             return self._tensors[pid]
         if type(pid) is tuple and pid and pid[0] == "P":
-            t = self._tensors[pid[1]]
-            assert t is not None
-            return torch.nn.Parameter(t, requires_grad=t.requires_grad)
+            index = pid[1]
+            param = self._parameters.get(index)
+            if param is None:  # one Parameter per tensor, however often it appears
+                t = self._tensors[index]
+                assert t is not None
+                param = self._parameters[index] = torch.nn.Parameter(t, t.requires_grad)
+            return param
         if type(pid) is tuple and pid and pid[0] in _persistent_loaders:
             return _persistent_loaders[pid[0]](pid)
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
@@ -305,10 +310,12 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    if not t.is_contiguous():
-        t = t.contiguous()
+    flat = t.reshape(-1)
+    if (flat.numel() > 1 and not flat.is_contiguous()) or flat.stride(0) != 1:
+        # Not dense, or a 0/1-element view torch calls contiguous with stride != 1.
+        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
     # numpy() shares memory and keeps the tensor alive for as long as the view.
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _encode_tensors(
@@ -325,9 +332,13 @@ def _encode_tensors(
     return table, buffers
 
 
-def _decode_tensors(table: Any, buffers: list[memoryview]) -> list[torch.Tensor | None]:
+def _decode_tensors(
+    table: Any, buffers: list[memoryview], max_tensors: int
+) -> list[torch.Tensor | None]:
     if type(table) is not list:
         raise ProtocolError("tensor table is not a list")
+    if len(table) > max_tensors:
+        raise ProtocolError(f"{len(table)} tensors exceed the limit of {max_tensors}")
     out: list[torch.Tensor | None] = []
     for desc in table:
         if desc is None:
@@ -517,6 +528,8 @@ class PythonRemoteCall(Message):
     @classmethod
     def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
         target, value, rref_id, fork_id = values
+        if target is not None and type(target) is not str:
+            raise ProtocolError("call target must be a string or nil")
         return cls(target, _payload_from(value, tensors), _id_pair(rref_id), _id_pair(fork_id))
 
 
@@ -624,7 +637,9 @@ class _AutogradWrapper(Message):
         from_worker, context_id, message_id, device_map, wtype, wfields = values
         if not (type(from_worker) is int and type(context_id) is int and type(message_id) is int):
             raise ProtocolError("malformed autograd metadata")
-        if type(device_map) is not dict:
+        if type(device_map) is not dict or not all(
+            type(k) is str and type(v) is str for k, v in device_map.items()
+        ):
             raise ProtocolError("malformed device map")
         wrapped = _build(wtype, wfields, tensors)
         if isinstance(wrapped, _AutogradWrapper):
@@ -683,6 +698,8 @@ class PropagateGradientsReq(Message):
         context_id, message_id, retain_graph, from_worker, pass_id = values
         if not all(type(v) is int for v in (context_id, message_id, from_worker, pass_id)):
             raise ProtocolError("malformed PropagateGradientsReq")
+        if type(retain_graph) is not bool:
+            raise ProtocolError("PropagateGradientsReq.retain_graph has the wrong type")
         return cls(
             context_id,
             message_id,
@@ -740,6 +757,8 @@ class RunWithProfilingReq(Message):
     @classmethod
     def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
         profiling_id, config, wtype, wfields = values
+        if type(config) is not dict:
+            raise ProtocolError("RunWithProfilingReq.config has the wrong type")
         return cls(_id_pair(profiling_id), config, _build(wtype, wfields, tensors))
 
 
@@ -764,6 +783,8 @@ class RunWithProfilingResp(Message):
     @classmethod
     def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
         profiling_id, events, wtype, wfields = values
+        if type(events) is not list:
+            raise ProtocolError("RunWithProfilingResp.events has the wrong type")
         return cls(_id_pair(profiling_id), events, _build(wtype, wfields, tensors))
 
 
@@ -877,9 +898,9 @@ def encode(message: Message, request_id: int = 0) -> tuple[bytes, list[memoryvie
     return header, buffers
 
 
-def decode(frame: Frame) -> tuple[int, Message]:
+def decode(frame: Frame, max_tensors: int = 65536) -> tuple[int, Message]:
     """Decode a frame into (request_id, message). Tensors are built on the
-    frame's buffers without a copy.
+    frame's buffers without a copy; at most ``max_tensors`` of them.
 
     Raises:
         ProtocolError: the frame is not a well-formed message.
@@ -893,8 +914,13 @@ def decode(frame: Frame) -> tuple[int, Message]:
     mtype, request_id, table = header[0], header[1], header[2]
     if type(request_id) is not int or request_id < 0:
         raise ProtocolError("bad request id")
-    tensors = _decode_tensors(table, frame.buffers)
-    return request_id, _build(mtype, header[3:], tensors)
+    try:
+        tensors = _decode_tensors(table, frame.buffers, max_tensors)
+        return request_id, _build(mtype, header[3:], tensors)
+    except ProtocolError:
+        raise
+    except (Exception, RecursionError) as exc:  # only ProtocolError leaves the decoder
+        raise ProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from exc
 
 
 def _build(mtype: Any, values: Any, tensors: list[torch.Tensor | None]) -> Message:

@@ -23,6 +23,7 @@ are rebuilt on the caller by :func:`remote_error`.
 from __future__ import annotations
 
 import builtins
+from typing import cast
 
 __all__ = [
     "AuthenticationError",
@@ -72,7 +73,9 @@ class RemoteError(RpcError):
         self.type_name = type_name
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
-        super().__init__(worker, type_name, remote_message, remote_traceback)
+        # Not super(): a mixed-in built-in (UnicodeDecodeError...) has its own
+        # constructor signature.
+        BaseException.__init__(self, worker, type_name, remote_message, remote_traceback)
 
     def __str__(self) -> str:
         text = f"{self.type_name} on worker {self.worker!r}: {self.remote_message}"
@@ -123,15 +126,16 @@ def remote_error(
         subclass of both :class:`RemoteError` and that built-in type.
     """
     base = _builtin_exception(type_name)
-    if base is None:
-        return RemoteError(worker, type_name, message, traceback_text)
-    cls = _REMOTE_SUBCLASSES.get(base)
-    if cls is None:
-        try:
-            cls = type(f"Remote{base.__name__}", (RemoteError, base), {})
-        except TypeError:  # layout conflict (e.g. OSError subclasses): no mix-in
-            cls = RemoteError
-        _REMOTE_SUBCLASSES[base] = cls
-    err = cls.__new__(cls)
-    RemoteError.__init__(err, worker, type_name, message, traceback_text)
-    return err
+    cls: type[RemoteError] = RemoteError
+    if base is not None:
+        cls = _REMOTE_SUBCLASSES.get(base) or RemoteError
+        if base not in _REMOTE_SUBCLASSES:
+            try:
+                cls = cast(
+                    type[RemoteError], type(f"Remote{base.__name__}", (RemoteError, base), {})
+                )
+                cls("", "", "")  # probe: some built-ins refuse to be mixed in
+            except Exception:  # layout or constructor conflict: no mix-in
+                cls = RemoteError
+            _REMOTE_SUBCLASSES[base] = cls
+    return cls(worker, type_name, message, traceback_text)

@@ -70,20 +70,20 @@ class RpcOptions:
     rendezvous_timeout: float = 300.0
 
     def __post_init__(self) -> None:
-        if self.rpc_timeout < 0:
+        if not self.rpc_timeout >= 0:  # also refuses NaN
             raise ValueError(f"rpc_timeout must be >= 0, got {self.rpc_timeout}")
         if self.num_worker_threads < 1:
             raise ValueError(f"num_worker_threads must be >= 1, got {self.num_worker_threads}")
         for name in ("max_message_size", "max_header_size", "max_tensors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        if self.rendezvous_timeout <= 0:
+        if not self.rendezvous_timeout > 0:
             raise ValueError("rendezvous_timeout must be positive")
         for name in ("ssl", "ssl_client"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, _ssl.SSLContext):
                 raise TypeError(f"{name} must be an ssl.SSLContext or None")
-        if self.heartbeat_interval < 0 or self.heartbeat_timeout <= 0:
+        if not (self.heartbeat_interval >= 0 and self.heartbeat_timeout > 0):
             raise ValueError("heartbeat_interval must be >= 0 and heartbeat_timeout > 0")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("auth_token must be a non-empty string or None")

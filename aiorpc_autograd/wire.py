@@ -96,7 +96,10 @@ def encode_frame(
     Returns:
         The chunks, in wire order.
     """
-    views = [b if isinstance(b, bytes) else b.cast("B") if b.format != "B" else b for b in buffers]
+    views = [
+        b if isinstance(b, bytes) or (b.ndim == 1 and b.format == "B") else b.cast("B")
+        for b in buffers
+    ]
     lengths = [len(v) for v in views]
     body_len = 0
     for n in lengths[:-1]:
@@ -142,12 +145,13 @@ class FrameReader:
         self._body_view: memoryview | None = None
         self._filled = 0
         self._pending: tuple[int, bytes, list[int]] | None = None
+        self._pending_meta = 0  # prefix, lengths and header of that frame
         self._failed: ProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return self._end - self._start + self._filled
+        return self._end - self._start + self._filled + self._pending_meta
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Push bytes (any chunking) and return the frames they complete."""
@@ -190,7 +194,7 @@ class FrameReader:
             flags, header, lengths = self._pending
             frame = Frame(flags, header, _split(self._body, lengths))
             self._body = self._body_view = self._pending = None
-            self._filled = 0
+            self._filled = self._pending_meta = 0
             return [frame]
         self._end += nbytes
         try:
@@ -272,6 +276,7 @@ class FrameReader:
             self._body, self._body_view = body, memoryview(body)
             self._filled = have
             self._pending = (flags, header, lengths)
+            self._pending_meta = meta_len
             break
         if self._start == self._end:
             self._start = self._end = 0

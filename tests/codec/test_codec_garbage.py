@@ -1,0 +1,396 @@
+"""Malformed frames: ``codec.decode`` raises ``ProtocolError`` and nothing else.
+
+The agent drops a connection on ``ProtocolError`` and keeps serving; any other
+exception escaping ``decode`` would escape the transport's ``buffer_updated``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aiorpc_autograd import codec, wire
+from aiorpc_autograd.codec import Message, dump_payload, tensor_payload
+from aiorpc_autograd.errors import ProtocolError
+
+pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+
+MESSAGE_CLASSES = sorted(codec._REGISTRY.values(), key=lambda c: int(c.TYPE))
+DTYPE_NAMES = sorted(codec._DTYPES)
+
+
+def packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def frame(header: Any, buffers: list[bytes] = ()) -> wire.Frame:  # type: ignore[assignment]
+    raw = header if isinstance(header, bytes) else packb(header)
+    # Real frames' buffers view a writable bytearray: so do these.
+    return wire.Frame(0, raw, [memoryview(bytearray(b)) for b in buffers])
+
+
+def decode(header: Any, buffers: list[bytes] = ()) -> tuple[int, Message]:  # type: ignore[assignment]
+    return codec.decode(frame(header, buffers))
+
+
+def desc(
+    dtype: Any = "float32",
+    shape: Any = (2,),
+    index: Any = 0,
+    offset: Any = 0,
+    requires_grad: Any = False,
+) -> list[Any]:
+    return [dtype, list(shape) if isinstance(shape, tuple) else shape, index, offset, requires_grad]
+
+
+RET = [0x03, 1]  # PythonRet, request id 1; then the tensor table and [kind, data]
+PAYLOAD = [0, b""]
+
+
+def test_valid_baseline() -> None:
+    """The malformed headers below differ from this one in one place each."""
+    rid, msg = decode([*RET, [desc()], PAYLOAD], [b"\x00" * 8])
+    assert rid == 1 and isinstance(msg, codec.PythonRet)
+    (t,) = msg.value.tensors
+    assert t is not None and t.shape == (2,) and t.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("header", "buffers"),
+    [
+        # not msgpack / not an array / too short
+        (b"", []),
+        (b"\xc1", []),
+        (b"\x93\x03\x01", []),  # truncated
+        (packb([0x0E, 1, []]) + b"\x00", []),  # trailing bytes
+        ({"type": 3}, []),
+        ("PythonRet", []),
+        ([], []),
+        ([0x0E], []),
+        ([0x0E, 1], []),
+        # request id
+        ([0x0E, -1, []], []),
+        ([0x0E, "1", []], []),
+        ([0x0E, 1.0, []], []),
+        ([0x0E, None, []], []),
+        # message type
+        ([0x00, 1, []], []),  # SCRIPT_CALL: reserved, never sent
+        ([0x01, 1, []], []),
+        ([0x36, 1, []], []),
+        ([0xFF, 1, []], []),
+        ([-3, 1, []], []),
+        ([2**64 - 1, 1, []], []),
+        (["PYTHON_RET", 1, []], []),
+        ([None, 1, []], []),
+        ([3.0, 1, []], []),
+        ([True, 1, []], []),
+        # tensor table
+        ([*RET, None, PAYLOAD], []),
+        ([*RET, {"0": 1}, PAYLOAD], []),
+        ([*RET, [5], PAYLOAD], [b"x"]),
+        ([*RET, [desc()[:4]], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [[*desc(), 0]], PAYLOAD], [b"\x00" * 8]),
+        # tensor descriptor: dtype
+        ([*RET, [desc(dtype="float128")], PAYLOAD], [b"\x00" * 16]),
+        ([*RET, [desc(dtype="torch.float32")], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(dtype="Float")], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(dtype="")], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(dtype=6)], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(dtype=b"float32")], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(dtype="qint8")], PAYLOAD], [b"\x00" * 8]),
+        # tensor descriptor: shape
+        ([*RET, [desc(shape=2)], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(shape=(-1,))], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(shape=(2.0,))], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(shape=(True,))], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(shape=("2",))], PAYLOAD], [b"\x00" * 8]),
+        # tensor descriptor: buffer index and offset
+        ([*RET, [desc(index=1)], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(index=-1)], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(index=0)], PAYLOAD], []),
+        ([*RET, [desc(index="0")], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(index=False)], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(offset=-8)], PAYLOAD], [b"\x00" * 16]),
+        ([*RET, [desc(offset=None)], PAYLOAD], [b"\x00" * 8]),
+        # tensor descriptor overrunning its buffer
+        ([*RET, [desc()], PAYLOAD], [b"\x00" * 7]),
+        ([*RET, [desc(offset=1)], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(shape=(2**40, 2**40))], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(shape=(2**64 - 1,))], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(shape=(2**63, 2))], PAYLOAD], [b"\x00" * 8]),
+        ([*RET, [desc(dtype="complex128", shape=())], PAYLOAD], [b"\x00" * 15]),
+        ([*RET, [desc(offset=2**64 - 1)], PAYLOAD], [b"\x00" * 8]),
+        # payload field
+        ([*RET, [], [0]], []),
+        ([*RET, [], [0, "text"]], []),
+        ([*RET, [], [9, b""]], []),
+        ([*RET, [], [-1, b""]], []),
+        ([*RET, [], ["PICKLE", b""]], []),
+        ([*RET, [], b"data"], []),
+        ([*RET, [], None], []),
+        ([*RET, [], [0, b"", 1]], []),
+        # wrong field counts
+        ([*RET, []], []),
+        ([*RET, [], PAYLOAD, PAYLOAD], []),
+        ([0x0E, 1, [], 1], []),
+        ([0x40, 0, [], "name", 0], []),
+        # PythonCall target
+        ([0x02, 1, [], 5, PAYLOAD], []),
+        ([0x02, 1, [], b"fn", PAYLOAD], []),
+        # RRef / fork ids
+        ([0x0D, 1, [], [1]], []),
+        ([0x0D, 1, [], [1, 2, 3]], []),
+        ([0x0D, 1, [], [1, "2"]], []),
+        ([0x0D, 1, [], [1, True]], []),
+        ([0x0D, 1, [], {"a": 1, "b": 2}], []),
+        # autograd wrapper metadata and wrapped message
+        ([0x0F, 1, [], "0", 1, 2, {}, 0x0E, []], []),
+        ([0x0F, 1, [], 0, 1, 2, [], 0x0E, []], []),
+        ([0x0F, 1, [], 0, 1, 2, {}, 0x99, []], []),
+        ([0x0F, 1, [], 0, 1, 2, {}, 0x0E, [1]], []),
+        ([0x0F, 1, [], 0, 1, 2, {}, 0x0E, None], []),
+        ([0x0F, 1, [], 0, 1, 2, {}, 0x0F, [0, 1, 2, {}, 0x0E, []]], []),  # nested
+        ([0x0F, 1, [], 0, 1, 2, {}], []),
+        ([0x15, 1, [], [1, 2], {}, 0x0E], []),
+        ([0x15, 1, [], [1], {}, 0x0E, []], []),
+        ([0x15, 1, [], [1, 2], {}, "RRefAck", []], []),
+        # a wrapped payload message with a bad payload
+        ([0x0F, 1, [], 0, 1, 2, {}, 0x03, [[0, "x"]]], []),
+    ],
+)
+def test_malformed_header_is_a_protocol_error(header: Any, buffers: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        decode(header, buffers)
+
+
+# --------------------------------------------------------------------------- wrong field types
+
+
+def sample_fields(cls: type[Message]) -> list[Any]:
+    """Valid wire fields of a ``cls`` (from its own encoder)."""
+    values: list[Any] = []
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        annotation = str(f.type)
+        if f.name == "grads":
+            values.append(tensor_payload([]))
+        elif annotation == "Message":
+            values.append(codec.RRefAck() if cls.IS_RESPONSE else codec.Heartbeat())
+        elif annotation == "Payload":
+            values.append(dump_payload(None))
+        else:
+            values.append(
+                {
+                    "int": 5,
+                    "str": "s",
+                    "str | None": "fn",
+                    "bool": True,
+                    "list[int]": [1, 2],
+                    "dict[str, str]": {"cpu": "cpu"},
+                    "dict[str, Any]": {"k": 1},
+                    "list[Any]": [1],
+                }[annotation]
+            )
+    return cls(*values).to_fields()  # type: ignore[arg-type]
+
+
+def wrong(value: Any) -> Any:
+    """A msgpack value of another type than ``value``'s."""
+    if isinstance(value, bool):
+        return "yes"
+    if isinstance(value, int):
+        return "7"
+    if isinstance(value, str):
+        return 7
+    if value is None:
+        return 5
+    if isinstance(value, list):
+        return "x"
+    if isinstance(value, dict):
+        return ["x"]
+    raise AssertionError(f"no wrong value for {value!r}")
+
+
+# Fields the codec does not check yet: each one decodes into a message whose
+# field has the wrong type, for a handler to trip over later.
+UNCHECKED: dict[tuple[str, int], str] = {}
+
+
+def wrong_field_cases() -> list[Any]:
+    cases = []
+    for cls in MESSAGE_CLASSES:
+        for i in range(len(sample_fields(cls))):
+            bug = UNCHECKED.get((cls.__name__, i))
+            marks = [pytest.mark.xfail(strict=True, reason=f"BUG: {bug}")] if bug else []
+            cases.append(pytest.param(cls, i, id=f"{cls.__name__}-field{i}", marks=marks))
+    return cases
+
+
+@pytest.mark.parametrize(("cls", "position"), wrong_field_cases())
+def test_wrong_field_type_is_a_protocol_error(cls: type[Message], position: int) -> None:
+    fields = sample_fields(cls)
+    decode([int(cls.TYPE), 1, [], *fields])  # the valid ones decode
+    fields[position] = wrong(fields[position])
+    with pytest.raises(ProtocolError):
+        decode([int(cls.TYPE), 1, [], *fields])
+
+
+@pytest.mark.parametrize("cls", MESSAGE_CLASSES, ids=lambda c: c.__name__)
+def test_wrong_field_count_is_a_protocol_error(cls: type[Message]) -> None:
+    fields = sample_fields(cls)
+    with pytest.raises(ProtocolError):
+        decode([int(cls.TYPE), 1, [], *fields, 0])
+    if fields:
+        with pytest.raises(ProtocolError):
+            decode([int(cls.TYPE), 1, [], *fields[:-1]])
+
+
+def test_device_map_must_map_strings_to_strings() -> None:
+    with pytest.raises(ProtocolError):
+        decode([0x0F, 1, [], 0, 1, 2, {1: 2}, 0x0E, []])
+
+
+# --------------------------------------------------------------------------- found bugs
+
+
+@pytest.mark.parametrize(
+    "shape", [(0, 2**64 - 1), (0, 2**40, 2**40)], ids=["uint64-dim", "stride-overflow"]
+)
+def test_zero_size_tensor_with_huge_dims_is_a_protocol_error(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ProtocolError):
+        decode([*RET, [desc(shape=shape)], PAYLOAD], [b""])
+
+
+def nested_profiling_header(depth: int) -> bytes:
+    """A RunWithProfilingReq wrapping itself ``depth`` times around an RRefAck,
+    written by hand (msgpack's own packer stops at 511 levels)."""
+    level = bytes([0x94, 0x92, 0x01, 0x02, 0x80])  # [[1, 2], {}, <type>, <fields>]
+    return (
+        bytes([0x97, 0x15, 0x01, 0x90, 0x92, 0x01, 0x02, 0x80])  # [0x15, 1, [], [1,2], {},
+        + (bytes([0x15]) + level) * depth
+        + bytes([0x0E, 0x90])  # RREF_ACK, []
+    )
+
+
+def test_moderately_nested_wrappers_decode() -> None:
+    _, msg = codec.decode(wire.Frame(0, nested_profiling_header(50), []))
+    for _ in range(51):
+        assert isinstance(msg, codec.RunWithProfilingReq)
+        msg = msg.wrapped
+    assert isinstance(msg, codec.RRefAck)
+
+
+def test_deeply_nested_wrappers_are_a_protocol_error() -> None:
+    with pytest.raises(ProtocolError):
+        codec.decode(wire.Frame(0, nested_profiling_header(1000), []))
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+# Integers within int64 (and small shape entries): the uint64 and stride
+# overflow cases are the known bug of test_zero_size_tensor_with_huge_dims_*.
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=10)
+    | st.binary(max_size=10)
+)
+values = st.recursive(
+    leaves,
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(max_size=4) | st.integers(-3, 3), inner, max_size=3)
+    ),
+    max_leaves=15,
+)
+descriptors = st.none() | st.lists(
+    st.one_of(
+        st.sampled_from(DTYPE_NAMES),
+        st.lists(st.integers(-1, 2**20), max_size=3),
+        st.integers(-1, 4),
+        st.integers(-1, 64),
+        st.booleans(),
+        values,
+    ),
+    min_size=4,
+    max_size=6,
+)
+well_formed_descriptors = st.builds(
+    desc,
+    dtype=st.sampled_from(DTYPE_NAMES),
+    shape=st.lists(st.integers(0, 4), max_size=2).map(tuple),
+    index=st.integers(0, 3),
+    offset=st.sampled_from([0, 0, 0, 1, 8, 40]),
+    requires_grad=st.booleans(),
+)
+tables = st.one_of(
+    st.lists(well_formed_descriptors, max_size=4),
+    st.lists(well_formed_descriptors, max_size=4),
+    st.lists(descriptors | well_formed_descriptors, max_size=4),
+    values,
+)
+message_types = st.sampled_from(sorted(codec._REGISTRY)) | st.integers(-1, 0x50) | values
+
+
+# True one time in eight (integers() would favour its bounds).
+rarely = st.sampled_from([False] * 7 + [True])
+
+
+@st.composite
+def mutated_fields(draw: st.DrawFn) -> tuple[int, list[Any]]:
+    """The valid fields of a random message class, with some replaced at random."""
+    cls = draw(st.sampled_from(MESSAGE_CLASSES))
+    fields = sample_fields(cls)
+    for _ in range(draw(st.integers(0, 3))):
+        if fields and draw(st.booleans()):
+            fields[draw(st.integers(0, len(fields) - 1))] = draw(values)
+        elif draw(st.booleans()):
+            fields.append(draw(values))
+        elif fields:
+            fields.pop()
+    return int(cls.TYPE), fields
+
+
+@st.composite
+def headers(draw: st.DrawFn) -> bytes:
+    how = draw(st.sampled_from(["mutated", "mutated", "mutated", "structured", "value", "bytes"]))
+    if how == "bytes":
+        return draw(st.binary(max_size=64))
+    if how == "value":
+        return packb(draw(values))
+    table = draw(tables)
+    rid = draw(st.integers(0, 2**64 - 1))
+    if draw(rarely):
+        rid = draw(st.integers(-2, -1) | values)
+    if how == "structured":
+        mtype, fields = draw(message_types), draw(st.lists(values, max_size=7))
+    else:
+        mtype, fields = draw(mutated_fields())
+    header = packb([mtype, rid, table, *fields])
+    if draw(rarely):  # now and then a damaged encoding
+        cut = draw(st.integers(0, len(header)))
+        header = header[:cut] + draw(st.binary(max_size=4)) + header[cut + 1 :]
+    return header
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=headers(), buffers=st.lists(st.binary(max_size=64), max_size=4))
+def test_random_frames_only_raise_protocol_error(header: bytes, buffers: list[bytes]) -> None:
+    try:
+        rid, msg = decode(header, buffers)
+    except ProtocolError:
+        return
+    assert type(rid) is int and rid >= 0
+    assert isinstance(msg, Message)
+    payload = msg.payload()
+    if payload is not None and payload.kind is codec.PayloadKind.MSGPACK:
+        with contextlib.suppress(ProtocolError):
+            codec.load_payload(payload, allow_pickle=False)
