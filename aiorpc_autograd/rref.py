@@ -299,7 +299,9 @@ class RRefService:
         self._pending_children: dict[Id, RRef[Any]] = {}
         self._unconfirmed_deletes: dict[Id, tuple[WorkerInfo, Id]] = {}
         self._ops = 0  # scheduled but not yet sent deletes
-        self._lock = threading.Lock()
+        # Reentrant: RRef.__del__ takes it and may run from a GC triggered
+        # while this thread already holds it.
+        self._lock = threading.RLock()
         # Forks confirmed after their handle was dropped but before the drop
         # was processed here.
         self._confirmed_forks: set[Id] = set()

@@ -8,17 +8,20 @@ Every benchmark runs, in the same invocation, under four configurations
 launch is a fresh group of worker processes on 127.0.0.1, bounded by a
 timeout.  Rank 0 measures, the other ranks serve.
 
-Layout (each module imports only those above it):
+Layout (each module imports only those above it, except that ``worker``
+loads a side module, after pinning):
 
 ``stats``       percentiles and across-launch summaries (no torch).
+``worker``      the entry point of one worker process
+                (``python -m bench.worker``): pins, then runs a side.
 ``workloads``   module-level remote functions, importable on every worker
                 so both sides pickle them by reference.
 ``specs``       configurations and the benchmark registry: names, parameters
                 (full and ``--quick``), headline metrics, plot layout.
+``measure``     inputs and metric names both sides share.
+``loopback``    a rendezvous whose store listens on 127.0.0.1 only.
 ``torch_side``  the torch.distributed.rpc implementation of each benchmark.
 ``ours_side``   the aiorpc_autograd implementation of each benchmark.
-``worker``      the entry point of one worker process
-                (``python -m bench.worker``).
 ``launcher``    spawns a group of workers with pinning and a timeout and
                 collects rank 0's records.
 ``report``      results JSON (merged per day), markdown table, PNG plots.

@@ -3,14 +3,16 @@
 Workers are ``python -m bench.worker`` subprocesses, each in its own session
 (process group) so that a hung group can be killed whole, and each with a
 log file rather than a pipe so that a chatty worker can never block.  All
-addresses are on 127.0.0.1: the rendezvous is ``tcp://127.0.0.1:PORT`` and
-TensorPipe is told to use the loopback interface.
+addresses are on 127.0.0.1: the rendezvous store listens there only (see
+:mod:`bench.loopback`), TensorPipe is told to use the loopback interface, and
+aiorpc_autograd listens on its default ``listen_host``, 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -18,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: Seconds allowed for interpreter start, ``import torch`` and rendezvous.
 STARTUP_S = 90.0
-#: Once a worker has failed, how long the others get to exit on their own.
-FAILURE_GRACE_S = 15.0
+#: Once a worker has exited, how long the others get to exit on their own
+#: (shutdown is collective, so they normally follow within a second).
+EXIT_GRACE_S = 15.0
 #: Characters of each worker's log kept when something went wrong.
 LOG_TAIL = 4000
 
@@ -44,10 +47,13 @@ class LaunchResult:
             without a record gets an ``ok: False`` one explaining why.
         ranks: each rank's facts (pid, affinity, ...) from its "ready" line;
             None for a rank that never got its agent up.
+        cpu: CPU seconds other processes used (``foreign_cpu_s``) and the
+            hypervisor stole (``steal_s``) during the launch.
         returncodes: exit status per rank (negative: killed by that signal).
         timed_out: the launch hit its timeout and was killed.
         wall_s: seconds from spawn to the last exit.
-        logs: tail of each rank's output, kept only when something failed.
+        logs: the tail of each rank's output (stdout and stderr; normally
+            empty, so anything there, warnings included, is worth a look).
     """
 
     config: str
@@ -56,8 +62,8 @@ class LaunchResult:
     timed_out: bool
     wall_s: float
     ranks: list[dict[str, Any] | None]
-    loadavg: list[float]
-    logs: list[str] = field(default_factory=list)
+    cpu: dict[str, float]
+    logs: list[str]
 
     @property
     def ok(self) -> bool:
@@ -67,6 +73,39 @@ class LaunchResult:
             and all(rc == 0 for rc in self.returncodes)
             and all(r.get("ok") for r in self.records.values())
         )
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """System-wide and own CPU seconds at one instant (Linux ``/proc/stat``).
+
+    The difference of two samples tells how much CPU *other* processes used
+    in between: the machine is shared, and that is the noise to watch.
+    """
+
+    busy_s: float
+    steal_s: float
+    ours_s: float
+
+    @classmethod
+    def take(cls) -> CpuSample:
+        """Read the counters now (reaped children count as ours)."""
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+        ours = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            ours += usage.ru_utime + usage.ru_stime
+        return cls((user + nice + system + irq + softirq) / tick, steal / tick, ours)
+
+    def foreign_since(self, before: CpuSample) -> dict[str, float]:
+        """CPU seconds used by other processes, and stolen, since ``before``."""
+        busy = self.busy_s - before.busy_s
+        return {
+            "foreign_cpu_s": max(0.0, busy - (self.ours_s - before.ours_s)),
+            "steal_s": self.steal_s - before.steal_s,
+        }
 
 
 def free_port() -> int:
@@ -105,22 +144,22 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _wait_all(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> bool:
-    """Wait for every process; kill them all at the deadline or after a failure.
+    """Wait for every process; kill the rest at the deadline or when one lingers.
 
     Returns:
         True when the deadline was hit.
     """
     deadline = time.monotonic() + timeout_s
-    failed_at: float | None = None
+    first_exit: float | None = None
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             return False
         now = time.monotonic()
-        if failed_at is None and any(c not in (None, 0) for c in codes):
-            failed_at = now
+        if first_exit is None and any(c is not None for c in codes):
+            first_exit = now
         expired = now >= deadline
-        if expired or (failed_at is not None and now - failed_at > FAILURE_GRACE_S):
+        if expired or (first_exit is not None and now - first_exit > EXIT_GRACE_S):
             for p in procs:
                 _kill_group(p)
             return expired
@@ -156,7 +195,7 @@ def launch(
         env = worker_env()
         procs: list[subprocess.Popen[bytes]] = []
         log_paths = [tmpdir / f"rank{rank}.log" for rank in range(world_size)]
-        loadavg = list(os.getloadavg())
+        cpu_before = CpuSample.take()
         start = time.monotonic()
         try:
             for rank, log_path in enumerate(log_paths):
@@ -191,13 +230,17 @@ def launch(
             for p in procs:  # a no-op unless spawning or waiting raised
                 _kill_group(p)
         wall_s = time.monotonic() - start
+        cpu = CpuSample.take().foreign_since(cpu_before)
         returncodes = [p.returncode for p in procs]
 
         records: dict[str, dict[str, Any]] = {}
         ranks: list[dict[str, Any] | None] = [None] * world_size
         if result_file.exists():
             for line in result_file.read_text(encoding="utf-8").splitlines():
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
                 if record.get("ready"):
                     ranks[record["rank"]] = record["info"]
                 else:
@@ -209,10 +252,8 @@ def launch(
         for name, _ in plan:
             records.setdefault(name, {"bench": name, "ok": False, "error": f"no result ({why})"})
 
-        result = LaunchResult(config.name, records, returncodes, timed_out, wall_s, ranks, loadavg)
-        if not result.ok:
-            result.logs = [_tail(p) for p in log_paths]
-        return result
+        logs = [_tail(p) for p in log_paths]
+        return LaunchResult(config.name, records, returncodes, timed_out, wall_s, ranks, cpu, logs)
 
 
 def probe_ours(timeout_s: float = 120.0) -> str | None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bench import workloads
 from bench.specs import size_label
 from bench.stats import latency_summary_us
 
@@ -44,3 +45,23 @@ def throughput_metrics(inflight: int, calls: int, seconds: float) -> dict[str, f
         f"inflight_{inflight}_calls_per_s": calls / seconds,
         f"inflight_{inflight}_calls": float(calls),
     }
+
+
+def autograd_inputs(batch: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leaf tensors ``x`` (batch x dim) and ``w`` (dim x dim) that require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen).requires_grad_()
+    w = torch.randn(dim, dim, generator=gen).div_(dim**0.5).requires_grad_()
+    return x, w
+
+
+def grads_match(x: torch.Tensor, w: torch.Tensor, grads: dict[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether distributed gradients of ``tanh(x @ w).sum()`` equal local autograd's."""
+    loss = workloads.linear_tanh(x, w).sum()
+    gx, gw = torch.autograd.grad(loss, (x, w))
+    return (
+        x in grads
+        and w in grads
+        and torch.allclose(grads[x], gx, rtol=1e-5, atol=1e-6)
+        and torch.allclose(grads[w], gw, rtol=1e-5, atol=1e-6)
+    )

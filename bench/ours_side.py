@@ -1,10 +1,13 @@
-"""The benchmarks on aiorpc_autograd, written against shared/API.md only.
+"""The benchmarks on aiorpc_autograd, written against shared/API.md.
 
 Each benchmark is ``async fn(rpc, peer, params) -> metrics`` and runs on
 rank 0's event loop with the agent already up; :func:`run_worker` does the
 lifecycle (``rpc.run`` → ``init_rpc`` → plan → ``shutdown``).  Remote
 functions are the plain (non-async) ones of :mod:`bench.workloads`, so the
 callee runs them in its thread pool, as torch does.
+
+One step beyond the API: ``init_method`` uses :mod:`bench.loopback`'s scheme,
+which works because our rendezvous passes it to torch's.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ import time
 from types import ModuleType
 from typing import Any
 
-from bench import workloads
-from bench.measure import bit_exact, echo_metrics, echo_tensor, throughput_metrics
+import torch
+
+from bench import loopback, workloads
+from bench.measure import (
+    autograd_inputs,
+    bit_exact,
+    echo_metrics,
+    echo_tensor,
+    grads_match,
+    throughput_metrics,
+)
 from bench.stats import latency_summary_us
 from bench.worker import BenchFn, WorkerContext
 
@@ -87,10 +99,36 @@ async def tensor_echo(rpc: ModuleType, peer: str, params: dict[str, Any]) -> dic
     return metrics
 
 
+async def autograd_step(rpc: ModuleType, peer: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Distributed autograd steps: context, remote ``tanh(x @ w)``, backward, gradients."""
+    from aiorpc_autograd import dist_autograd
+
+    x, w = autograd_inputs(params["batch"], params["dim"])
+
+    async def step() -> dict[torch.Tensor, torch.Tensor]:
+        async with dist_autograd.context() as context_id:
+            out = await rpc.rpc_async(peer, workloads.linear_tanh, args=(x, w))
+            await dist_autograd.backward(context_id, [out.sum()])
+            grads: dict[torch.Tensor, torch.Tensor] = dist_autograd.get_gradients(context_id)
+            return grads
+
+    for _ in range(params["warmup"]):
+        await step()
+    match = grads_match(x, w, await step())
+    clock = time.perf_counter_ns
+    samples: list[int] = []
+    for _ in range(params["steps"]):
+        t0 = clock()
+        await step()
+        samples.append(clock() - t0)
+    return {**latency_summary_us(samples), "grads_match": match}
+
+
 BENCHES: dict[str, BenchFn] = {
     "noop": noop_latency,
     "throughput": throughput,
     "echo": tensor_echo,
+    "autograd": autograd_step,
 }
 
 
@@ -102,7 +140,7 @@ async def _main(rpc: ModuleType, ctx: WorkerContext) -> None:
         ctx.name_of(ctx.rank),
         rank=ctx.rank,
         world_size=ctx.world_size,
-        init_method=ctx.init_method,
+        init_method=loopback.init_method(ctx.port),
         options=options,
     )
     try:
@@ -120,4 +158,7 @@ def run_worker(ctx: WorkerContext) -> None:
     """Run this worker's part of the launch on the package's own runner."""
     import aiorpc_autograd as rpc
 
+    ctx.info["torch"] = torch.__version__
+    ctx.info["aiorpc_autograd"] = getattr(rpc, "__version__", None)
+    loopback.register()
     rpc.run(_main(rpc, ctx))

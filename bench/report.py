@@ -5,11 +5,13 @@ The JSON document of one day, ``results/<date>.json``::
     {"date", "updated_at", "environment", "configs",
      "benchmarks": {name: {"title", "run_at", "quick", "launches", "params",
                            "runs": [{"config", "launch", "ok", "metrics" | "error",
-                                     "seconds", "wall_s", "info", ...}],
+                                     "seconds", "wall_s", "foreign_cpu_s", "steal_s",
+                                     "ranks", ...}],
                            "summary": {config: {metric: {"median", "min", "max",
                                                          "q1", "q3", "n"}}},
                            "checks": {config: {metric: bool}},
-                           "skipped": {config: reason}}}}
+                           "skipped": {config: reason},
+                           "environment": {...}}}}
 
 A later run the same day replaces the benchmarks it ran and keeps the rest,
 so ``--only echo`` does not throw away the morning's ``noop``.
@@ -18,23 +20,56 @@ so ``--only echo`` does not throw away the morning's ``noop``.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.launcher import ROOT
 from bench.specs import BENCHMARKS, CONFIGS, Config, Metric
 from bench.stats import spread
 
 Doc = dict[str, Any]
 
 
+def source_digest(package_dir: Path) -> str | None:
+    """SHA-256 over a package's ``*.py`` files (names and contents), or None.
+
+    Ties a result to the exact code measured while it is uncommitted.
+    """
+    files = sorted(package_dir.rglob("*.py"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(package_dir)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _git_head(root: Path) -> str | None:
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None
+
+
 def environment() -> dict[str, Any]:
-    """Facts about the machine and the libraries, for the record."""
+    """Facts about the machine, the libraries and the code, for the record."""
 
     def version(dist: str) -> str | None:
         try:
@@ -51,6 +86,8 @@ def environment() -> dict[str, Any]:
         "torch": version("torch"),
         "uvloop": version("uvloop"),
         "msgpack": version("msgpack"),
+        "git_head": _git_head(ROOT),
+        "aiorpc_autograd_source_sha256": source_digest(ROOT / "aiorpc_autograd"),
     }
 
 
@@ -113,10 +150,16 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _cell(stats: Mapping[str, float] | None) -> str:
-    if stats is None:
-        return "—"
-    return f"{_fmt(stats['median'])} ({_fmt(stats['min'])}–{_fmt(stats['max'])})"
+def _cell(entry: Mapping[str, Any], config: str | None, key: str) -> str:
+    """``median (min-max)`` of one metric, or why there is none."""
+    stats = entry["summary"].get(config, {}).get(key)
+    if stats is not None:
+        return f"{_fmt(stats['median'])} ({_fmt(stats['min'])}-{_fmt(stats['max'])})"
+    if config in entry.get("skipped", {}):
+        return "skipped"
+    if any(run["config"] == config for run in entry["runs"]):
+        return "failed"
+    return "—"
 
 
 def _pairs(configs: Iterable[Config]) -> dict[str, dict[str, str]]:
@@ -135,13 +178,21 @@ def _metric_label(metric: Metric) -> str:
 def markdown(doc: Doc) -> str:
     """The comparison table and notes for every benchmark in ``doc``."""
     pairs = _pairs(CONFIGS)
+    env = doc.get("environment", {})
     lines = [
         f"# aiorpc_autograd vs torch.distributed.rpc — {doc['date']}",
         "",
         (
-            "Cells: median over launches (min–max across launches). "
+            f"torch {env.get('torch')}, Python {env.get('python')}, {env.get('cpu_count')} cores; "
+            f"aiorpc_autograd sources sha256 {env.get('aiorpc_autograd_source_sha256')} "
+            f"(git HEAD {env.get('git_head')}); last updated {doc.get('updated_at')}."
+        ),
+        "",
+        (
+            "Cells: median over launches (min-max across launches). "
             "ours/torch is the ratio of medians; ↑ higher is better, ↓ lower is better."
         ),
+        "",
         (
             "Pairs: *unpinned* = ours-unpinned vs torch-default (default options); "
             "*pinned* = ours-pinned vs torch-tuned (num_worker_threads=1); pinned "
@@ -159,16 +210,18 @@ def markdown(doc: Doc) -> str:
         summary = entry["summary"]
         for metric in spec.metrics:
             for pair, members in pairs.items():
-                ours = summary.get(members.get("ours", ""), {}).get(metric.key)
-                theirs = summary.get(members.get("torch", ""), {}).get(metric.key)
+                ours, theirs = members.get("ours"), members.get("torch")
+                ours_stats = summary.get(ours, {}).get(metric.key)
+                theirs_stats = summary.get(theirs, {}).get(metric.key)
                 ratio = (
-                    f"{ours['median'] / theirs['median']:.2f}"
-                    if ours and theirs and theirs["median"]
+                    f"{ours_stats['median'] / theirs_stats['median']:.2f}"
+                    if ours_stats and theirs_stats and theirs_stats["median"]
                     else "—"
                 )
                 lines.append(
                     f"| {name} | {_metric_label(metric)} | {pair} "
-                    f"| {_cell(ours)} | {_cell(theirs)} | {ratio} |"
+                    f"| {_cell(entry, ours, metric.key)} | {_cell(entry, theirs, metric.key)} "
+                    f"| {ratio} |"
                 )
         notes.extend(_notes(name, entry))
     return "\n".join([*lines, "", "## Notes", "", *notes, ""])
@@ -176,10 +229,12 @@ def markdown(doc: Doc) -> str:
 
 def _notes(name: str, entry: Mapping[str, Any]) -> list[str]:
     mode = "quick" if entry["quick"] else "full"
+    sources = entry.get("environment", {}).get("aiorpc_autograd_source_sha256")
     out = [
         (
             f"- **{name}**: {entry['title']}; run {entry['run_at']} ({mode}, "
-            f"{entry['launches']} launches per config); params `{json.dumps(entry['params'])}`."
+            f"{entry['launches']} launches per config); params `{json.dumps(entry['params'])}`; "
+            f"aiorpc_autograd sources {sources}."
         )
     ]
     for config, reason in entry.get("skipped", {}).items():
@@ -188,7 +243,19 @@ def _notes(name: str, entry: Mapping[str, Any]) -> list[str]:
         failed = [k for k, ok in checks.items() if not ok]
         verdict = f"FAILED {', '.join(failed)}" if failed else "all passed"
         out.append(f"  - {config}: checks ({', '.join(checks)}): {verdict}")
+    busy = [r["foreign_cpu_s"] / r["wall_s"] for r in entry["runs"] if "foreign_cpu_s" in r]
+    if busy:
+        out.append(
+            f"  - other processes kept {min(busy):.2f}-{max(busy):.2f} cores busy "
+            "during the launches (noise)"
+        )
     for run in entry["runs"]:
+        first = next((t.strip().splitlines()[0] for t in run.get("output") or [] if t.strip()), "")
+        if first:
+            out.append(
+                f"  - {run['config']} launch {run['launch']}: workers wrote output, "
+                f"first line `{first[:160]}` (all in the JSON's `output`)"
+            )
         if not run.get("ok"):
             error = (run.get("error") or "").strip().splitlines()
             last = error[-1] if error else "unknown error"
@@ -197,7 +264,7 @@ def _notes(name: str, entry: Mapping[str, Any]) -> list[str]:
 
 
 def plot(doc: Doc, results_dir: Path) -> list[Path]:
-    """One PNG per benchmark with a plot layout; medians with min–max bars.
+    """One PNG per benchmark with a plot layout; medians with min-max bars.
 
     Returns:
         The files written; empty (with a message on stderr) when matplotlib
@@ -215,6 +282,7 @@ def plot(doc: Doc, results_dir: Path) -> list[Path]:
         )
         return []
 
+    impl_of = {c.name: c.impl for c in CONFIGS}
     written: list[Path] = []
     for name, entry in doc["benchmarks"].items():
         spec = BENCHMARKS.get(name)
@@ -238,7 +306,8 @@ def plot(doc: Doc, results_dir: Path) -> list[Path]:
                 offsets = [x - 0.4 + width * (i + 0.5) for x in xs]
                 ax.bar(offsets, med, width, yerr=err, capsize=3, label=config)
             else:
-                ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=config)
+                style = "--" if impl_of.get(config) == "torch" else "-"
+                ax.errorbar(xs, med, yerr=err, marker="o", ls=style, capsize=3, label=config)
         ax.set_xticks(range(len(layout.xs)), layout.xs)
         ax.set_xlabel(layout.xlabel)
         ax.set_ylabel(layout.ylabel)

@@ -146,9 +146,13 @@ def _echo_params(quick: bool) -> Params:
     return {
         "sizes": list(ECHO_SIZES),
         # Iterations per size: roughly equal time per size.
-        "iters": [200, 20, 5, 3] if quick else [2000, 200, 30, 10],
+        "iters": [200, 20, 5, 3] if quick else [1000, 100, 30, 10],
         "warmup": 1 if quick else 3,
     }
+
+
+def _autograd_params(quick: bool) -> Params:
+    return {"batch": 32, "dim": 256, "steps": 200 if quick else 500, "warmup": 20 if quick else 50}
 
 
 BENCHMARKS: dict[str, BenchSpec] = {
@@ -169,6 +173,7 @@ BENCHMARKS: dict[str, BenchSpec] = {
                 xlabel="percentile",
                 ylabel="latency (µs)",
                 kind="bars",
+                logy=True,
             ),
         ),
         BenchSpec(
@@ -214,10 +219,27 @@ BENCHMARKS: dict[str, BenchSpec] = {
                 logy=True,
             ),
         ),
+        BenchSpec(
+            name="autograd",
+            title="distributed autograd step: remote tanh(x @ w), backward, gradients",
+            params=_autograd_params,
+            metrics=(
+                Metric("p50_us", "step p50", "µs", higher_is_better=False),
+                Metric("p99_us", "step p99", "µs", higher_is_better=False),
+            ),
+            timeout_s=120.0,
+            plot=PlotSpec(
+                xs=("p50", "p90", "p99"),
+                keys=("p50_us", "p90_us", "p99_us"),
+                xlabel="percentile",
+                ylabel="step time (µs)",
+                kind="bars",
+                logy=True,
+            ),
+        ),
         # Extension points, not yet registered:
-        #   "autograd" — one distributed forward/backward step
-        #                (needs aiorpc_autograd.dist_autograd);
-        #   "scale"    — "throughput" at world sizes 2..8 (world_size field);
-        #   "codec"    — encode/decode microbenchmark (world_size=1).
+        #   "scale" — "throughput" at world sizes 2..8 (one spec per size, or a
+        #             world_size param; launches are grouped by world_size);
+        #   "codec" — encode/decode microbenchmark (world_size=1, no peer).
     )
 }

@@ -13,8 +13,15 @@ from typing import Any
 import torch
 from torch.distributed import rpc
 
-from bench import workloads
-from bench.measure import bit_exact, echo_metrics, echo_tensor, throughput_metrics
+from bench import loopback, workloads
+from bench.measure import (
+    autograd_inputs,
+    bit_exact,
+    echo_metrics,
+    echo_tensor,
+    grads_match,
+    throughput_metrics,
+)
 from bench.stats import latency_summary_us
 from bench.worker import BenchFn, WorkerContext
 
@@ -43,12 +50,12 @@ def _pump(peer: str, inflight: int, seconds: float) -> tuple[int, float]:
         (calls completed, seconds from first send to last reply).
     """
     permits = threading.Semaphore(inflight)
-    errors: list[BaseException] = []
+    errors: list[Exception] = []
 
     def done(fut: torch.futures.Future[None]) -> None:
         try:
             fut.wait()
-        except BaseException as exc:  # noqa: BLE001 - surfaced after the drain
+        except Exception as exc:
             errors.append(exc)
         permits.release()
 
@@ -98,18 +105,52 @@ def tensor_echo(peer: str, params: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
+def autograd_step(peer: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Distributed autograd steps: context, remote ``tanh(x @ w)``, backward, gradients."""
+    from torch.distributed import autograd as dist_autograd
+
+    x, w = autograd_inputs(params["batch"], params["dim"])
+
+    def step() -> dict[torch.Tensor, torch.Tensor]:
+        with dist_autograd.context() as context_id:
+            out = rpc.rpc_sync(peer, workloads.linear_tanh, args=(x, w))
+            dist_autograd.backward(context_id, [out.sum()])  # type: ignore[attr-defined]
+            grads: dict[torch.Tensor, torch.Tensor]
+            grads = dist_autograd.get_gradients(context_id)  # type: ignore[attr-defined]
+            return grads
+
+    for _ in range(params["warmup"]):
+        step()
+    match = grads_match(x, w, step())
+    clock = time.perf_counter_ns
+    samples: list[int] = []
+    for _ in range(params["steps"]):
+        t0 = clock()
+        step()
+        samples.append(clock() - t0)
+    return {**latency_summary_us(samples), "grads_match": match}
+
+
 BENCHES: dict[str, BenchFn] = {
     "noop": noop_latency,
     "throughput": throughput,
     "echo": tensor_echo,
+    "autograd": autograd_step,
 }
 
 
 def run_worker(ctx: WorkerContext) -> None:
-    """Start the TensorPipe agent, let rank 0 run the plan, shut down gracefully."""
+    """Start the TensorPipe agent, let rank 0 run the plan, shut down gracefully.
+
+    The options are the configuration's; ``init_method`` only swaps torch's
+    ``tcp://`` rendezvous for :mod:`bench.loopback`'s.
+    """
     ctx.info["torch"] = torch.__version__
-    options = rpc.TensorPipeRpcBackendOptions(init_method=ctx.init_method, **ctx.options)
-    rpc.init_rpc(
+    loopback.register()
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=loopback.init_method(ctx.port), **ctx.options
+    )
+    rpc.init_rpc(  # type: ignore[no-untyped-call]
         ctx.name_of(ctx.rank),
         rank=ctx.rank,
         world_size=ctx.world_size,

@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+BenchFn = Callable[..., Any]
+"""A side module's benchmark: ``fn(peer, params) -> metrics`` (a coroutine on our side)."""
+
 
 @dataclass
 class WorkerContext:
@@ -29,7 +32,7 @@ class WorkerContext:
     Attributes:
         rank: this worker's rank; rank 0 measures.
         world_size: number of workers.
-        port: TCP port of the rendezvous on 127.0.0.1.
+        port: TCP port of the rendezvous on 127.0.0.1 (see :mod:`bench.loopback`).
         options: keyword arguments for the library's options object.
         plan: ``(benchmark name, params)`` in order.
         result_file: where every rank appends a "ready" line and rank 0
@@ -44,11 +47,6 @@ class WorkerContext:
     plan: list[tuple[str, dict[str, Any]]]
     result_file: str
     info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def init_method(self) -> str:
-        """The rendezvous address, always on the loopback."""
-        return f"tcp://127.0.0.1:{self.port}"
 
     @staticmethod
     def name_of(rank: int) -> str:
@@ -73,13 +71,7 @@ class WorkerContext:
         for name, params in self.plan:
             fn = benches.get(name)
             if fn is None:
-                self.emit(
-                    {
-                        "bench": name,
-                        "ok": False,
-                        "error": "not implemented for this library",
-                    }
-                )
+                self.emit({"bench": name, "ok": False, "error": "not implemented for this library"})
             else:
                 yield name, params, fn
 
@@ -91,31 +83,15 @@ class WorkerContext:
         suppressed, so the next benchmark still runs.
         """
         metrics: dict[str, Any] = {}
+        outcome: dict[str, Any]
         t0 = time.perf_counter()
         try:
             yield metrics
-        except Exception:  # noqa: BLE001 - recorded and reported by the launcher
-            self.emit(
-                {
-                    "bench": name,
-                    "ok": False,
-                    "error": traceback.format_exc(),
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
+        except Exception:
+            outcome = {"ok": False, "error": traceback.format_exc()}
         else:
-            self.emit(
-                {
-                    "bench": name,
-                    "ok": True,
-                    "metrics": metrics,
-                    "seconds": time.perf_counter() - t0,
-                }
-            )
-
-
-BenchFn = Callable[..., Any]
-"""A side module's benchmark: ``fn(peer, params) -> metrics`` (a coroutine on our side)."""
+            outcome = {"ok": True, "metrics": metrics}
+        self.emit({"bench": name, **outcome, "seconds": time.perf_counter() - t0})
 
 
 def main(argv: list[str] | None = None) -> int:

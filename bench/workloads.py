@@ -8,7 +8,10 @@ imports: it is loaded on the callee of every call.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 T = TypeVar("T")
 
@@ -20,3 +23,8 @@ def noop() -> None:
 def echo(value: T) -> T:
     """Return the argument unchanged (the tensor echo benchmark)."""
     return value
+
+
+def linear_tanh(x: Tensor, w: Tensor) -> Tensor:
+    """``tanh(x @ w)``: the remote layer of the distributed autograd step."""
+    return (x @ w).tanh()
