@@ -1,0 +1,162 @@
+"""Contexts, the context container and the send/recv records (pure, in-process)."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+
+import pytest
+import torch
+
+from aiorpc_autograd.autograd import (
+    ContextContainer,
+    DistAutogradContext,
+    RecvFunction,
+    SendFunction,
+    current_context_id,
+    reachable_leaves,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+LOW = (1 << 48) - 1
+
+
+@pytest.mark.parametrize("worker_id", [0, 1, 7, 0xFFFF])
+def test_ids_carry_the_worker_id_in_the_high_16_bits(worker_id: int) -> None:
+    container = ContextContainer(worker_id)
+    contexts = [container.new_context().context_id() for _ in range(3)]
+    messages = [container.new_message_id() for _ in range(3)]
+    passes = [container.new_pass_id() for _ in range(3)]
+    for ids in (contexts, messages, passes):
+        assert [i >> 48 for i in ids] == [worker_id] * 3
+        assert len(set(ids)) == 3
+        lows = [i & LOW for i in ids]
+        assert lows == sorted(lows) and all(n > 0 for n in lows)
+        assert all(i < 1 << 64 for i in ids)
+
+
+def test_ids_of_different_workers_never_collide() -> None:
+    a, b = ContextContainer(1), ContextContainer(2)
+    ids_a = {a.new_context().context_id() for _ in range(50)}
+    ids_b = {b.new_context().context_id() for _ in range(50)}
+    assert not ids_a & ids_b
+
+
+@pytest.mark.parametrize("worker_id", [-1, 1 << 16, 1 << 20])
+def test_worker_id_must_fit_in_16_bits(worker_id: int) -> None:
+    with pytest.raises(ValueError):
+        ContextContainer(worker_id)
+
+
+def test_ids_are_unique_across_threads() -> None:
+    container = ContextContainer(3)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def make() -> None:
+        ids = [container.new_message_id() for _ in range(500)]
+        with lock:
+            seen.extend(ids)
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == len(set(seen)) == 2000
+
+
+def test_container_lookup_create_retrieve_release() -> None:
+    container = ContextContainer(2)
+    assert len(container) == 0
+    mine = container.new_context()
+    cid = mine.context_id()
+    assert len(container) == 1
+    assert container.get(cid) is mine
+    assert container.retrieve(cid) is mine
+    assert container.get_or_create(cid) is mine
+
+    # A context started elsewhere (worker 5) is created on first use, once.
+    foreign_id = (5 << 48) | 9
+    assert container.get(foreign_id) is None
+    foreign = container.get_or_create(foreign_id)
+    assert foreign.context_id() == foreign_id
+    assert container.get_or_create(foreign_id) is foreign
+    assert len(container) == 2
+    assert set(container.contexts()) == {mine, foreign}
+
+    assert container.release(cid) is mine
+    assert container.release(cid) is None
+    assert container.get(cid) is None
+    with pytest.raises(RuntimeError, match=str(cid)):
+        container.retrieve(cid)
+    assert len(container) == 1
+    assert container.release(foreign_id) is foreign
+    assert len(container) == 0
+
+
+def test_send_and_recv_records_and_known_workers() -> None:
+    ctx = DistAutogradContext(42)
+    assert ctx.context_id() == 42
+    assert ctx.send_functions() == {} and ctx.recv_functions() == {}
+    assert ctx.known_worker_ids() == set()
+
+    t = torch.ones(2, requires_grad=True)
+    send = SendFunction(11, 1, [t])
+    recv = RecvFunction(12, 2, [torch.zeros(3, requires_grad=True)])
+    ctx.add_send(send)
+    ctx.add_recv(recv)
+    ctx.add_known_worker(3)
+
+    assert ctx.send_functions() == {11: send}
+    assert ctx.recv_functions() == {12: recv}
+    assert ctx.send_functions()[11].tensors[0] is t
+    assert ctx.known_worker_ids() == {1, 2, 3}
+    assert "11" in repr(send) and "12" in repr(recv)
+
+    # The accessors return copies: callers cannot corrupt the records.
+    ctx.send_functions().clear()
+    ctx.recv_functions().clear()
+    ctx.known_worker_ids().clear()
+    assert len(ctx.send_functions()) == 1 and len(ctx.recv_functions()) == 1
+    assert ctx.known_worker_ids() == {1, 2, 3}
+
+
+def test_gradients_accumulate_per_leaf() -> None:
+    ctx = DistAutogradContext(1)
+    a = torch.zeros(2, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)  # equal values, a different leaf
+    ctx.accumulate_grad(a, torch.tensor([1.0, 2.0]))
+    ctx.accumulate_grad(a, torch.tensor([10.0, 20.0]))
+    ctx.accumulate_grad(b, torch.tensor([5.0, 5.0]))
+    grads = ctx.gradients()
+    assert set(map(id, grads)) == {id(a), id(b)}
+    assert torch.equal(grads[a], torch.tensor([11.0, 22.0]))
+    assert torch.equal(grads[b], torch.tensor([5.0, 5.0]))
+    assert a.grad is None and b.grad is None
+    grads.clear()
+    assert len(ctx.gradients()) == 2
+
+
+def test_current_context_is_per_asyncio_context() -> None:
+    assert current_context_id.get() is None
+
+    def inside(value: int) -> int | None:
+        current_context_id.set(value)
+        return current_context_id.get()
+
+    assert contextvars.copy_context().run(inside, 7) == 7
+    assert current_context_id.get() is None
+
+
+def test_reachable_leaves() -> None:
+    x = torch.ones(2, requires_grad=True)
+    w = torch.ones(2, requires_grad=True)
+    c = torch.ones(2)  # no grad: not a leaf of the graph
+    y = (x * w + c).tanh()
+    z = y * 2 + x
+    assert {id(t) for t in reachable_leaves([z])} == {id(x), id(w)}
+    assert {id(t) for t in reachable_leaves([x])} == {id(x)}  # a leaf reaches itself
+    assert reachable_leaves([c]) == []
+    assert {id(t) for t in reachable_leaves([z, x, y])} == {id(x), id(w)}
