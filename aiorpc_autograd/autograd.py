@@ -61,8 +61,8 @@ _ID_BITS = 48
 _ID_MASK = (1 << _ID_BITS) - 1
 
 
-class SendFunction:
-    """Records the tensors (requiring grad) a message sent to ``peer``."""
+class _AutogradFunction:
+    """A send or recv record: an autograd message id, the peer, the tensors."""
 
     __slots__ = ("message_id", "peer", "tensors")
 
@@ -73,23 +73,20 @@ class SendFunction:
 
     def __repr__(self) -> str:
         n = len(self.tensors)
-        return f"SendFunction(message_id={self.message_id}, to={self.peer}, {n} tensors)"
+        return f"{type(self).__name__}(message_id={self.message_id}, peer={self.peer}, {n} tensors)"
 
 
-class RecvFunction:
+class SendFunction(_AutogradFunction):
+    """Records the tensors (requiring grad) a message sent to ``peer``."""
+
+    __slots__ = ()
+
+
+class RecvFunction(_AutogradFunction):
     """Records the leaves a message from ``peer`` created on this worker; their
     gradients go back to ``peer``'s send function of the same message id."""
 
-    __slots__ = ("message_id", "peer", "tensors")
-
-    def __init__(self, message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
-        self.message_id = message_id
-        self.peer = peer
-        self.tensors = tensors
-
-    def __repr__(self) -> str:
-        n = len(self.tensors)
-        return f"RecvFunction(message_id={self.message_id}, from={self.peer}, {n} tensors)"
+    __slots__ = ()
 
 
 class DistAutogradContext:

@@ -737,55 +737,55 @@ class CleanupAutogradContextResp(Message):
     IS_RESPONSE: ClassVar[bool] = True
 
 
+class _ProfilingWrapper(Message):
+    """A message plus a profiling id and profiler data (``META``: its field
+    name and msgpack type)."""
+
+    __slots__ = ()
+    META: ClassVar[tuple[str, type]]
+    profiling_id: list[int]
+    wrapped: Message
+
+    def payload(self) -> Payload | None:
+        return self.wrapped.payload()
+
+    def to_fields(self) -> list[Any]:
+        w = self.wrapped
+        meta = getattr(self, self.META[0])
+        return [self.profiling_id, meta, int(w.TYPE), w.to_fields()]
+
+    @classmethod
+    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
+        profiling_id, meta, wtype, wfields = values
+        name, kind = cls.META
+        if type(meta) is not kind:
+            raise ProtocolError(f"{cls.__name__}.{name} has the wrong type")
+        return cls(_id_pair(profiling_id), meta, _build(wtype, wfields, tensors))  # type: ignore[call-arg]
+
+
 @_message
 @dataclass(frozen=True, slots=True)
-class RunWithProfilingReq(Message):
+class RunWithProfilingReq(_ProfilingWrapper):
     """Run ``wrapped`` with the profiler on; ``config`` is the profiler's."""
 
     TYPE: ClassVar[MessageType] = MessageType.RUN_WITH_PROFILING_REQ
+    META: ClassVar[tuple[str, type]] = ("config", dict)
     profiling_id: list[int]
     config: dict[str, Any]
     wrapped: Message
 
-    def payload(self) -> Payload | None:
-        return self.wrapped.payload()
-
-    def to_fields(self) -> list[Any]:
-        w = self.wrapped
-        return [self.profiling_id, self.config, int(w.TYPE), w.to_fields()]
-
-    @classmethod
-    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
-        profiling_id, config, wtype, wfields = values
-        if type(config) is not dict:
-            raise ProtocolError("RunWithProfilingReq.config has the wrong type")
-        return cls(_id_pair(profiling_id), config, _build(wtype, wfields, tensors))
-
 
 @_message
 @dataclass(frozen=True, slots=True)
-class RunWithProfilingResp(Message):
+class RunWithProfilingResp(_ProfilingWrapper):
     """The wrapped response with the profiled events."""
 
     TYPE: ClassVar[MessageType] = MessageType.RUN_WITH_PROFILING_RESP
     IS_RESPONSE: ClassVar[bool] = True
+    META: ClassVar[tuple[str, type]] = ("events", list)
     profiling_id: list[int]
     events: list[Any]
     wrapped: Message
-
-    def payload(self) -> Payload | None:
-        return self.wrapped.payload()
-
-    def to_fields(self) -> list[Any]:
-        w = self.wrapped
-        return [self.profiling_id, self.events, int(w.TYPE), w.to_fields()]
-
-    @classmethod
-    def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
-        profiling_id, events, wtype, wfields = values
-        if type(events) is not list:
-            raise ProtocolError("RunWithProfilingResp.events has the wrong type")
-        return cls(_id_pair(profiling_id), events, _build(wtype, wfields, tensors))
 
 
 @_message
