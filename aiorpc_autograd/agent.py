@@ -106,6 +106,29 @@ def registered_functions() -> dict[str, Callable[..., Any]]:
     return _REGISTERED
 
 
+def _capture(
+    ctx: contextvars.Context, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
+) -> tuple[bool, Any]:
+    """Run ``func`` in ``ctx`` on a pool thread; return (ok, value or exception).
+
+    Exceptions travel as values: some (StopIteration) cannot be set on a future.
+    """
+    try:
+        return True, ctx.run(func, *args, **kwargs)
+    except BaseException as exc:
+        return False, exc
+
+
+class _StopError(RuntimeError):
+    """Carries a StopIteration, which a future or coroutine cannot carry."""
+
+
+def _raisable(exc: BaseException) -> BaseException:
+    if isinstance(exc, StopIteration | StopAsyncIteration):
+        return _StopError(exc)
+    return exc
+
+
 def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
     if target.done():
         return
@@ -139,6 +162,8 @@ def exception_message(worker: str, exc: BaseException) -> ExceptionMsg:
     """The wire form of an exception raised while serving a request."""
     if isinstance(exc, RemoteError):  # a nested call failed: keep the origin
         return ExceptionMsg(exc.worker, exc.type_name, exc.remote_message, exc.remote_traceback)
+    if isinstance(exc, _StopError):  # report the StopIteration it carries
+        exc = exc.args[0]
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return ExceptionMsg(worker, _type_name(exc), str(exc), tb)
 
@@ -241,6 +266,9 @@ class RpcAgent:
         try:
             await self._listen_and_exchange()
         except BaseException:
+            # Every worker sees the same bad group (a duplicate name, a wrong
+            # token): let the store's host keep it until the others read it too.
+            await self._rdv.leave(min(options.rendezvous_timeout, 10.0))
             await self._close(RpcError("initialisation failed"))
             raise
         self._running = True
@@ -322,7 +350,7 @@ class RpcAgent:
         if timeout is None:
             timeout = self.options.rpc_timeout or 60.0
         deadline = time.monotonic() + timeout
-        timed_out: str | None = None
+        failure: RpcError | None = None
         if graceful:
             for hook in self.before_shutdown:
                 hook()
@@ -330,13 +358,15 @@ class RpcAgent:
                 await self._wait_idle(deadline)
                 await self._rdv.barrier("shutdown", max(deadline - time.monotonic(), 0.001))
                 await self._wait_idle(deadline)
-            except RpcTimeoutError as exc:
-                timed_out = str(exc)
+            except RpcError as exc:
+                failure = exc
             await self._rdv.leave(max(deadline - time.monotonic(), 0.0))
         self._running = False
         await self._close(RpcError(f"RPC agent {self.info.name!r} shut down"))
-        if timed_out is not None:
-            raise RpcTimeoutError(f"graceful shutdown did not complete in {timeout}s: {timed_out}")
+        if isinstance(failure, RpcTimeoutError):
+            raise RpcTimeoutError(f"graceful shutdown did not complete in {timeout}s: {failure}")
+        if failure is not None:
+            raise RpcError(f"graceful shutdown could not reach the group: {failure}")
 
     async def _wait_idle(self, deadline: float) -> None:
         while self._pending or self._inflight or not all(c() for c in self.idle_checks):
@@ -852,8 +882,10 @@ class RpcAgent:
         if inspect.iscoroutinefunction(func):
             return await func(*args, **kwargs)
         ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, func, *args, **kwargs)
-        result = await self.loop.run_in_executor(self._executor, call)
+        call = functools.partial(_capture, ctx, func, args, kwargs)
+        ok, result = await self.loop.run_in_executor(self._executor, call)
+        if not ok:
+            raise _raisable(result)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -866,7 +898,7 @@ class RpcAgent:
         # The hot path: the pool's future, no Task and no coroutine.
         ctx = contextvars.copy_context()
         fut = self.loop.run_in_executor(
-            self._executor, functools.partial(ctx.run, func, *args, **kwargs)
+            self._executor, functools.partial(_capture, ctx, func, args, kwargs)
         )
         result: asyncio.Future[Message] = self.loop.create_future()
         fut.add_done_callback(functools.partial(self._call_done, result))
@@ -885,7 +917,10 @@ class RpcAgent:
         if exc is not None:
             result.set_exception(exc)
             return
-        value = fut.result()
+        ok, value = fut.result()
+        if not ok:
+            result.set_exception(_raisable(value))
+            return
         if inspect.isawaitable(value):  # a plain function returned a coroutine
             task = self.loop.create_task(self._await_call(value))
             task.add_done_callback(lambda t: _chain(t, result))

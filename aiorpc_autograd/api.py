@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, overload
 
 from .agent import RpcAgent, register_function
@@ -177,9 +177,25 @@ def register(func: F | None = None, *, name: str | None = None) -> F | Callable[
     return deco(func) if func is not None else deco
 
 
+@overload
+def rpc_async(
+    to: WorkerRef,
+    func: Callable[..., Awaitable[T]],
+    args: tuple[Any, ...] | list[Any] = ...,
+    kwargs: dict[str, Any] | None = ...,
+    timeout: float | None = ...,
+) -> asyncio.Future[T]: ...
+@overload
 def rpc_async(
     to: WorkerRef,
     func: Callable[..., T] | str,
+    args: tuple[Any, ...] | list[Any] = ...,
+    kwargs: dict[str, Any] | None = ...,
+    timeout: float | None = ...,
+) -> asyncio.Future[T]: ...
+def rpc_async(
+    to: WorkerRef,
+    func: Callable[..., Any] | str,
     args: tuple[Any, ...] | list[Any] = (),
     kwargs: dict[str, Any] | None = None,
     timeout: float | None = None,
@@ -207,13 +223,29 @@ def rpc_async(
     return current_agent().call(to, func, args, kwargs, timeout)
 
 
+@overload
+def rpc_sync(
+    to: WorkerRef,
+    func: Callable[..., Awaitable[T]],
+    args: tuple[Any, ...] | list[Any] = ...,
+    kwargs: dict[str, Any] | None = ...,
+    timeout: float | None = ...,
+) -> T: ...
+@overload
 def rpc_sync(
     to: WorkerRef,
     func: Callable[..., T] | str,
+    args: tuple[Any, ...] | list[Any] = ...,
+    kwargs: dict[str, Any] | None = ...,
+    timeout: float | None = ...,
+) -> T: ...
+def rpc_sync(
+    to: WorkerRef,
+    func: Callable[..., Any] | str,
     args: tuple[Any, ...] | list[Any] = (),
     kwargs: dict[str, Any] | None = None,
     timeout: float | None = None,
-) -> T:
+) -> Any:
     """The blocking form of :func:`rpc_async`, for code off the event loop
     (a plain remote function, another thread). The caller's contextvars (its
     autograd context) travel with the call.
@@ -222,13 +254,28 @@ def rpc_sync(
         RuntimeError: called on the agent's loop thread (it would deadlock).
     """
     agent = current_agent()
-    result: T = agent.blocking(lambda: agent.call(to, func, args, kwargs, timeout))
-    return result
+    return agent.blocking(lambda: agent.call(to, func, args, kwargs, timeout))
 
 
+@overload
+def remote(
+    to: WorkerRef,
+    func: Callable[..., Awaitable[T]],
+    args: tuple[Any, ...] | list[Any] = ...,
+    kwargs: dict[str, Any] | None = ...,
+    timeout: float | None = ...,
+) -> RRef[T]: ...
+@overload
 def remote(
     to: WorkerRef,
     func: Callable[..., T] | str,
+    args: tuple[Any, ...] | list[Any] = ...,
+    kwargs: dict[str, Any] | None = ...,
+    timeout: float | None = ...,
+) -> RRef[T]: ...
+def remote(
+    to: WorkerRef,
+    func: Callable[..., Any] | str,
     args: tuple[Any, ...] | list[Any] = (),
     kwargs: dict[str, Any] | None = None,
     timeout: float | None = None,

@@ -92,8 +92,16 @@ class RemoteError(RpcError):
 
 _REMOTE_SUBCLASSES: dict[type[BaseException], type[RemoteError]] = {}
 
-# Built-in exceptions whose constructors or semantics make them unsafe to mix in.
-_NOT_MIXED = (BaseExceptionGroup, KeyboardInterrupt, SystemExit, GeneratorExit)
+# Built-in exceptions whose constructors or semantics make them unsafe to mix in
+# (StopIteration cannot be set on a future or raised out of a coroutine).
+_NOT_MIXED = (
+    BaseExceptionGroup,
+    KeyboardInterrupt,
+    SystemExit,
+    GeneratorExit,
+    StopIteration,
+    StopAsyncIteration,
+)
 
 
 def _builtin_exception(type_name: str) -> type[Exception] | None:

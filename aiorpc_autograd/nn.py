@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -63,7 +63,7 @@ class RemoteModule:
     async def remote_parameters(self, recurse: bool = True) -> list[RRef[torch.Tensor]]:
         """RRefs to the module's parameters, for a DistributedOptimizer."""
         result = await rpc_async(self.owner, _parameter_rrefs, (self.module_rref, recurse))
-        return cast(list[RRef[torch.Tensor]], result)
+        return result
 
     async def train(self, mode: bool = True) -> None:
         """Set the remote module's training mode."""

@@ -23,20 +23,22 @@ __all__ = ["DistributedOptimizer"]
 class _LocalOptimizer:
     """Lives on a parameter owner: steps its parameters with a context's grads.
 
-    Steps of one instance are serialised by a lock (they run in the owner's
-    thread pool, possibly concurrently).
+    Steps on one worker are serialised by one lock shared by every local
+    optimizer there, as in PyTorch (several DistributedOptimizers may share
+    parameters, and a step sets their ``.grad``).
     """
+
+    lock = threading.Lock()
 
     def __init__(
         self,
         optimizer_class: type[torch.optim.Optimizer],
-        params: Sequence[RRef[torch.Tensor]],
+        params: Sequence[torch.Tensor],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        self.params = [p.local_value() for p in params]
+        self.params = list(params)
         self.optim = optimizer_class(self.params, *args, **kwargs)
-        self.lock = threading.Lock()
 
     def step(self, context_id: int) -> None:
         grads = get_gradients(context_id)
@@ -48,8 +50,21 @@ class _LocalOptimizer:
             self.optim.step()
 
 
-def _step(local: RRef[_LocalOptimizer], context_id: int) -> None:
-    local.local_value().step(context_id)
+async def _new_local_optimizer(
+    optimizer_class: type[torch.optim.Optimizer],
+    params: Sequence[RRef[torch.Tensor]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> _LocalOptimizer:
+    """Runs on the owner; waits for parameters still being created."""
+    values = [await p.to_here() for p in params]  # on the owner: the tensors themselves
+    return _LocalOptimizer(optimizer_class, values, args, kwargs)
+
+
+async def _step(local: RRef[_LocalOptimizer], context_id: int) -> None:
+    """Runs on the owner; waits for the local optimizer if still being built."""
+    optimizer = await local.to_here()
+    await asyncio.to_thread(optimizer.step, context_id)
 
 
 class DistributedOptimizer:
@@ -75,9 +90,9 @@ class DistributedOptimizer:
         by_owner: dict[WorkerInfo, list[RRef[torch.Tensor]]] = {}
         for p in params_rref:
             by_owner.setdefault(p.owner(), []).append(p)
-        self._agent = current_agent()
+        current_agent()  # raises if RPC is not initialised
         self._optimizers: dict[WorkerInfo, RRef[_LocalOptimizer]] = {
-            owner: remote(owner, _LocalOptimizer, (optimizer_class, params, args, kwargs))
+            owner: remote(owner, _new_local_optimizer, (optimizer_class, params, args, kwargs))
             for owner, params in by_owner.items()
         }
 
@@ -88,9 +103,7 @@ class DistributedOptimizer:
         Raises:
             RemoteError: an owner failed (raised after all owners finished).
         """
-        steps = [
-            rpc_async(owner, _step, (opt, context_id)) for owner, opt in self._optimizers.items()
-        ]
+        steps = [rpc_async(w, _step, (opt, context_id)) for w, opt in self._optimizers.items()]
         results = await asyncio.gather(*steps, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):

@@ -9,7 +9,10 @@ including ``TORCHELASTIC_USE_AGENT_STORE``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +24,7 @@ import msgpack
 import torch.distributed as dist
 from torch.distributed import Store  # type: ignore[attr-defined]
 
-from .errors import RpcTimeoutError
+from .errors import RpcError, RpcTimeoutError
 
 __all__ = ["Address", "Rendezvous"]
 
@@ -73,7 +76,7 @@ class Rendezvous:
         self.world_size = world_size
         self.prefix = prefix
         self.timeout = timeout
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="aiorpc-store")
+        self._thread = _StoreThread()
 
     @classmethod
     async def join(
@@ -120,9 +123,30 @@ class Rendezvous:
         self.prefix = f"aiorpc/{gen}/"
         return self
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking store call on the store thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+    async def call(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
+        """Run a blocking store call on the store thread.
+
+        Raises:
+            RpcTimeoutError: ``deadline`` (a ``time.monotonic()`` value) passed.
+            RpcError: the store is unreachable (its host left, say).
+        """
+        fut = self._thread.submit(fn, *args)
+        try:
+            if deadline is None:
+                return await fut
+            return await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.001))
+        except TimeoutError as exc:
+            raise RpcTimeoutError("the rendezvous store did not answer in time") from exc
+        except RuntimeError as exc:  # torch's DistNetworkError/DistStoreError
+            if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                raise RpcTimeoutError(f"rendezvous store timed out: {exc}") from exc
+            raise RpcError(f"the rendezvous store is unreachable: {exc}") from exc
+
+    async def bound(self, deadline: float) -> None:
+        """Cut the store's own timeout to ``deadline``, so the store calls that
+        follow (and the thread blocked in one) do not outlive it."""
+        remaining = timedelta(seconds=max(deadline - time.monotonic(), 0.001))
+        await self.call(self.store.set_timeout, remaining, deadline=deadline)
 
     async def exchange(self, me: Address) -> list[Address]:
         """Publish this worker's address and return every worker's, by rank."""
@@ -131,8 +155,8 @@ class Rendezvous:
         keys = [f"{self.prefix}addr/{r}" for r in range(self.world_size)]
         try:
             await self.call(store.wait, keys, timedelta(seconds=self.timeout))
-        except RuntimeError as exc:
-            raise RpcTimeoutError(f"not every worker joined within {self.timeout}s: {exc}") from exc
+        except RpcTimeoutError as exc:
+            raise RpcTimeoutError(f"not every worker joined within {self.timeout}s") from exc
         values = await self.call(store.multi_get, keys)
         return [Address.unpack(v) for v in values]
 
@@ -144,13 +168,15 @@ class Rendezvous:
         """
         store = self.store
         deadline = time.monotonic() + timeout
-        arrived = await self.call(store.add, f"{self.prefix}{tag}/arrived", 1)
+        await self.bound(deadline)
+        key = f"{self.prefix}{tag}"
+        arrived = await self.call(store.add, f"{key}/arrived", 1, deadline=deadline)
         if arrived == self.world_size:
-            await self.call(store.set, f"{self.prefix}{tag}/done", b"1")
-        remaining = max(deadline - time.monotonic(), 0.001)
+            await self.call(store.set, f"{key}/done", b"1", deadline=deadline)
+        remaining = timedelta(seconds=max(deadline - time.monotonic(), 0.001))
         try:
-            await self.call(store.wait, [f"{self.prefix}{tag}/done"], timedelta(seconds=remaining))
-        except RuntimeError as exc:
+            await self.call(store.wait, [f"{key}/done"], remaining, deadline=deadline)
+        except RpcTimeoutError as exc:
             raise RpcTimeoutError(f"barrier {tag!r} timed out after {timeout}s") from exc
 
     async def leave(self, timeout: float) -> None:
@@ -158,14 +184,54 @@ class Rendezvous:
         up to ``timeout``, until all others are, so nobody loses the store early."""
         store = self.store
         deadline = time.monotonic() + timeout
+        key = f"{self.prefix}left"
         try:
-            left = await self.call(store.add, f"{self.prefix}left", 1)
+            await self.bound(deadline)
+            left = await self.call(store.add, key, 1, deadline=deadline)
             while self.rank == 0 and left < self.world_size and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
-                left = await self.call(store.add, f"{self.prefix}left", 0)
-        except RuntimeError:
-            pass  # the store's host is gone already: nothing left to protect
+                left = await self.call(store.add, key, 0, deadline=deadline)
+        except (RpcError, RuntimeError):
+            pass  # the store's host is gone or stuck: nothing left to protect
 
     def close(self) -> None:
         """Stop the store thread (the store goes when the last reference does)."""
-        self._thread.shutdown(wait=False)
+        self._thread.close()
+
+
+class _StoreThread:
+    """One daemon thread for every call on a store: torch's store objects are
+    not safe to use from several threads at once, and a call stuck on a frozen
+    store host must not keep the process from exiting."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="aiorpc-store", daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((loop, fut, fn, args))
+        return fut
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            loop, fut, fn, args = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # the loop is closed already
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

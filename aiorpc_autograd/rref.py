@@ -305,6 +305,7 @@ class RRefService:
         # Forks confirmed after their handle was dropped but before the drop
         # was processed here.
         self._confirmed_forks: set[Id] = set()
+        self._shutting_down = False
 
     @classmethod
     def install(cls, agent: RpcAgent) -> RRefService:
@@ -319,7 +320,7 @@ class RRefService:
         agent.debug_counters["num_owner_rrefs"] = lambda: len(self._owners)
         agent.debug_counters["num_user_rrefs"] = lambda: len(self._users)
         agent.debug_counters["num_pending_rref_children"] = lambda: len(self._pending_children)
-        agent.idle_checks.append(lambda: self._ops == 0)
+        agent.idle_checks.append(self._idle)
         agent.before_shutdown.append(self.delete_all_users)
         agent.extensions["rref"] = self
         cls._current = self
@@ -435,11 +436,33 @@ class RRefService:
             self._confirmed_forks.add(fork_id)
 
     def delete_all_users(self) -> None:
-        """Graceful shutdown: tell owners every live user RRef is gone."""
+        """Graceful shutdown: tell owners every live user RRef is gone, each
+        once the owner confirmed it and no fork of it is in flight (PyTorch's
+        delAllUsersAndUnforkedOwners); :meth:`_idle` keeps at it until done."""
+        self._shutting_down = True
+        self._sweep()
+
+    def _sweep(self) -> bool:
+        """Delete the user RRefs that can go now; True when none is left."""
+        parents = {id(r) for r in self._pending_children.values()}
+        done = True
         for rref in list(self._users.values()):
-            if not rref._deleted and rref._confirmed:
+            if rref._deleted:
+                continue
+            if rref._confirmed and id(rref) not in parents:
                 rref._deleted = True
                 self._send_delete(rref._owner, rref._rref_id, rref._fork_id)
+            else:
+                done = False
+        return done
+
+    def _idle(self) -> bool:
+        """No RRef work left that a graceful shutdown must wait for."""
+        if self._ops:
+            return False
+        if not self._shutting_down:
+            return True
+        return self._sweep() and not self._pending_children and not self._unconfirmed_deletes
 
     # -- forking (pickling) --------------------------------------------------------
 

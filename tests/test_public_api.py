@@ -205,23 +205,18 @@ BUILTIN_ERRORS = sorted(
     if isinstance(value, type)
     and issubclass(value, Exception)
     and not issubclass(value, BaseExceptionGroup)
+    # A future cannot hold them, nor a coroutine raise them: plain RemoteError.
+    and not issubclass(value, StopIteration | StopAsyncIteration)
 )
-# remote_error() itself raises TypeError for these (found by this test).
-BROKEN: dict[str, str] = {}
 
 
-@pytest.mark.parametrize(
-    "type_name",
-    [
-        pytest.param(
-            n,
-            marks=[pytest.mark.xfail(strict=True, raises=TypeError, reason=f"BUG: {BROKEN[n]}")]
-            if n in BROKEN
-            else [],
-        )
-        for n in BUILTIN_ERRORS
-    ],
-)
+@pytest.mark.parametrize("type_name", ["StopIteration", "StopAsyncIteration"])
+def test_stop_iteration_arrives_as_plain_remote_error(type_name: str) -> None:
+    err = remote_error("w", type_name, "message", "traceback text")
+    assert type(err) is RemoteError and err.type_name == type_name
+
+
+@pytest.mark.parametrize("type_name", BUILTIN_ERRORS)
 def test_every_builtin_exception_crosses_the_wire(type_name: str) -> None:
     err = remote_error("w", type_name, "message", "traceback text")
     assert isinstance(err, getattr(builtins, type_name))

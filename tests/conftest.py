@@ -1,0 +1,16 @@
+"""Shared test configuration.
+
+The repository root goes first on ``sys.path`` so that ``tests`` is importable
+as a package, whatever pytest's import mode: worker processes started with the
+``spawn`` method inherit the parent's ``sys.path`` and import their targets
+(``tests.integration...``) by name.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)

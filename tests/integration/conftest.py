@@ -1,0 +1,65 @@
+"""Fixtures of the real-process tests: a shared service group, and a check
+that no test leaves a worker process behind."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.integration.harness import WorkerGroup, open_service_pids, start_service
+
+# Long-lived groups whose workers are not orphans (other modules register theirs
+# here too). Service groups not closed yet are spared anyway (open_service_pids).
+_LIVE: list[WorkerGroup] = []
+
+
+@pytest.fixture(autouse=True)
+def no_orphan_workers() -> Iterator[None]:
+    """Fail a test that leaves worker processes running (outside a live service group)."""
+    yield
+    allowed = {pid for group in _LIVE for pid in group.pids} | open_service_pids()
+    deadline = time.monotonic() + 5
+    while True:
+        stray = [p for p in multiprocessing.active_children() if p.pid not in allowed]
+        if not stray or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for proc in stray:
+        proc.kill()
+    assert not stray, f"worker processes left running: {stray}"
+
+
+@pytest.fixture(scope="module")
+def _service_holder() -> Iterator[dict[str, WorkerGroup]]:
+    holder: dict[str, WorkerGroup] = {}
+    yield holder
+    group = holder.pop("group", None)
+    if group is None:
+        return
+    try:
+        if not group.broken:
+            # A graceful shutdown of the whole group after every test's workload.
+            assert group.stop(timeout=30) == [True] * group.world_size
+    finally:
+        group.close()
+        _LIVE.remove(group)
+
+
+@pytest.fixture
+def service(_service_holder: dict[str, WorkerGroup]) -> WorkerGroup:
+    """Three workers (``worker0``..``worker2``) shared by the tests of a module,
+    restarted if an earlier test broke them. Run code on them with
+    ``service.call(rank, func, *args)``."""
+    group = _service_holder.get("group")
+    if group is not None and group.broken:
+        group.close()
+        _LIVE.remove(group)
+        group = None
+    if group is None:
+        group = start_service(3, timeout=60)
+        _service_holder["group"] = group
+        _LIVE.append(group)
+    return group
