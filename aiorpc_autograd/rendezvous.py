@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -19,10 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 import msgpack
 import torch.distributed as dist
-from torch.distributed import Store  # type: ignore[attr-defined]
+from torch.distributed import Store, TCPStore  # type: ignore[attr-defined]
 
 from .errors import RpcError, RpcTimeoutError
 
@@ -101,11 +103,17 @@ class Rendezvous:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
 
         def connect() -> tuple[Store, int, int]:
+            assert rank is not None and world_size is not None
+            delta = timedelta(seconds=timeout)
+            address = _store_address(init_method)
+            if address is not None:
+                store = _tcp_store(*address, rank, world_size, delta)
+                return store, rank, world_size
             it = dist.rendezvous(  # type: ignore[attr-defined]
-                init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+                init_method, rank=rank, world_size=world_size, timeout=delta
             )
             store, r, w = next(it)
-            store.set_timeout(timedelta(seconds=timeout))
+            store.set_timeout(delta)
             return store, r, w
 
         loop = asyncio.get_running_loop()
@@ -197,6 +205,32 @@ class Rendezvous:
     def close(self) -> None:
         """Stop the store thread (the store goes when the last reference does)."""
         self._thread.close()
+
+
+def _store_address(init_method: str) -> tuple[str, int] | None:
+    """Host and port of the store for ``tcp://`` and plain ``env://``; None
+    where torch's own handler must make the store (torchelastic's agent store)."""
+    url = urlparse(init_method)
+    if url.scheme == "tcp" and url.hostname and url.port:
+        return url.hostname, url.port
+    if url.scheme == "env" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        try:
+            return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"env:// needs MASTER_ADDR and MASTER_PORT: {exc}") from exc
+    return None
+
+
+def _tcp_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> Store:
+    """A TCPStore hosted by rank 0 that listens on ``host`` only.
+
+    torch's handlers bind the store to every interface whatever the URL says;
+    here rank 0 binds the socket itself and hands it to the store.
+    """
+    if rank == 0:
+        listen_fd = socket.create_server((host, port)).detach()  # the store owns it
+        return TCPStore(host, port, world_size, True, timeout, master_listen_fd=listen_fd)
+    return TCPStore(host, port, world_size, False, timeout)
 
 
 class _StoreThread:

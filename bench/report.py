@@ -249,17 +249,24 @@ def _notes(name: str, entry: Mapping[str, Any]) -> list[str]:
             f"  - other processes kept {min(busy):.2f}-{max(busy):.2f} cores busy "
             "during the launches (noise)"
         )
+    chatty: dict[str, list[str]] = {}
     for run in entry["runs"]:
-        first = next((t.strip().splitlines()[0] for t in run.get("output") or [] if t.strip()), "")
-        if first:
-            out.append(
-                f"  - {run['config']} launch {run['launch']}: workers wrote output, "
-                f"first line `{first[:160]}` (all in the JSON's `output`)"
-            )
+        texts = [t.strip() for t in run.get("output") or [] if t.strip()]
+        if texts:
+            chatty.setdefault(run["config"], []).append(texts[0].splitlines()[-1].strip())
+    for config, last_lines in chatty.items():
+        out.append(
+            f"  - {config}: workers wrote output in {len(last_lines)} launch(es), e.g. "
+            f"`{last_lines[0][:160]}` (all of it under `output` in the JSON)"
+        )
+    for run in entry["runs"]:
         if not run.get("ok"):
             error = (run.get("error") or "").strip().splitlines()
-            last = error[-1] if error else "unknown error"
-            out.append(f"  - {run['config']} launch {run['launch']}: failed — `{last}`")
+            why = [f"`{error[-1] if error else 'unknown error'}`"]
+            for rank, text in enumerate(run.get("output") or []):
+                if text.strip():
+                    why.append(f"rank {rank} said `{text.strip().splitlines()[-1].strip()[:160]}`")
+            out.append(f"  - {run['config']} launch {run['launch']}: failed — {'; '.join(why)}")
     return out
 
 

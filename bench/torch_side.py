@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -146,6 +147,11 @@ def run_worker(ctx: WorkerContext) -> None:
     ``tcp://`` rendezvous for :mod:`bench.loopback`'s.
     """
     ctx.info["torch"] = torch.__version__
+    # init_rpc trips torch's own deprecation warning about Gloo process groups;
+    # silenced so that any output a worker writes is worth reading.
+    warnings.filterwarnings(
+        "ignore", message=r"You are using a Backend .* as a ProcessGroup", category=UserWarning
+    )
     loopback.register()
     options = rpc.TensorPipeRpcBackendOptions(
         init_method=loopback.init_method(ctx.port), **ctx.options
