@@ -174,6 +174,7 @@ class _Pending:
     peer: int
     decode: ResponseDecoder
     timer: asyncio.TimerHandle | None = None
+    conn: Connection | None = None  # the connection it went out on (None: queued)
 
 
 @dataclass(slots=True)
@@ -181,7 +182,7 @@ class _Peer:
     info: WorkerInfo
     address: Address
     conn: Connection | None = None
-    queue: list[tuple[bytes, list[memoryview]]] = field(default_factory=list)
+    queue: list[tuple[bytes, list[memoryview], int]] = field(default_factory=list)
     connecting: asyncio.Task[None] | None = None
 
 
@@ -483,7 +484,7 @@ class RpcAgent:
         self._pending[rid] = pending
         if self.fault_injector is not None and self._inject(to.id, message, header, buffers, rid):
             return fut
-        self._send(to.id, header, buffers)
+        self._send(to.id, header, buffers, rid)
         return fut
 
     def _inject(
@@ -498,7 +499,7 @@ class RpcAgent:
         if action == "drop":
             return True
         if action == "delay":
-            self.loop.call_later(delay, self._send, peer_id, header, buffers)
+            self.loop.call_later(delay, self._send, peer_id, header, buffers, rid)
             return True
         if action == "fail":
             self._fail_pending(lambda p: p is self._pending.get(rid), RpcError("injected failure"))
@@ -612,34 +613,46 @@ class RpcAgent:
             return codec.load_payload(message.value, self.options.allow_pickle)
         raise ProtocolError(f"unexpected response {type(message).__name__}")
 
-    def _send(self, peer_id: int, header: bytes, buffers: list[memoryview]) -> None:
+    def _send(self, peer_id: int, header: bytes, buffers: list[memoryview], rid: int) -> None:
+        pending = self._pending.get(rid)
+        if pending is None:
+            return  # already failed or timed out (a delayed send, say)
         peer = self._peers[peer_id]
         conn = peer.conn
         if conn is not None and not conn.closed and not peer.queue:
+            pending.conn = conn
             conn.send(header, buffers)
             return
-        peer.queue.append((header, buffers))
+        peer.queue.append((header, buffers, rid))
         if peer.connecting is None:
             peer.connecting = self.loop.create_task(self._connect(peer))
 
     async def _connect(self, peer: _Peer) -> None:
         addr = peer.address
+        # A peer that accepts but never completes the TLS/auth handshake (hung,
+        # say) must not hold the queued calls forever.
+        limit = self.options.heartbeat_timeout
         try:
             if addr.unix_path and self._use_unix and addr.host_id == _host_id():
-                conn = await connect(self._make_client, path=addr.unix_path)
+                opening = connect(self._make_client, path=addr.unix_path)
             else:
-                conn = await connect(
+                opening = connect(
                     self._make_client, host=addr.host, port=addr.port, ssl=self._client_ssl
                 )
-        except (OSError, ConnectionLostError, AuthenticationError) as exc:
+            conn = await asyncio.wait_for(opening, limit)
+        except (OSError, ConnectionLostError, AuthenticationError, TimeoutError) as exc:
             peer.connecting = None
             peer.queue.clear()
-            error: RpcError = (
-                exc
-                if isinstance(exc, AuthenticationError)
-                else ConnectionLostError(f"cannot connect to worker {peer.info.name!r}: {exc}")
-            )
-            self._fail_pending(lambda p: p.peer == peer.info.id, error)
+            error: RpcError
+            if isinstance(exc, AuthenticationError):
+                error = exc
+            elif isinstance(exc, TimeoutError):
+                error = ConnectionLostError(
+                    f"worker {peer.info.name!r} did not complete the connection in {limit}s"
+                )
+            else:
+                error = ConnectionLostError(f"cannot connect to worker {peer.info.name!r}: {exc}")
+            self._fail_pending(lambda p: p.peer == peer.info.id and p.conn is None, error)
             return
         conn.peer = peer.info
         hello, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
@@ -647,8 +660,11 @@ class RpcAgent:
         peer.conn = conn
         peer.connecting = None
         queue, peer.queue = peer.queue, []
-        for header, buffers in queue:
-            conn.send(header, buffers)
+        for header, buffers, rid in queue:
+            pending = self._pending.get(rid)
+            if pending is not None:
+                pending.conn = conn
+                conn.send(header, buffers)
 
     def reply(self, conn: Connection, rid: int, message: Message) -> None:
         """Send the response to request ``rid`` (dropped if the peer is gone)."""
@@ -780,11 +796,13 @@ class RpcAgent:
         peer = self._peers.get(info.id)
         if peer is not None and peer.conn is conn:
             peer.conn = None
-            reason = f": {exc}" if exc else ""
-            self._fail_pending(
-                lambda p: p.peer == info.id,
-                ConnectionLostError(f"lost the connection to worker {info.name!r}{reason}"),
-            )
+        # Only the calls that went out on this connection: later ones may be
+        # queued for, or already on, a new one.
+        reason = f": {exc}" if exc else ""
+        self._fail_pending(
+            lambda p: p.conn is conn,
+            ConnectionLostError(f"lost the connection to worker {info.name!r}{reason}"),
+        )
 
     async def _heartbeat_loop(self) -> None:
         """Probe peers that owe us answers; drop those silent for too long."""
@@ -794,19 +812,20 @@ class RpcAgent:
         while True:
             await asyncio.sleep(min(interval, limit / 2))
             now = time.monotonic()
-            for peer_id in {p.peer for p in self._pending.values()}:
-                conn = self._peers[peer_id].conn
-                if conn is None or conn.closed:
+            for conn in {p.conn for p in self._pending.values() if p.conn is not None}:
+                if conn.closed:
                     continue
-                silent = now - conn.last_received
-                if silent > limit:
-                    conn.abort(
-                        ConnectionLostError(
-                            f"worker {conn.peer_label!r} sent nothing for {silent:.1f}s "
-                            f"(heartbeat_timeout={limit}s)"
+                if conn.probe_sent > conn.last_received:  # a probe is unanswered
+                    if now - conn.probe_sent > limit:
+                        conn.abort(
+                            ConnectionLostError(
+                                f"worker {conn.peer_label!r} sent nothing for "
+                                f"{now - conn.last_received:.1f}s and did not answer a "
+                                f"heartbeat (heartbeat_timeout={limit}s)"
+                            )
                         )
-                    )
-                elif silent >= interval:
+                elif now - conn.last_received >= interval:
+                    conn.probe_sent = now
                     conn.send(probe, [])
 
     def _expire(self, rid: int, timeout: float, to: WorkerInfo) -> None:

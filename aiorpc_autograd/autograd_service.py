@@ -130,10 +130,12 @@ class _PassRun:
         self._check()
 
     def fail(self, error: BaseException) -> None:
+        """Stop this run: the engine (if still going) and the wait for answers."""
         if self.error is None:
             self.error = error
         if self.engine is not None and not self.engine.done:
-            self.engine.abort(error)
+            self.engine.abort(error)  # reports back through finished()
+        self._check()
 
     def _check(self) -> None:
         if self.done.done():
@@ -168,7 +170,9 @@ class AutogradService:
         agent.handlers[BackwardStartReq] = self._on_start
         agent.handlers[BackwardAbortReq] = self._on_abort
         agent.debug_counters["num_autograd_contexts"] = lambda: len(self.container)
-        agent.debug_counters["num_current_backward_passes"] = lambda: len(self._runs)
+        agent.debug_counters["num_current_backward_passes"] = lambda: sum(
+            1 for run in self._runs.values() if not run.done.done()
+        )
         agent.extensions["autograd"] = self
         return self
 
@@ -255,8 +259,8 @@ class AutogradService:
         ctx = self.container.release(context_id)
         if ctx is None:
             return
-        for run in [r for (cid, _), r in self._runs.items() if cid == context_id]:
-            run.fail(RuntimeError(f"autograd context {context_id} was released"))
+        for key in [k for k in self._runs if k[0] == context_id]:
+            self._runs.pop(key).fail(RuntimeError(f"autograd context {context_id} was released"))
         if not self.agent.running:
             return
         for worker_id in ctx.known_worker_ids() - {self.agent.info.id, exclude}:

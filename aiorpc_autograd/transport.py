@@ -88,6 +88,7 @@ class Connection(asyncio.BufferedProtocol):
         self.made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.made.add_done_callback(_retrieved)  # accepted connections never await it
         self.last_received = 0.0
+        self.probe_sent = 0.0  # when the owner last sent a liveness probe
 
     # -- asyncio.BaseProtocol ------------------------------------------------
 
@@ -184,7 +185,7 @@ class Connection(asyncio.BufferedProtocol):
     def peer_label(self) -> str:
         """The peer, for messages: its name when known, else its address."""
         if self.peer is not None:
-            return str(self.peer)
+            return str(getattr(self.peer, "name", self.peer))
         if self._transport is not None:
             return str(self._transport.get_extra_info("peername"))
         return "?"
