@@ -267,6 +267,7 @@ class RpcAgent:
         try:
             await self._listen_and_exchange()
         except BaseException:
+            self._running = False
             # Every worker sees the same bad group (a duplicate name, a wrong
             # token): let the store's host keep it until the others read it too.
             await self._rdv.leave(min(options.rendezvous_timeout, 10.0))
@@ -339,6 +340,9 @@ class RpcAgent:
             info = WorkerInfo(addr.name, addr.rank)
             self._peers[addr.rank] = _Peer(info, addr)
             self._by_name[addr.name] = info
+        # Running from here on: requests that arrived early are served now, and
+        # what they run may use the API (RRefs, nested calls).
+        self._running = True
         early, self._early = self._early or [], None
         for conn, frame in early:
             if not conn.closed:
@@ -349,8 +353,8 @@ class RpcAgent:
         if not self._running:
             return
         if timeout is None:
-            timeout = self.options.rpc_timeout or 60.0
-        deadline = time.monotonic() + timeout
+            timeout = self.options.rpc_timeout
+        deadline = time.monotonic() + (timeout or float("inf"))
         failure: RpcError | None = None
         if graceful:
             for hook in self.before_shutdown:

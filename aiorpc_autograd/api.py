@@ -105,7 +105,8 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
         graceful: keep serving while waiting until every worker called shutdown
             and all outstanding work is done, then close; False fails every
             pending call with :class:`RpcError` and closes at once.
-        timeout: bounds the whole wait (None: the options' ``rpc_timeout``).
+        timeout: bounds the whole wait in seconds (None: the options'
+            ``rpc_timeout``; 0: no limit, as for a worker that only serves).
 
     Raises:
         RpcTimeoutError: the graceful wait timed out (the agent is closed anyway).
@@ -129,16 +130,18 @@ async def worker(
     *,
     init_method: str | None = None,
     options: RpcOptions | None = None,
+    shutdown_timeout: float | None = None,
 ) -> AsyncIterator[WorkerInfo]:
-    """``init_rpc`` on enter, graceful ``shutdown`` on exit (non-graceful when
-    the body raised, so an error is not hidden behind a wait)."""
+    """``init_rpc`` on enter, graceful ``shutdown(timeout=shutdown_timeout)`` on
+    exit (non-graceful when the body raised, so an error is not hidden behind a
+    wait). A worker that only serves others can pass ``shutdown_timeout=0``."""
     info = await init_rpc(name, rank, world_size, init_method=init_method, options=options)
     try:
         yield info
     except BaseException:
         await shutdown(graceful=False)
         raise
-    await shutdown()
+    await shutdown(timeout=shutdown_timeout)
 
 
 def get_worker_info(name: str | None = None) -> WorkerInfo:

@@ -185,19 +185,19 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, tensors: Sequence[torch.Tensor | None]) -> None:
         super().__init__(file)
         self._tensors = tensors
-        self._parameters: dict[int, torch.nn.Parameter] = {}
 
     def persistent_load(self, pid: Any) -> Any:
         if type(pid) is int:
             return self._tensors[pid]
         if type(pid) is tuple and pid and pid[0] == "P":
-            index = pid[1]
-            param = self._parameters.get(index)
-            if param is None:  # one Parameter per tensor, however often it appears
-                t = self._tensors[index]
-                assert t is not None
-                param = self._parameters[index] = torch.nn.Parameter(t, t.requires_grad)
-            return param
+            t = self._tensors[pid[1]]
+            assert t is not None
+            # Made a Parameter in place, not wrapped: the table's tensor is the
+            # object autograd recorded (a recv function's leaf), and one tensor
+            # appearing twice stays one object.
+            if type(t) is not torch.nn.Parameter:
+                t.__class__ = torch.nn.Parameter
+            return t
         if type(pid) is tuple and pid and pid[0] in _persistent_loaders:
             return _persistent_loaders[pid[0]](pid)
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")

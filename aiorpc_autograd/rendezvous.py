@@ -175,23 +175,29 @@ class Rendezvous:
             RpcTimeoutError: not all arrived within ``timeout`` seconds.
         """
         store = self.store
-        deadline = time.monotonic() + timeout
-        await self.bound(deadline)
+        deadline = time.monotonic() + timeout  # may be inf: no limit
         key = f"{self.prefix}{tag}"
-        arrived = await self.call(store.add, f"{key}/arrived", 1, deadline=deadline)
-        if arrived == self.world_size:
-            await self.call(store.set, f"{key}/done", b"1", deadline=deadline)
-        remaining = timedelta(seconds=max(deadline - time.monotonic(), 0.001))
-        try:
-            await self.call(store.wait, [f"{key}/done"], remaining, deadline=deadline)
-        except RpcTimeoutError as exc:
-            raise RpcTimeoutError(f"barrier {tag!r} timed out after {timeout}s") from exc
+        arrived: int | None = None
+        while True:  # store calls take finite timeouts: wait in chunks
+            chunk = min(deadline, time.monotonic() + _CHUNK)
+            await self.bound(chunk)
+            try:
+                if arrived is None:
+                    arrived = await self.call(store.add, f"{key}/arrived", 1, deadline=chunk)
+                    if arrived == self.world_size:
+                        await self.call(store.set, f"{key}/done", b"1", deadline=chunk)
+                remaining = timedelta(seconds=max(chunk - time.monotonic(), 0.001))
+                await self.call(store.wait, [f"{key}/done"], remaining, deadline=chunk)
+                return
+            except RpcTimeoutError as exc:
+                if time.monotonic() >= deadline:
+                    raise RpcTimeoutError(f"barrier {tag!r} timed out after {timeout}s") from exc
 
     async def leave(self, timeout: float) -> None:
         """Announce this worker is done with the store; the host (rank 0) waits,
         up to ``timeout``, until all others are, so nobody loses the store early."""
         store = self.store
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + min(timeout, _CHUNK)
         key = f"{self.prefix}left"
         try:
             await self.bound(deadline)
@@ -205,6 +211,9 @@ class Rendezvous:
     def close(self) -> None:
         """Stop the store thread (the store goes when the last reference does)."""
         self._thread.close()
+
+
+_CHUNK = 30.0  # seconds: the longest single store wait
 
 
 def _store_address(init_method: str) -> tuple[str, int] | None:
