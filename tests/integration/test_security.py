@@ -183,6 +183,8 @@ async def auth_phases(
     await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=inits["env"])
     await barrier()
     out["env_call"] = await rpc.rpc_async(peer, torch.mul, args=(torch.ones(2), rank + 2))
+    # Both calls done (the peer's may still be arriving here): only then spy.
+    await barrier()
     spy = DecodeSpy()
     if rank == 0:
         agent = api.current_agent()
