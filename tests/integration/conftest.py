@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -32,20 +32,46 @@ def no_orphan_workers() -> Iterator[None]:
     assert not stray, f"worker processes left running: {stray}"
 
 
-@pytest.fixture(scope="module")
-def _service_holder() -> Iterator[dict[str, WorkerGroup]]:
-    holder: dict[str, WorkerGroup] = {}
-    yield holder
+def close_shared_group(holder: dict[str, WorkerGroup]) -> None:
+    """Teardown of a module's shared group: a graceful shutdown of the whole
+    group after every test's workload, then the processes are gone."""
     group = holder.pop("group", None)
     if group is None:
         return
     try:
         if not group.broken:
-            # A graceful shutdown of the whole group after every test's workload.
             assert group.stop(timeout=30) == [True] * group.world_size
     finally:
         group.close()
         _LIVE.remove(group)
+
+
+def shared_group(
+    holder: dict[str, WorkerGroup],
+    world_size: int,
+    setup: Callable[[WorkerGroup], object] | None = None,
+) -> WorkerGroup:
+    """The module's group of ``world_size`` service workers, started (then
+    ``setup``) on first use and restarted if an earlier test broke it."""
+    group = holder.get("group")
+    if group is not None and group.broken:
+        group.close()
+        _LIVE.remove(group)
+        group = None
+    if group is None:
+        group = start_service(world_size, timeout=60)
+        holder["group"] = group
+        _LIVE.append(group)  # its workers are not orphans (no_orphan_workers)
+        if setup is not None:
+            setup(group)
+    return group
+
+
+@pytest.fixture(scope="module")
+def _service_holder() -> Iterator[dict[str, WorkerGroup]]:
+    holder: dict[str, WorkerGroup] = {}
+    yield holder
+    close_shared_group(holder)
 
 
 @pytest.fixture
@@ -53,13 +79,4 @@ def service(_service_holder: dict[str, WorkerGroup]) -> WorkerGroup:
     """Three workers (``worker0``..``worker2``) shared by the tests of a module,
     restarted if an earlier test broke them. Run code on them with
     ``service.call(rank, func, *args)``."""
-    group = _service_holder.get("group")
-    if group is not None and group.broken:
-        group.close()
-        _LIVE.remove(group)
-        group = None
-    if group is None:
-        group = start_service(3, timeout=60)
-        _service_holder["group"] = group
-        _LIVE.append(group)
-    return group
+    return shared_group(_service_holder, 3)

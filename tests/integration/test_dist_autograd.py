@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 
 import aiorpc_autograd as rpc
 from aiorpc_autograd import dist_autograd
-from tests.integration.conftest import _LIVE
-from tests.integration.harness import WorkerGroup, start_service
+from tests.integration.conftest import close_shared_group, shared_group
+from tests.integration.harness import WorkerGroup
 
 # Generous: the first test also waits for the group to start (spawning four
 # interpreters that import torch takes tens of seconds on a loaded 2-core box);
@@ -51,35 +51,19 @@ WORLD = 4
 def _group_holder() -> Iterator[dict[str, WorkerGroup]]:
     holder: dict[str, WorkerGroup] = {}
     yield holder
-    group = holder.pop("group", None)
-    if group is None:
-        return
-    try:
-        if not group.broken:
-            assert group.stop(timeout=30) == [True] * group.world_size
-    finally:
-        group.close()
-        _LIVE.remove(group)
+    close_shared_group(holder)
 
 
 @pytest.fixture
 def group(_group_holder: dict[str, WorkerGroup]) -> WorkerGroup:
     """Four workers (``worker0``..``worker3``) shared by this module's tests
-    (one spawn for all: three trainers and a parameter server need four),
-    restarted if an earlier test broke them. Like ``conftest.service``."""
-    group = _group_holder.get("group")
-    if group is not None and group.broken:
-        group.close()
-        _LIVE.remove(group)
-        group = None
-    if group is None:
-        group = start_service(WORLD, timeout=60)
-        _group_holder["group"] = group
-        _LIVE.append(group)
-        # Wait for every worker to be up, so that start-up is not charged to
-        # the first check's call timeout.
-        assert group.call_all(ready, timeout=120) == list(range(WORLD))
-    return group
+    (three trainers and a parameter server need four); start-up is waited for
+    here, not charged to the first check's call timeout."""
+    return shared_group(_group_holder, WORLD, _all_ready)
+
+
+def _all_ready(group: WorkerGroup) -> None:
+    assert group.call_all(ready, timeout=120) == list(range(WORLD))
 
 
 async def ready(rank: int, world_size: int) -> int:

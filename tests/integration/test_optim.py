@@ -24,8 +24,8 @@ from aiorpc_autograd import dist_autograd
 from aiorpc_autograd.nn import RemoteModule
 from aiorpc_autograd.optim import DistributedOptimizer
 from tests.integration.common import await_outcome
-from tests.integration.conftest import _LIVE
-from tests.integration.harness import WorkerGroup, start_service
+from tests.integration.conftest import close_shared_group, shared_group
+from tests.integration.harness import WorkerGroup
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,32 +42,14 @@ PS1_RANK, PS2_RANK = 3, 4
 def _holder() -> Iterator[dict[str, WorkerGroup]]:
     holder: dict[str, WorkerGroup] = {}
     yield holder
-    group = holder.pop("group", None)
-    if group is None:
-        return
-    try:
-        if not group.broken:
-            assert group.stop(timeout=30) == [True] * WORLD
-    finally:
-        group.close()
-        _LIVE.remove(group)
+    close_shared_group(holder)
 
 
 @pytest.fixture
 def group(_holder: dict[str, WorkerGroup]) -> WorkerGroup:
     """Five service workers shared by this module's tests (restarted when an
     earlier test broke them)."""
-    group = _holder.get("group")
-    if group is not None and group.broken:
-        group.close()
-        _LIVE.remove(group)
-        group = None
-    if group is None:
-        group = start_service(WORLD, timeout=60)
-        _holder["group"] = group
-        _LIVE.append(group)  # its workers are not orphans (conftest.no_orphan_workers)
-        group.call_all(warm_up_optimizers, timeout=60)
-    return group
+    return shared_group(_holder, WORLD, lambda g: g.call_all(warm_up_optimizers, timeout=60))
 
 
 async def warm_up_optimizers(rank: int, world_size: int) -> None:

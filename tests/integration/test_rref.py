@@ -34,8 +34,8 @@ import torch
 import aiorpc_autograd as rpc
 from aiorpc_autograd import api, dist_autograd
 from tests.integration.common import async_sleep, await_outcome, blocking_sleep
-from tests.integration.conftest import _LIVE
-from tests.integration.harness import WorkerGroup, barrier, run_processes, start_service
+from tests.integration.conftest import close_shared_group, shared_group
+from tests.integration.harness import WorkerGroup, barrier, run_processes
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -52,31 +52,14 @@ SHUTDOWN_S = 6.0  # bounds the graceful shutdowns of the shutdown tests
 def _holder() -> Iterator[dict[str, WorkerGroup]]:
     holder: dict[str, WorkerGroup] = {}
     yield holder
-    group = holder.pop("group", None)
-    if group is None:
-        return
-    try:
-        if not group.broken:
-            assert group.stop(timeout=30) == [True] * WORLD  # graceful shutdown of all
-    finally:
-        group.close()
-        _LIVE.remove(group)
+    close_shared_group(holder)
 
 
 @pytest.fixture
 def group(_holder: dict[str, WorkerGroup]) -> WorkerGroup:
     """Four service workers shared by this module's tests (restarted when an
     earlier test broke them)."""
-    group = _holder.get("group")
-    if group is not None and group.broken:
-        group.close()
-        _LIVE.remove(group)
-        group = None
-    if group is None:
-        group = start_service(WORLD, timeout=60)
-        _holder["group"] = group
-        _LIVE.append(group)  # its workers are not orphans (conftest.no_orphan_workers)
-    return group
+    return shared_group(_holder, WORLD)
 
 
 # --------------------------------------------------------------------- remote values
