@@ -22,9 +22,6 @@ import aiorpc_autograd as rpc
 RunWorker = Callable[[int, int, str, argparse.Namespace], Coroutine[Any, Any, int]]
 
 
-SHUTDOWN_TIMEOUT = 3600.0  # how long a serving-only worker waits for the others
-
-
 class Progress:
     """A text progress bar, redrawn in place on a terminal (silent elsewhere);
     ``print`` writes a permanent line in its place."""

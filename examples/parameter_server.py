@@ -47,7 +47,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _plumbing import SHUTDOWN_TIMEOUT, Progress, launch, save_plot
+from _plumbing import Progress, launch, save_plot
 from torch.func import functional_call
 
 import aiorpc_autograd as rpc
@@ -243,8 +243,10 @@ async def run_worker(rank: int, world_size: int, init_method: str, args: argpars
             return await run_parameter_server(world_size, args)
     # A trainer only answers the ps's requests. shutdown() keeps serving until
     # every worker has called it, that is until the ps is done.
-    await rpc.init_rpc(name, rank, world_size, init_method=init_method, options=options)
-    await rpc.shutdown(timeout=SHUTDOWN_TIMEOUT)
+    async with rpc.worker(
+        name, rank, world_size, init_method=init_method, options=options, shutdown_timeout=0
+    ):
+        pass
     return 0
 
 

@@ -57,7 +57,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _plumbing import SHUTDOWN_TIMEOUT, Progress, launch, save_plot
+from _plumbing import Progress, launch, save_plot
 
 import aiorpc_autograd as rpc
 from aiorpc_autograd import dist_autograd
@@ -245,8 +245,10 @@ async def run_worker(rank: int, world_size: int, init_method: str, args: argpars
         # The workers are gone: the single-process run has the machine to itself.
         local, local_seconds = train_locally(args)
         return report(args, pipelined, local, (pipeline_seconds, local_seconds))
-    await rpc.init_rpc(names[rank], rank, world_size, init_method=init_method, options=options)
-    await rpc.shutdown(timeout=SHUTDOWN_TIMEOUT)
+    async with rpc.worker(
+        names[rank], rank, world_size, init_method=init_method, options=options, shutdown_timeout=0
+    ):
+        pass
     return 0
 
 

@@ -56,7 +56,7 @@ import sys
 import time
 
 import torch
-from _plumbing import SHUTDOWN_TIMEOUT, Progress, launch, save_plot
+from _plumbing import Progress, launch, save_plot
 
 import aiorpc_autograd as rpc
 
@@ -236,8 +236,10 @@ async def run_worker(rank: int, world_size: int, init_method: str, args: argpars
             return await train(world_size, args)
     # An observer only answers the agent's requests. shutdown() keeps serving
     # until every worker has called it, that is until the agent is done.
-    await rpc.init_rpc(name, rank, world_size, init_method=init_method, options=options)
-    await rpc.shutdown(timeout=SHUTDOWN_TIMEOUT)
+    async with rpc.worker(
+        name, rank, world_size, init_method=init_method, options=options, shutdown_timeout=0
+    ):
+        pass
     return 0
 
 

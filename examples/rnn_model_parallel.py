@@ -58,7 +58,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from _plumbing import SHUTDOWN_TIMEOUT, Progress, launch, save_plot
+from _plumbing import Progress, launch, save_plot
 
 import aiorpc_autograd as rpc
 from aiorpc_autograd import dist_autograd
@@ -210,8 +210,10 @@ async def run_worker(rank: int, world_size: int, init_method: str, args: argpars
             return await train(world_size, args)
     # The other workers only answer the trainer's requests. shutdown() keeps
     # serving until every worker has called it, that is until training is done.
-    await rpc.init_rpc(name, rank, world_size, init_method=init_method, options=options)
-    await rpc.shutdown(timeout=SHUTDOWN_TIMEOUT)
+    async with rpc.worker(
+        name, rank, world_size, init_method=init_method, options=options, shutdown_timeout=0
+    ):
+        pass
     return 0
 
 
