@@ -285,6 +285,10 @@ class RpcAgent:
         return opts.use_unix_sockets and opts.ssl is None and hasattr(socket, "AF_UNIX")
 
     @property
+    def _shm_threshold(self) -> int:
+        return self.options.shm_threshold if self._use_unix else 0
+
+    @property
     def _client_ssl(self) -> ssl.SSLContext | None:
         return self.options.ssl_client or self.options.ssl
 
@@ -438,14 +442,21 @@ class RpcAgent:
 
     def debug_info(self) -> dict[str, int]:
         """Counters for ``get_debug_info``."""
-        conns = sum(1 for p in self._peers.values() if p.conn is not None and not p.conn.closed)
-        conns += sum(1 for c in self._incoming if not c.closed)
+        live = [p.conn for p in self._peers.values() if p.conn is not None and not p.conn.closed]
+        live += [c for c in self._incoming if not c.closed]
         info = {
             "num_pending_requests": len(self._pending),
             "num_inflight_requests": self._inflight,
-            "num_connections": conns,
+            "num_connections": len(live),
             "num_worker_threads": self.options.num_worker_threads,
         }
+        for key in ("num_shm_segments", "num_shm_segments_held", "num_shm_segments_leased"):
+            info[key] = 0
+        for conn in live:
+            segments, held, leased = conn.shm_stats
+            info["num_shm_segments"] += segments
+            info["num_shm_segments_held"] += held
+            info["num_shm_segments_leased"] += leased
         for key, counter in self.debug_counters.items():
             info[key] = counter()
         return info
@@ -704,13 +715,21 @@ class RpcAgent:
 
     # ------------------------------------------------------------------ receiving
 
+    def _connection(self, client: bool) -> Connection:
+        return Connection(
+            self._limits,
+            self._on_frame,
+            self._on_lost,
+            self.options.auth_token,
+            client=client,
+            shm_threshold=self._shm_threshold,
+        )
+
     def _make_client(self) -> Connection:
-        token = self.options.auth_token
-        return Connection(self._limits, self._on_frame, self._on_lost, token, client=True)
+        return self._connection(client=True)
 
     def _accept(self) -> Connection:
-        token = self.options.auth_token
-        conn = Connection(self._limits, self._on_frame, self._on_lost, token, client=False)
+        conn = self._connection(client=False)
         self._incoming.add(conn)
         return conn
 

@@ -48,6 +48,9 @@ class RpcOptions:
             calls fail with ``ConnectionLostError``.
         listen_host: address the TCP listener binds to.
         use_unix_sockets: connect to workers on the same host over Unix sockets.
+        shm_threshold: between workers on one host (Unix sockets), tensor
+            buffers of at least this many bytes travel through shared memory
+            instead of the socket; 0 disables it.
         allow_pickle: if False (safe mode), only registered functions can be
             called and only msgpack values and tensors travel.
         rendezvous_timeout: seconds to wait for the whole group in ``init_rpc``.
@@ -66,6 +69,7 @@ class RpcOptions:
     max_tensors: int = 65536
     listen_host: str = "127.0.0.1"
     use_unix_sockets: bool = True
+    shm_threshold: int = 512 << 10
     allow_pickle: bool = True
     rendezvous_timeout: float = 300.0
 
@@ -77,6 +81,8 @@ class RpcOptions:
         for name in ("max_message_size", "max_header_size", "max_tensors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.shm_threshold < 0:
+            raise ValueError(f"shm_threshold must be >= 0, got {self.shm_threshold}")
         if not self.rendezvous_timeout > 0:
             raise ValueError("rendezvous_timeout must be positive")
         for name in ("ssl", "ssl_client"):

@@ -7,21 +7,31 @@ large ones), and frames are written with one ``writelines`` call of the header
 bytes and the tensors' memoryviews. This layer only moves frames; it knows
 nothing of messages.
 
+Between processes on one host (a Unix socket), each side offers the other
+shared memory once the connection is up (a control frame); after the offer,
+buffers of at least ``shm_threshold`` bytes are sent through
+:mod:`~aiorpc_autograd.shm` segments and the socket carries the rest of the
+frame. Control frames (the offer, segment releases) never leave this layer.
+
 uvloop is used when installed (:func:`new_event_loop`); the stdlib loop works too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import socket
 import ssl as _ssl
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from .errors import AuthenticationError, ConnectionLostError, ProtocolError
 from .handshake import ClientHandshake, ServerHandshake
+from .shm import ShmReceiver, ShmSender, peer_readable
 from .wire import Frame, FrameReader, Limits, encode_frame
 
 __all__ = ["Connection", "connect", "new_event_loop", "serve_tcp", "serve_unix"]
@@ -31,6 +41,15 @@ log = logging.getLogger(__name__)
 # A frame body at least this large that is not complete in the scratch buffer is
 # read straight into its own buffer (no copy through the scratch buffer).
 _DIRECT_THRESHOLD = 64 * 1024
+
+# Frame flags of this layer. SHM: the last buffer is a shared-memory placement
+# table. CONTROL: a frame for the transport itself (header: one kind byte, then
+# its data); never passed on.
+FLAG_SHM = 0x01
+FLAG_CONTROL = 0x02
+_CTRL_SHM_OFFER = b"O"  # "you may send me buffers in shared memory"
+_CTRL_SHM_RELEASE = b"R"  # + u32 segment ids: "I no longer use these"
+_U32 = struct.Struct("<I")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -57,6 +76,8 @@ class Connection(asyncio.BufferedProtocol):
         auth_token: run the mutual challenge-response of
             :mod:`~aiorpc_autograd.handshake` first, as ``client`` or server.
         client: this side opened the connection.
+        shm_threshold: on a Unix socket, send buffers of at least this many
+            bytes through shared memory once the peer offers it (0: never).
     """
 
     def __init__(
@@ -66,8 +87,16 @@ class Connection(asyncio.BufferedProtocol):
         on_lost: LostHandler,
         auth_token: str | None = None,
         client: bool = False,
+        shm_threshold: int = 0,
     ) -> None:
         self._reader = FrameReader(limits, direct_threshold=_DIRECT_THRESHOLD)
+        self._limits = limits
+        self._shm_threshold = shm_threshold
+        self._shm_tx: ShmSender | None = None
+        self._shm_rx: ShmReceiver | None = None
+        # Segment ids to report released: appended by finalizers, from any thread.
+        self._released: collections.deque[int] = collections.deque()
+        self._release_scheduled = False
         self._handshake: ClientHandshake | ServerHandshake | None = None
         if auth_token:
             self._handshake = ClientHandshake(auth_token) if client else ServerHandshake(auth_token)
@@ -100,9 +129,23 @@ class Connection(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.last_received = time.monotonic()
         if self._handshake is None:
-            self.made.set_result(None)
+            self._up()
         else:
             self._flush_handshake()
+
+    def _up(self) -> None:
+        """Connected (and authenticated): offer shared memory to a same-host peer."""
+        self.made.set_result(None)
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if self._shm_threshold <= 0 or sock is None or sock.family != socket.AF_UNIX:
+            return
+        try:
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        except OSError:
+            return
+        if pid > 0 and peer_readable(pid):
+            self._shm_rx = ShmReceiver(pid, self._segment_released, self._limits.max_message_size)
+            self.send(_CTRL_SHM_OFFER, [], FLAG_CONTROL)
 
     def _flush_handshake(self) -> None:
         hs = self._handshake
@@ -114,6 +157,10 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         error = self._error or exc
+        if self._shm_tx is not None:
+            self._shm_tx.close()
+        if self._shm_rx is not None:
+            self._shm_rx.close()
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_exception(ConnectionLostError("connection closed"))
@@ -157,7 +204,52 @@ class Connection(asyncio.BufferedProtocol):
         for frame in frames:
             if self._closed:
                 return
+            if frame.flags:
+                try:
+                    if frame.flags == FLAG_CONTROL:
+                        self._control(frame.header)
+                        continue
+                    frame = self._unplace(frame)
+                except ProtocolError as exc:
+                    log.warning("dropping connection from %s: %s", self.peer_label, exc)
+                    self.abort(exc)
+                    return
             self._on_frame(self, frame)
+
+    def _unplace(self, frame: Frame) -> Frame:
+        if frame.flags != FLAG_SHM:
+            raise ProtocolError(f"unknown frame flags {frame.flags:#x}")
+        if self._shm_rx is None:
+            raise ProtocolError("shared-memory frame on a connection that did not offer it")
+        return Frame(0, frame.header, self._shm_rx.take(frame.buffers))
+
+    def _control(self, header: bytes) -> None:
+        kind, data = header[:1], header[1:]
+        if kind == _CTRL_SHM_OFFER and not data:
+            if self._shm_tx is None:
+                self._shm_tx = ShmSender(self._shm_threshold)
+        elif kind == _CTRL_SHM_RELEASE and len(data) % 4 == 0 and self._shm_tx is not None:
+            self._shm_tx.release([i for (i,) in _U32.iter_unpack(data)])
+        else:
+            raise ProtocolError(f"unknown control frame {bytes(header[:16])!r}")
+
+    def _segment_released(self, seg_id: int) -> None:
+        # From a finalizer, in whichever thread dropped the last view (possibly
+        # in the middle of other code of this object): no locks, report on the loop.
+        self._released.append(seg_id)
+        if not self._release_scheduled and not self._closed:
+            self._release_scheduled = True
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody to tell
+                self._loop.call_soon_threadsafe(self._send_releases)
+
+    def _send_releases(self) -> None:
+        self._release_scheduled = False
+        ids = []
+        with contextlib.suppress(IndexError):
+            while True:
+                ids.append(self._released.popleft())
+        if ids and not self.closed:
+            self.send(_CTRL_SHM_RELEASE + b"".join(_U32.pack(i) for i in ids), [], FLAG_CONTROL)
 
     def _handshake_received(self, nbytes: int) -> list[Frame]:
         hs = self._handshake
@@ -168,7 +260,7 @@ class Connection(asyncio.BufferedProtocol):
             return []
         self._handshake = None
         if not self.made.done():
-            self.made.set_result(None)
+            self._up()
         return self._reader.feed(rest) if rest else []
 
     def eof_received(self) -> bool:
@@ -182,6 +274,17 @@ class Connection(asyncio.BufferedProtocol):
         return self._closed or self._transport is None or self._transport.is_closing()
 
     @property
+    def shm_stats(self) -> tuple[int, int, int]:
+        """Shared-memory segments: this side's (allocated, held by the peer),
+        and the peer's whose views are still used here."""
+        tx, rx = self._shm_tx, self._shm_rx
+        return (
+            tx.segments if tx else 0,
+            tx.held if tx else 0,
+            rx.leased if rx else 0,
+        )
+
+    @property
     def peer_label(self) -> str:
         """The peer, for messages: its name when known, else its address."""
         if self.peer is not None:
@@ -190,7 +293,7 @@ class Connection(asyncio.BufferedProtocol):
             return str(self._transport.get_extra_info("peername"))
         return "?"
 
-    def send(self, header: bytes, buffers: list[memoryview], flags: int = 0) -> None:
+    def send(self, header: bytes, buffers: Sequence[memoryview | bytes], flags: int = 0) -> None:
         """Write one frame (no copy of the buffers).
 
         Raises:
@@ -198,6 +301,11 @@ class Connection(asyncio.BufferedProtocol):
         """
         if self.closed:
             raise ConnectionLostError(f"connection to {self.peer_label} is closed")
+        if self._shm_tx is not None and buffers:
+            placed = self._shm_tx.place(buffers)
+            if placed is not None:
+                buffers = [*placed[0], placed[1]]
+                flags |= FLAG_SHM
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox += encode_frame(header, buffers, flags)

@@ -4,7 +4,8 @@ Layers, each importing only those above it::
 
     1. errors, options (and small id types)   no project imports
     2. wire (sans-I/O framing),                layer 1; no asyncio, no sockets
-       handshake (sans-I/O authentication)
+       handshake (sans-I/O authentication),
+       shm (sans-I/O shared-memory segments)
     3. codec (messages <-> header + buffers)   layers 1-2; no asyncio
     4. autograd                                layers 1-3; not the transports,
                                                not the agent (it talks to peers
@@ -43,7 +44,8 @@ RULES: dict[str, frozenset[str] | None] = {
     "handshake": frozenset({"errors"}),
     "codec": frozenset({"errors", "options", "wire"}),
     "autograd": frozenset({"errors", "options", "wire", "codec", "autograd"}),
-    "transport": frozenset({"errors", "options", "wire", "handshake"}),
+    "shm": frozenset({"errors"}),
+    "transport": frozenset({"errors", "options", "wire", "handshake", "shm"}),
     "rendezvous": frozenset({"errors", "options"}),
     "agent": ANY,
     "api": ANY,
@@ -65,6 +67,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     # what the (msgpack) header or the (tensor) buffers hold.
     "wire": frozenset({"asyncio", "uvloop", "socket", "selectors", "ssl", "torch", "msgpack"}),
     "handshake": frozenset({"asyncio", "uvloop", "socket", "selectors", "torch", "msgpack"}),
+    "shm": frozenset({"asyncio", "uvloop", "socket", "selectors", "msgpack"}),
     "codec": frozenset({"asyncio", "uvloop", "socket", "selectors", "ssl"}),
 }
 

@@ -1,0 +1,210 @@
+"""The shared-memory segment pool and leases (sans-I/O), in one process: the
+receiver maps this process's own segments through /proc/self's pid."""
+
+from __future__ import annotations
+
+import gc
+import os
+import struct
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from aiorpc_autograd.errors import ProtocolError
+from aiorpc_autograd.shm import ShmReceiver, ShmSender, peer_readable
+
+MiB = 1 << 20
+_ENTRY = struct.Struct("<IIIQQ")
+
+
+class Pair:
+    """A sender and a receiver wired back to back (releases go straight back)."""
+
+    def __init__(self, threshold: int = MiB, pool_bytes: int = 64 * MiB) -> None:
+        self.tx = ShmSender(threshold, pool_bytes)
+        self.released: list[int] = []
+        self.rx = ShmReceiver(os.getpid(), self.released.append, max_bytes=1 << 30)
+
+    def send(self, buffers: list[memoryview | bytes]) -> list[memoryview]:
+        placed = self.tx.place(buffers)
+        assert placed is not None
+        out, table = placed
+        return self.rx.take(
+            [memoryview(b) if isinstance(b, bytes) else b for b in out] + [memoryview(table)]
+        )
+
+    def release(self) -> None:
+        gc.collect()
+        self.tx.release(self.released)
+        self.released.clear()
+
+
+def payload(nbytes: int, seed: int = 0) -> memoryview:
+    g = torch.Generator().manual_seed(seed)
+    return memoryview(torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).numpy())
+
+
+def test_peer_readable() -> None:
+    assert peer_readable(os.getpid())
+    assert not peer_readable(2**22 + 12345)  # no such process
+
+
+def test_large_buffers_move_small_stay() -> None:
+    pair = Pair()
+    small, big = payload(100, 1), payload(3 * MiB, 2)
+    out = pair.send([small, big, b""])
+    assert bytes(out[0]) == bytes(small)  # below the threshold: untouched
+    assert bytes(out[1]) == bytes(big)
+    assert out[2].nbytes == 0
+    assert pair.tx.segments == 1 and pair.tx.held == 1 and pair.rx.leased == 1
+
+
+def test_nothing_to_place() -> None:
+    pair = Pair()
+    assert pair.tx.place([payload(10), b"abc"]) is None
+    assert pair.tx.place([]) is None
+    assert pair.tx.segments == 0
+
+
+def test_lease_released_when_last_view_dies() -> None:
+    pair = Pair()
+    data = payload(2 * MiB)
+    (view,) = pair.send([data])
+    t = torch.frombuffer(view, dtype=torch.uint8)  # a tensor built on the view
+    del view
+    gc.collect()
+    assert pair.released == []  # the tensor still uses the segment
+    assert torch.equal(t, torch.frombuffer(data, dtype=torch.uint8))
+    del t
+    gc.collect()
+    assert len(pair.released) == 1 and pair.rx.leased == 0
+
+
+def test_released_segments_are_reused() -> None:
+    pair = Pair()
+    for i in range(20):
+        data = payload(2 * MiB, i)
+        (view,) = pair.send([data])
+        assert bytes(view) == bytes(data)
+        del view
+        pair.release()
+    assert pair.tx.segments == 1 and pair.tx.held == 0
+
+
+def test_held_segment_is_not_reused() -> None:
+    pair = Pair()
+    (kept,) = pair.send([payload(MiB, 1)])
+    (other,) = pair.send([payload(MiB, 2)])
+    assert bytes(kept) == bytes(payload(MiB, 1))  # not overwritten by the second send
+    assert pair.tx.segments == 2
+    del other
+    pair.release()
+    (third,) = pair.send([payload(MiB, 3)])
+    assert pair.tx.segments == 2  # the released one came back
+    assert bytes(kept) == bytes(payload(MiB, 1))
+    del third
+
+
+def test_pool_cap_sends_inline() -> None:
+    pair = Pair(pool_bytes=4 * MiB)
+    (a,) = pair.send([payload(3 * MiB)])  # a 4 MiB segment: the whole pool
+    assert pair.tx.place([payload(3 * MiB)]) is None  # full: the caller sends it inline
+    del a
+
+
+def test_written_view_reaches_no_one_else() -> None:
+    pair = Pair()
+    (view,) = pair.send([payload(MiB, 5)])
+    arr = np.frombuffer(view, dtype=np.uint8)
+    arr[:] = 7  # received buffers are writable
+    assert arr.sum() == 7 * MiB
+
+
+def test_release_from_another_thread() -> None:
+    pair = Pair()
+    (view,) = pair.send([payload(MiB)])
+    holder = [view]
+    del view
+    th = threading.Thread(target=holder.clear)
+    th.start()
+    th.join()
+    gc.collect()
+    assert len(pair.released) == 1
+
+
+def test_close_keeps_peer_views_valid() -> None:
+    pair = Pair()
+    data = payload(MiB, 9)
+    (view,) = pair.send([data])
+    pair.tx.close()
+    pair.rx.close()
+    assert bytes(view) == bytes(data)
+    del view
+    gc.collect()
+    pair.tx.release(pair.released)  # late releases after close are fine
+
+
+def test_release_of_unknown_segment() -> None:
+    pair = Pair()
+    with pytest.raises(ProtocolError, match="unknown shared segment"):
+        pair.tx.release([42])
+
+
+def _table(*entries: tuple[int, int, int, int, int]) -> memoryview:
+    return memoryview(b"".join(_ENTRY.pack(*e) for e in entries))
+
+
+@pytest.mark.parametrize(
+    ("buffers", "table", "match"),
+    [
+        ([], None, "without a placement table"),
+        ([b""], b"xyz", "malformed"),
+        ([b""], (1, 1, 0, MiB, 10), "bad shared-memory placement"),  # index out of range
+        ([b"x"], (0, 1, 0, MiB, 10), "bad shared-memory placement"),  # buffer not empty
+        ([b""], (0, 1, 0, MiB, 2 * MiB), "bad shared-memory placement"),  # over the segment
+        ([b""], (0, 1, 999_999, MiB, 10), "cannot open shared segment"),  # no such fd
+    ],
+)
+def test_bad_tables(buffers: list[bytes], table: object, match: str) -> None:
+    rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30)
+    views = [memoryview(b) for b in buffers]
+    if isinstance(table, tuple):
+        views.append(_table(table))
+    elif table is not None:
+        views.append(memoryview(table))  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match=match):
+        rx.take(views)
+
+
+def test_duplicate_and_unsealed_and_oversized() -> None:
+    pair = Pair()
+    placed = pair.tx.place([payload(MiB), payload(MiB, 1)])
+    assert placed is not None
+    (_, table) = placed
+    first = table[: _ENTRY.size]
+    _, seg_id, fd, size, n = _ENTRY.unpack(first)
+    # The same buffer twice, and one segment named for two buffers.
+    with pytest.raises(ProtocolError, match="bad shared-memory placement"):
+        pair.rx.take([memoryview(b""), memoryview(first + first)])
+    with pytest.raises(ProtocolError, match="bad shared-memory placement"):
+        pair.rx.take(
+            [
+                memoryview(b""),
+                memoryview(b""),
+                _table((0, seg_id, fd, size, n), (1, seg_id, fd, size, n)),
+            ]
+        )
+    # A frame larger than the receiver accepts.
+    small = ShmReceiver(os.getpid(), lambda _: None, max_bytes=100)
+    with pytest.raises(ProtocolError, match="bad shared-memory placement"):
+        small.take([memoryview(b""), memoryview(first)])
+    # A file that is not a sealed segment (a plain memfd without seals).
+    plain = os.memfd_create("plain")
+    try:
+        os.ftruncate(plain, MiB)
+        with pytest.raises(ProtocolError, match="not sealed"):
+            pair.rx.take([memoryview(b""), _table((0, 77, plain, MiB, 10))])
+    finally:
+        os.close(plain)
