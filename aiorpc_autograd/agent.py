@@ -41,7 +41,6 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -67,6 +66,7 @@ from .errors import (
 )
 from .handshake import token_proof
 from .options import RpcOptions, WorkerInfo
+from .pool import WorkerPool
 from .rendezvous import Address, Rendezvous
 from .transport import Connection, connect, serve_tcp, serve_unix
 from .wire import Frame, Limits
@@ -104,19 +104,6 @@ def register_function(name: str, func: Callable[..., Any]) -> None:
 def registered_functions() -> dict[str, Callable[..., Any]]:
     """The registry of functions callable by name."""
     return _REGISTERED
-
-
-def _capture(
-    ctx: contextvars.Context, func: Callable[..., Any], args: tuple[Any, ...], kwargs: Any
-) -> tuple[bool, Any]:
-    """Run ``func`` in ``ctx`` on a pool thread; return (ok, value or exception).
-
-    Exceptions travel as values: some (StopIteration) cannot be set on a future.
-    """
-    try:
-        return True, ctx.run(func, *args, **kwargs)
-    except BaseException as exc:
-        return False, exc
 
 
 class _StopError(RuntimeError):
@@ -211,8 +198,8 @@ class RpcAgent:
         self._ids = itertools.count(1)
         self._incoming: set[Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
-        self._executor = ThreadPoolExecutor(
-            options.num_worker_threads, thread_name_prefix=f"aiorpc-{name}"
+        self._pool = WorkerPool(
+            self.loop, options.num_worker_threads, f"aiorpc-{name}", raisable=_raisable
         )
         self._inflight = 0
         self._running = False
@@ -400,7 +387,7 @@ class RpcAgent:
         for conn in list(self._incoming):
             conn.close()
         self._fail_pending(lambda p: True, error)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self._rdv.close()
         await asyncio.sleep(0)  # let the transports run their close callbacks
 
@@ -911,7 +898,7 @@ class RpcAgent:
 
     def run_in_executor(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn`` in the agent's thread pool."""
-        return self.loop.run_in_executor(self._executor, fn)
+        return self._pool.run(fn)
 
     async def invoke(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -923,11 +910,9 @@ class RpcAgent:
         """
         if inspect.iscoroutinefunction(func):
             return await func(*args, **kwargs)
-        ctx = contextvars.copy_context()
-        call = functools.partial(_capture, ctx, func, args, kwargs)
-        ok, result = await self.loop.run_in_executor(self._executor, call)
-        if not ok:
-            raise _raisable(result)
+        result = await self._pool.run(
+            functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+        )
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -937,13 +922,12 @@ class RpcAgent:
         func, args, kwargs = self.resolve_call(message.target, message.value)
         if inspect.iscoroutinefunction(func):
             return self._await_call(func(*args, **kwargs))
-        # The hot path: the pool's future, no Task and no coroutine.
-        ctx = contextvars.copy_context()
-        fut = self.loop.run_in_executor(
-            self._executor, functools.partial(_capture, ctx, func, args, kwargs)
-        )
+        # The hot path: a pool job and one future, no Task and no coroutine.
         result: asyncio.Future[Message] = self.loop.create_future()
-        fut.add_done_callback(functools.partial(self._call_done, result))
+        self._pool.submit(
+            functools.partial(contextvars.copy_context().run, func, *args, **kwargs),
+            functools.partial(self._call_done, result),
+        )
         return result
 
     async def _await_call(self, awaitable: Awaitable[Any]) -> Message:
@@ -952,14 +936,9 @@ class RpcAgent:
             value = await value
         return PythonRet(codec.dump_payload(value, self.options.allow_pickle))
 
-    def _call_done(self, result: asyncio.Future[Message], fut: asyncio.Future[Any]) -> None:
+    def _call_done(self, result: asyncio.Future[Message], ok: bool, value: Any) -> None:
         if result.done():
             return
-        exc = fut.exception() if not fut.cancelled() else RpcError("cancelled")
-        if exc is not None:
-            result.set_exception(exc)
-            return
-        ok, value = fut.result()
         if not ok:
             result.set_exception(_raisable(value))
             return
