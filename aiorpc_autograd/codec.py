@@ -15,7 +15,7 @@ header is the msgpack array ``[type, request_id, tensor_table, *fields]``:
 * the fields are the message's own, in declaration order.
 
 Tensors never go through pickle: a :class:`Payload` is a value encoded as
-pickle (``PICKLE``, tensors pulled out by ``persistent_id``) or msgpack
+pickle (``PICKLE``, tensors replaced by references by ``reducer_override``) or msgpack
 (``MSGPACK``, safe mode, tensors as an ext type), plus its tensor table. A
 payload is decoded lazily (:func:`load_payload`) so the autograd layer can
 replace received tensors (hang them off a recv function) before the value is
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
@@ -160,47 +161,61 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 class _Pickler(pickle.Pickler):
+    """Pickles with tensors (and registered types) replaced by references.
+
+    ``reducer_override`` is only consulted for objects that are not of a
+    built-in container or scalar type, so plain values pickle at C speed.
+    """
+
     def __init__(self, file: io.BytesIO, tensors: list[torch.Tensor | None]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self._tensors = tensors
-        self._seen: dict[int, int] = {}
 
-    def persistent_id(self, obj: Any) -> Any:
+    def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
-            key = id(obj)
-            index = self._seen.get(key)
-            if index is None:
-                index = self._seen[key] = len(self._tensors)
-                self._tensors.append(obj)
+            # The pickler memoizes the reference: one tensor twice is one entry.
+            self._tensors.append(obj)
+            index = len(self._tensors) - 1
             if type(obj) is torch.nn.Parameter:
-                return ("P", index)
-            return index
+                return _parameter_ref, (index,)
+            return _tensor_ref, (index,)
         hook = _persistent_hooks.get(type(obj))
         if hook is not None:
-            return hook(obj)
-        return None
+            return _persistent_ref, (hook(obj),)
+        return NotImplemented
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, tensors: Sequence[torch.Tensor | None]) -> None:
-        super().__init__(file)
-        self._tensors = tensors
+# The tensor table of the payload being unpickled on this thread.
+_loading = threading.local()
 
-    def persistent_load(self, pid: Any) -> Any:
-        if type(pid) is int:
-            return self._tensors[pid]
-        if type(pid) is tuple and pid and pid[0] == "P":
-            t = self._tensors[pid[1]]
-            assert t is not None
-            # Made a Parameter in place, not wrapped: the table's tensor is the
-            # object autograd recorded (a recv function's leaf), and one tensor
-            # appearing twice stays one object.
-            if type(t) is not torch.nn.Parameter:
-                t.__class__ = torch.nn.Parameter
-            return t
-        if type(pid) is tuple and pid and pid[0] in _persistent_loaders:
-            return _persistent_loaders[pid[0]](pid)
-        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+def _table() -> Sequence[torch.Tensor | None]:
+    table: Sequence[torch.Tensor | None] | None = getattr(_loading, "tensors", None)
+    if table is None:
+        raise pickle.UnpicklingError("tensor reference outside of a payload")
+    return table
+
+
+def _tensor_ref(index: int) -> torch.Tensor | None:
+    return _table()[index]
+
+
+def _parameter_ref(index: int) -> torch.Tensor:
+    t = _table()[index]
+    if t is None:
+        raise pickle.UnpicklingError(f"parameter {index} is missing from the tensor table")
+    # Made a Parameter in place, not wrapped: the table's tensor is the object
+    # autograd recorded (a recv function's leaf), and one tensor appearing
+    # twice stays one object.
+    if type(t) is not torch.nn.Parameter:
+        t.__class__ = torch.nn.Parameter
+    return t
+
+
+def _persistent_ref(pid: Any) -> Any:
+    if type(pid) is tuple and pid and pid[0] in _persistent_loaders:
+        return _persistent_loaders[pid[0]](pid)
+    raise pickle.UnpicklingError(f"unknown reference {pid!r}")
 
 
 # Extension points for objects that must not be pickled by value (RRefs): a
@@ -228,6 +243,9 @@ def register_persistent(
     _persistent_loaders[tag] = load
 
 
+_SCALARS = frozenset({type(None), bool, int, float, complex, str, bytes})
+
+
 def dump_payload(value: Any, allow_pickle: bool = True) -> Payload:
     """Encode ``value`` with its tensors pulled out into the tensor table.
 
@@ -238,6 +256,8 @@ def dump_payload(value: Any, allow_pickle: bool = True) -> Payload:
     Raises:
         TypeError: the value cannot be encoded.
     """
+    if allow_pickle and type(value) in _SCALARS:  # no tensor inside: no table to build
+        return Payload(PayloadKind.PICKLE, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), [])
     tensors: list[torch.Tensor | None] = []
     if allow_pickle:
         buf = io.BytesIO()
@@ -276,7 +296,12 @@ def load_payload(payload: Payload, allow_pickle: bool = True) -> Any:
     if kind is PayloadKind.PICKLE:
         if not allow_pickle:
             raise ProtocolError("pickled payload refused: this worker runs in safe mode")
-        return _Unpickler(io.BytesIO(payload.data), tensors).load()
+        previous = getattr(_loading, "tensors", None)
+        _loading.tensors = tensors
+        try:
+            return pickle.loads(payload.data)
+        finally:
+            _loading.tensors = previous
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code != _EXT_TENSOR or len(data) != 4:
