@@ -322,25 +322,45 @@ def load_payload(payload: Payload, allow_pickle: bool = True) -> Any:
 # --------------------------------------------------------------------------- tensors
 
 
+# dtypes whose tensors convert to numpy arrays (the others are viewed as bytes first).
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The elements of ``t`` as a flat byte view, copying only if not contiguous."""
     if t.layout != torch.strided:
         raise TypeError(f"cannot send a tensor with layout {t.layout}")
     if t.is_quantized:
         raise TypeError("cannot send a quantized tensor")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
     t = t.detach()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    flat = t.reshape(-1)
-    if (flat.numel() > 1 and not flat.is_contiguous()) or flat.stride(0) != 1:
-        # Not dense, or a 0/1-element view torch calls contiguous with stride != 1.
-        flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if not t.numel():
+        return memoryview(b"")
     # numpy() shares memory and keeps the tensor alive for as long as the view.
-    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+    if t.dtype in _NUMPY_DTYPES:
+        return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def _encode_tensors(
@@ -396,8 +416,9 @@ def _decode_tensors(
         if nbytes == 0:
             t = torch.empty(shape, dtype=dtype)
         else:
-            t = torch.frombuffer(buf, dtype=torch.uint8, count=nbytes, offset=offset)
-            t = t.view(dtype).view(shape)
+            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset)
+            if len(shape) != 1:
+                t = t.view(shape)
         if requires_grad is True and (dtype.is_floating_point or dtype.is_complex):
             t.requires_grad_()
         out.append(t)
