@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextvars
 import dataclasses
 import enum
 import os
@@ -915,3 +916,67 @@ def test_registered_functions_by_name(service: WorkerGroup) -> None:
     with pytest.raises(ValueError):
         rpc.register(plain_pow, name="registered_scale")
     assert rpc.register(plain_pow, name="tests.integration.pow") is plain_pow
+
+
+# ---------------------------------------------------------- async functions start eagerly
+
+_TAG: contextvars.ContextVar[str] = contextvars.ContextVar("_TAG", default="unset")
+
+
+async def async_set_tag(value: str) -> str:
+    # Finishes without suspending: answered without a Task, in its own context.
+    _TAG.set(value)
+    return _TAG.get()
+
+
+async def async_read_tag() -> str:
+    return _TAG.get()
+
+
+async def async_fail_before_await() -> None:
+    raise KeyError("before any await")
+
+
+async def async_fail_after_await() -> None:
+    await asyncio.sleep(0.01)
+    raise KeyError("after an await")
+
+
+async def async_suspend_twice(value: int) -> int:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0.01)
+    return value + 1
+
+
+async def async_cancel_itself() -> None:
+    raise asyncio.CancelledError
+
+
+async def _failure(fut: Any) -> tuple[str, str]:
+    exc = await await_outcome(fut)
+    return type(exc).__name__, str(exc)
+
+
+async def check_async_paths(rank: int, world_size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["set"] = await rpc.rpc_async("worker1", async_set_tag, args=("mine",))
+    out["read_after"] = await rpc.rpc_async("worker1", async_read_tag)  # no leak between calls
+    out["suspending"] = await asyncio.gather(
+        *(rpc.rpc_async("worker1", async_suspend_twice, args=(i,)) for i in range(20))
+    )
+    out["fail_before"] = await _failure(rpc.rpc_async("worker1", async_fail_before_await))
+    out["fail_after"] = await _failure(rpc.rpc_async("worker1", async_fail_after_await))
+    out["cancelled"] = await _failure(rpc.rpc_async("worker1", async_cancel_itself))
+    out["pending_after"] = rpc.get_debug_info()["num_pending_requests"]
+    return out
+
+
+def test_async_functions_with_and_without_suspending(service: WorkerGroup) -> None:
+    got = service.call(0, check_async_paths)
+    assert got["set"] == "mine" and got["read_after"] == "unset"
+    assert got["suspending"] == [i + 1 for i in range(20)]
+    # The remote KeyError arrives as a RemoteError that is also a KeyError.
+    assert got["fail_before"][0] == "RemoteKeyError" and "before any await" in got["fail_before"][1]
+    assert got["fail_after"][0] == "RemoteKeyError" and "after an await" in got["fail_after"][1]
+    assert got["cancelled"][0] == "RemoteError" and "cancelled" in got["cancelled"][1]
+    assert got["pending_after"] == 0
