@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.specs import Config
+from bench.specs import BENCHMARKS, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,8 +43,10 @@ class LaunchResult:
 
     Attributes:
         config: the configuration's name.
-        records: rank 0's JSON records by benchmark name; a planned benchmark
-            without a record gets an ``ok: False`` one explaining why.
+        records: rank 0's JSON records by benchmark name (for an
+            ``all_ranks`` benchmark, every rank's combined by
+            :func:`combine_ranks`); a planned benchmark without a record gets
+            an ``ok: False`` one explaining why.
         ranks: each rank's facts (pid, affinity, ...) from its "ready" line;
             None for a rank that never got its agent up.
         cpu: CPU seconds other processes used (``foreign_cpu_s``) and the
@@ -166,6 +168,40 @@ def _wait_all(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> boo
         time.sleep(0.25)
 
 
+def combine_ranks(name: str, by_rank: dict[int, dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """One record of an ``all_ranks`` benchmark from every rank's.
+
+    Each numeric metric is the maximum over ranks (the slowest rank), each
+    boolean true only if it is on every rank; the ranks' own metrics are
+    kept under ``per_rank``.  Missing or failed ranks fail the record.
+    """
+    missing = [r for r in range(world_size) if r not in by_rank]
+    failed = {r: rec.get("error", "") for r, rec in by_rank.items() if not rec.get("ok")}
+    if missing or failed:
+        first = next(iter(failed.values()), "").strip().splitlines()
+        return {
+            "bench": name,
+            "ok": False,
+            "error": (
+                f"rank(s) {missing} reported nothing; rank(s) {sorted(failed)} failed"
+                + (f": {first[-1]}" if first else "")
+            ),
+        }
+    metrics: dict[str, Any] = {}
+    for rank in sorted(by_rank):
+        for key, value in by_rank[rank]["metrics"].items():
+            if isinstance(value, bool):
+                metrics[key] = metrics.get(key, True) and value
+            else:
+                metrics[key] = max(metrics.get(key, value), value)
+    return {
+        **by_rank[0],
+        "metrics": metrics,
+        "seconds": max(rec.get("seconds", 0.0) for rec in by_rank.values()),
+        "per_rank": [by_rank[r]["metrics"] for r in sorted(by_rank)],
+    }
+
+
 def _tail(path: Path) -> str:
     data = path.read_bytes()[-LOG_TAIL:]
     return data.decode("utf-8", errors="replace")
@@ -197,6 +233,7 @@ def launch(
         log_paths = [tmpdir / f"rank{rank}.log" for rank in range(world_size)]
         cpu_before = CpuSample.take()
         start = time.monotonic()
+        spawned_at = time.time()
         try:
             for rank, log_path in enumerate(log_paths):
                 cmd = [
@@ -210,6 +247,7 @@ def launch(
                     f"--options={json.dumps(dict(config.options))}",
                     f"--plan={json.dumps(list(plan))}",
                     f"--result-file={result_file}",
+                    f"--spawned-at={spawned_at!r}",
                 ]
                 if config.pinned:
                     cmd.append(f"--pin-core={cores[rank % len(cores)]}")
@@ -233,7 +271,7 @@ def launch(
         cpu = CpuSample.take().foreign_since(cpu_before)
         returncodes = [p.returncode for p in procs]
 
-        records: dict[str, dict[str, Any]] = {}
+        by_bench: dict[str, dict[int, dict[str, Any]]] = {}
         ranks: list[dict[str, Any] | None] = [None] * world_size
         if result_file.exists():
             for line in result_file.read_text(encoding="utf-8").splitlines():
@@ -243,8 +281,15 @@ def launch(
                     continue  # a line cut short by a kill
                 if record.get("ready"):
                     ranks[record["rank"]] = record["info"]
-                else:
-                    records[record["bench"]] = record
+                elif "bench" in record:
+                    by_bench.setdefault(record["bench"], {})[record["rank"]] = record
+        records: dict[str, dict[str, Any]] = {}
+        for name, by_rank in by_bench.items():
+            spec = BENCHMARKS.get(name)
+            if spec is not None and spec.all_ranks:
+                records[name] = combine_ranks(name, by_rank, world_size)
+            elif 0 in by_rank:
+                records[name] = by_rank[0]
         not_ready = [rank for rank, info in enumerate(ranks) if info is None]
         why = "timed out" if timed_out else f"exit codes {returncodes}"
         if not_ready:

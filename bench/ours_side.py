@@ -1,8 +1,9 @@
 """The benchmarks on aiorpc_autograd, written against shared/API.md.
 
-Each benchmark is ``async fn(rpc, peer, params) -> metrics`` and runs on
-rank 0's event loop with the agent already up; :func:`run_worker` does the
-lifecycle (``rpc.run`` → ``init_rpc`` → plan → ``shutdown``).  Remote
+Each benchmark is ``async fn(rpc, ctx, params) -> metrics`` and runs on
+rank 0's event loop (every rank's for ``all_ranks`` benchmarks) with the
+agent already up; :func:`run_worker` does the lifecycle (``rpc.run`` →
+``init_rpc`` → plan → ``shutdown``).  Remote
 functions are the plain (non-async) ones of :mod:`bench.workloads`, so the
 callee runs them in its thread pool, as torch does.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
@@ -21,19 +23,26 @@ import torch
 
 from bench import loopback, workloads
 from bench.measure import (
-    autograd_inputs,
+    Call,
+    autograd_batch,
+    autograd_procedure,
     bit_exact,
+    codec_metrics,
+    drive_async,
     echo_metrics,
     echo_tensor,
-    grads_match,
+    scale_metrics,
     throughput_metrics,
 )
 from bench.stats import latency_summary_us
 from bench.worker import BenchFn, WorkerContext
 
 
-async def noop_latency(rpc: ModuleType, peer: str, params: dict[str, Any]) -> dict[str, Any]:
+async def noop_latency(
+    rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]
+) -> dict[str, Any]:
     """Sequential awaited no-op calls: per-call latency percentiles."""
+    peer = ctx.peer
     for _ in range(params["warmup"]):
         await rpc.rpc_async(peer, workloads.noop)
     clock = time.perf_counter_ns
@@ -68,18 +77,21 @@ async def _pump(rpc: ModuleType, peer: str, inflight: int, seconds: float) -> tu
     return calls, time.perf_counter() - start
 
 
-async def throughput(rpc: ModuleType, peer: str, params: dict[str, Any]) -> dict[str, Any]:
+async def throughput(rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
     """No-op calls/s with 1, 16, 64, 256 calls kept in flight by tasks."""
     metrics: dict[str, Any] = {}
     for inflight in params["inflight"]:
-        await _pump(rpc, peer, inflight, params["warmup_seconds"])
-        calls, elapsed = await _pump(rpc, peer, inflight, params["seconds"])
+        await _pump(rpc, ctx.peer, inflight, params["warmup_seconds"])
+        calls, elapsed = await _pump(rpc, ctx.peer, inflight, params["seconds"])
         metrics.update(throughput_metrics(inflight, calls, elapsed))
     return metrics
 
 
-async def tensor_echo(rpc: ModuleType, peer: str, params: dict[str, Any]) -> dict[str, Any]:
+async def tensor_echo(
+    rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]
+) -> dict[str, Any]:
     """Round trips of float32 tensors; the first reply per size is checked bit-exact."""
+    peer = ctx.peer
     metrics: dict[str, Any] = {}
     clock = time.perf_counter_ns
     for nbytes, iters in zip(params["sizes"], params["iters"], strict=True):
@@ -99,29 +111,64 @@ async def tensor_echo(rpc: ModuleType, peer: str, params: dict[str, Any]) -> dic
     return metrics
 
 
-async def autograd_step(rpc: ModuleType, peer: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Distributed autograd steps: context, remote ``tanh(x @ w)``, backward, gradients."""
+async def autograd_step(
+    rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]
+) -> dict[str, Any]:
+    """The issue's training step (:func:`bench.measure.autograd_procedure`) on ours."""
     from aiorpc_autograd import dist_autograd
+    from aiorpc_autograd.optim import DistributedOptimizer
 
-    x, w = autograd_inputs(params["batch"], params["dim"])
+    peer = ctx.peer
+    w = rpc.remote(peer, workloads.make_weight, args=(params["dim"],))
+    await w.to_here()  # setup: the remote layer reads local_value()
+    opt = DistributedOptimizer(torch.optim.SGD, [w], lr=params["lr"])
+    x = autograd_batch(params)
 
-    async def step() -> dict[torch.Tensor, torch.Tensor]:
+    async def step() -> None:
         async with dist_autograd.context() as context_id:
-            out = await rpc.rpc_async(peer, workloads.linear_tanh, args=(x, w))
-            await dist_autograd.backward(context_id, [out.sum()])
-            grads: dict[torch.Tensor, torch.Tensor] = dist_autograd.get_gradients(context_id)
-            return grads
+            y = await rpc.rpc_async(peer, workloads.linear_relu, args=(x, w))
+            await dist_autograd.backward(context_id, [y.sum()])
+            await opt.step(context_id)
 
-    for _ in range(params["warmup"]):
-        await step()
-    match = grads_match(x, w, await step())
-    clock = time.perf_counter_ns
-    samples: list[int] = []
-    for _ in range(params["steps"]):
-        t0 = clock()
-        await step()
-        samples.append(clock() - t0)
-    return {**latency_summary_us(samples), "grads_match": match}
+    return await drive_async(
+        autograd_procedure(params, ctx.baselines["autograd"]),
+        {
+            "step": step,
+            "weight": w.to_here,
+            "worker_rss": lambda: rpc.rpc_async(peer, workloads.rss_mb),
+            "worker_trimmed_rss": lambda: rpc.rpc_async(peer, workloads.trimmed_rss_mb),
+        },
+    )
+
+
+async def codec(rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Our codec: message encode, framing, frame reader, decode, payload load."""
+    from aiorpc_autograd import codec as wire_codec
+    from aiorpc_autograd.wire import FrameReader, encode_frame
+
+    def roundtrip(call: Call) -> Callable[[], object]:
+        reader = FrameReader()
+
+        def run() -> object:
+            message = wire_codec.PythonCall(None, wire_codec.dump_payload(call))
+            header, buffers = wire_codec.encode(message, 1)
+            data = b"".join(bytes(c) for c in encode_frame(header, buffers))
+            (frame,) = reader.feed(data)
+            _, decoded = wire_codec.decode(frame)
+            payload = decoded.payload()
+            assert payload is not None
+            return wire_codec.load_payload(payload)
+
+        return run
+
+    return codec_metrics(roundtrip, params)
+
+
+async def scale(rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
+    """On every rank: one no-op call to every other worker, all in flight."""
+    t0 = time.perf_counter()
+    await asyncio.gather(*(rpc.rpc_async(name, workloads.noop) for name in ctx.others))
+    return scale_metrics(ctx.world_size, ctx.info, time.perf_counter() - t0)
 
 
 BENCHES: dict[str, BenchFn] = {
@@ -129,6 +176,8 @@ BENCHES: dict[str, BenchFn] = {
     "throughput": throughput,
     "echo": tensor_echo,
     "autograd": autograd_step,
+    "codec": codec,
+    "scale": scale,
 }
 
 
@@ -136,20 +185,19 @@ async def _main(rpc: ModuleType, ctx: WorkerContext) -> None:
     loop = asyncio.get_running_loop()
     ctx.info["loop"] = f"{type(loop).__module__}.{type(loop).__qualname__}"
     options = rpc.RpcOptions(**ctx.options)
+    t0 = time.perf_counter()
     await rpc.init_rpc(
-        ctx.name_of(ctx.rank),
+        ctx.name,
         rank=ctx.rank,
         world_size=ctx.world_size,
         init_method=loopback.init_method(ctx.port),
         options=options,
     )
     try:
-        ctx.ready()
-        if ctx.rank == 0:
-            peer = ctx.name_of(1)
-            for name, params, fn in ctx.steps(BENCHES):
-                with ctx.measuring(name) as metrics:
-                    metrics.update(await fn(rpc, peer, params))
+        ctx.ready(time.perf_counter() - t0)
+        for name, params, fn in ctx.steps(BENCHES):
+            with ctx.measuring(name) as metrics:
+                metrics.update(await fn(rpc, ctx, params))
     finally:
         await rpc.shutdown()
 
@@ -161,4 +209,5 @@ def run_worker(ctx: WorkerContext) -> None:
     ctx.info["torch"] = torch.__version__
     ctx.info["aiorpc_autograd"] = getattr(rpc, "__version__", None)
     loopback.register()
+    ctx.before_init()
     rpc.run(_main(rpc, ctx))

@@ -4,17 +4,20 @@ The JSON document of one day, ``results/<date>.json``::
 
     {"date", "updated_at", "environment", "configs",
      "benchmarks": {name: {"title", "run_at", "quick", "launches", "params",
-                           "runs": [{"config", "launch", "ok", "metrics" | "error",
-                                     "seconds", "wall_s", "foreign_cpu_s", "steal_s",
-                                     "ranks", ...}],
+                           "runs": [{"config", "launch", "world_size", "ok",
+                                     "metrics" | "error", "seconds", "wall_s",
+                                     "foreign_cpu_s", "steal_s", "ranks", ...}],
                            "summary": {config: {metric: {"median", "min", "max",
                                                          "q1", "q3", "n"}}},
                            "checks": {config: {metric: bool}},
                            "skipped": {config: reason},
-                           "environment": {...}}}}
+                           "environment": {...}}},
+     "targets": [{"text", "bench", "key", "pair", "kind", "bound",
+                  "ours", "torch", "ratio", "verdict"}]}
 
 A later run the same day replaces the benchmarks it ran and keeps the rest,
-so ``--only echo`` does not throw away the morning's ``noop``.
+so ``--only echo`` does not throw away the morning's ``noop``; the targets
+are evaluated again over the merged document.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ import platform
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench.launcher import ROOT
-from bench.specs import BENCHMARKS, CONFIGS, Config, Metric
+from bench.specs import BENCHMARKS, CONFIGS, TARGETS, Config, Metric, Target
 from bench.stats import spread
 
 Doc = dict[str, Any]
@@ -120,8 +124,8 @@ def summarize(
     return summary, checks
 
 
-def write_json(results_dir: Path, date: str, new: Doc) -> Doc:
-    """Merge ``new`` into the day's document, write it, and return it."""
+def merge(results_dir: Path, date: str, new: Doc) -> Doc:
+    """The day's document with ``new``'s benchmarks replacing those it ran."""
     path = results_dir / f"{date}.json"
     doc: Doc = {}
     if path.exists():
@@ -132,9 +136,15 @@ def write_json(results_dir: Path, date: str, new: Doc) -> Doc:
     benchmarks = {**doc.get("benchmarks", {}), **new["benchmarks"]}
     doc.update(new)
     doc["benchmarks"] = benchmarks
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     return doc
+
+
+def write_json(results_dir: Path, doc: Doc) -> Path:
+    """Write the day's document; return its path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{doc['date']}.json"
+    path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+    return path
 
 
 def _fmt(value: float) -> str:
@@ -157,7 +167,7 @@ def _cell(entry: Mapping[str, Any], config: str | None, key: str) -> str:
         return f"{_fmt(stats['median'])} ({_fmt(stats['min'])}-{_fmt(stats['max'])})"
     if config in entry.get("skipped", {}):
         return "skipped"
-    if any(run["config"] == config for run in entry["runs"]):
+    if any(run["config"] == config and not run.get("ok") for run in entry["runs"]):
         return "failed"
     return "—"
 
@@ -170,14 +180,143 @@ def _pairs(configs: Iterable[Config]) -> dict[str, dict[str, str]]:
     return pairs
 
 
+def _medians(
+    entry: Mapping[str, Any] | None, pair: str, key: str
+) -> tuple[float | None, float | None]:
+    """``(ours median, torch median)`` of one metric in one pair (None: not measured)."""
+    members = _pairs(CONFIGS).get(pair, {})
+    summary = (entry or {}).get("summary", {})
+
+    def median(impl: str) -> float | None:
+        stats = summary.get(members.get(impl), {}).get(key)
+        return float(stats["median"]) if stats else None
+
+    return median("ours"), median("torch")
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    """ours/torch, when both are positive."""
+    if ours is None or theirs is None or ours <= 0 or theirs <= 0:
+        return None
+    return ours / theirs
+
+
+def _completed(entry: Mapping[str, Any] | None, config: str, target: Target) -> tuple[int, int]:
+    """``(launches that reported the metric, launches)`` of ``config`` at the world size."""
+    runs = [
+        run
+        for run in (entry or {}).get("runs", [])
+        if run["config"] == config and run.get("world_size") == target.world_size
+    ]
+    done = sum(1 for run in runs if run.get("ok") and target.key in run.get("metrics", {}))
+    return done, len(runs)
+
+
+def evaluate_targets(doc: Doc) -> list[dict[str, Any]]:
+    """Each issue target with the measured figures and a verdict.
+
+    Returns:
+        One dict per :data:`bench.specs.TARGETS` entry: ``text``, ``bench``,
+        ``key``, ``pair``, ``kind``, ``bound``, ``ours``, ``torch``,
+        ``ratio`` and ``verdict``: ``"met"``, ``"not met"``, ``"not
+        measured"`` (the benchmark ran, but without figures for this: failed
+        launches, a world size it did not reach, a ratio of non-positive
+        numbers) or ``"not run"``; ``"completes"`` targets add ``launches``.
+    """
+    out = []
+    for target in TARGETS:
+        entry = doc["benchmarks"].get(target.bench)
+        ours, theirs = _medians(entry, target.pair, target.key)
+        ratio = _ratio(ours, theirs)
+        row: dict[str, Any] = {**asdict(target), "ours": ours, "torch": theirs, "ratio": ratio}
+        met: bool | None = None
+        if target.kind == "completes":
+            members = _pairs(CONFIGS)[target.pair]
+            row["launches"] = {impl: _completed(entry, members[impl], target) for impl in members}
+            done, total = row["launches"]["ours"]
+            met = done == total if total else None
+        elif target.kind == "no_worse":
+            met = None if ours is None or theirs is None else ours <= theirs + target.bound
+        elif ratio is not None:
+            met = ratio <= target.bound if target.kind == "max_ratio" else ratio >= target.bound
+        if met is not None:
+            row["verdict"] = "met" if met else "not met"
+        else:
+            row["verdict"] = "not measured" if entry else "not run"
+        out.append(row)
+    return out
+
+
+def _target_line(row: Mapping[str, Any]) -> str:
+    """One row of the targets table."""
+
+    def value(v: float | None) -> str:
+        return "—" if v is None else _fmt(v)
+
+    unit = row["unit"]
+    ratio = "—" if row["ratio"] is None else f"{row['ratio']:.2f}"
+    if row["kind"] == "completes":
+
+        def launches(impl: str) -> str:
+            done, total = row["launches"][impl]
+            if not total:
+                return f"no launch at world {row['world_size']}"
+            return f"{done}/{total} launches; {value(row[impl])} {unit}"
+
+        ours, theirs = launches("ours"), launches("torch")
+        need = f"every launch at world {row['world_size']} completes"
+    else:
+        ours, theirs = f"{value(row['ours'])} {unit}", f"{value(row['torch'])} {unit}"
+        need = {
+            "max_ratio": f"ours/torch ≤ {row['bound']:g}",
+            "min_ratio": f"ours/torch ≥ {row['bound']:g}",
+            "no_worse": f"ours ≤ torch + {row['bound']:g} {unit}",
+        }[row["kind"]]
+    return (
+        f"| {row['text']} | {row['pair']} | {ours} | {theirs} | {ratio} | {need} "
+        f"| **{row['verdict']}** |"
+    )
+
+
 def _metric_label(metric: Metric) -> str:
     arrow = "↑" if metric.higher_is_better else "↓"
     return f"{metric.label} [{metric.unit}] {arrow}"
 
 
+def _section(name: str, entry: Mapping[str, Any]) -> list[str]:
+    """The table of one benchmark: its headline metrics, per pair it ran."""
+    spec = BENCHMARKS[name]
+    pairs = {
+        pair: members
+        for pair, members in _pairs(CONFIGS).items()
+        if any(c in entry["summary"] or c in entry.get("skipped", {}) for c in members.values())
+        or any(run["config"] in members.values() for run in entry["runs"])
+    }
+    lines = [
+        f"### {name}",
+        "",
+        f"{entry['title']}.",
+        "",
+        *([spec.method, ""] if spec.method else []),
+        "| metric | pair | ours | torch | ours/torch |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for metric in spec.metrics:
+        for pair, members in pairs.items():
+            ours, theirs = members.get("ours"), members.get("torch")
+            ratio = _ratio(*_medians(entry, pair, metric.key))
+            if all(_cell(entry, c, metric.key) == "—" for c in (ours, theirs)):
+                continue  # e.g. a world size this run did not reach
+            lines.append(
+                f"| {_metric_label(metric)} | {pair} | {_cell(entry, ours, metric.key)} "
+                f"| {_cell(entry, theirs, metric.key)} "
+                f"| {'—' if ratio is None else f'{ratio:.2f}'} |"
+            )
+    return [*lines, ""]
+
+
 def markdown(doc: Doc) -> str:
-    """The comparison table and notes for every benchmark in ``doc``."""
-    pairs = _pairs(CONFIGS)
+    """The targets, one table per benchmark in ``doc``, and notes."""
     env = doc.get("environment", {})
     lines = [
         f"# aiorpc_autograd vs torch.distributed.rpc — {doc['date']}",
@@ -199,32 +338,30 @@ def markdown(doc: Doc) -> str:
             "configurations put rank r on core r."
         ),
         "",
-        "| benchmark | metric | config | ours | torch | ours/torch |",
-        "| --- | --- | --- | ---: | ---: | ---: |",
+        *(
+            [
+                f"**Quick run** of {', '.join(quick)} (`--quick`): a smoke test with fewer "
+                "calls, steps and launches, not a measurement.",
+                "",
+            ]
+            if (quick := [n for n, e in doc["benchmarks"].items() if e.get("quick")])
+            else []
+        ),
+        "## Targets of the benchmark issue",
+        "",
+        "| target | pair | ours | torch | ours/torch | needs | verdict |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+        *(_target_line(row) for row in doc.get("targets", evaluate_targets(doc))),
+        "",
+        "## Results",
+        "",
     ]
     notes: list[str] = []
     for name, entry in doc["benchmarks"].items():
-        spec = BENCHMARKS.get(name)
-        if spec is None:
-            continue
-        summary = entry["summary"]
-        for metric in spec.metrics:
-            for pair, members in pairs.items():
-                ours, theirs = members.get("ours"), members.get("torch")
-                ours_stats = summary.get(ours, {}).get(metric.key)
-                theirs_stats = summary.get(theirs, {}).get(metric.key)
-                ratio = (
-                    f"{ours_stats['median'] / theirs_stats['median']:.2f}"
-                    if ours_stats and theirs_stats and theirs_stats["median"]
-                    else "—"
-                )
-                lines.append(
-                    f"| {name} | {_metric_label(metric)} | {pair} "
-                    f"| {_cell(entry, ours, metric.key)} | {_cell(entry, theirs, metric.key)} "
-                    f"| {ratio} |"
-                )
-        notes.extend(_notes(name, entry))
-    return "\n".join([*lines, "", "## Notes", "", *notes, ""])
+        if name in BENCHMARKS:
+            lines.extend(_section(name, entry))
+            notes.extend(_notes(name, entry))
+    return "\n".join([*lines, "## Notes", "", *notes, ""])
 
 
 def _notes(name: str, entry: Mapping[str, Any]) -> list[str]:
@@ -233,7 +370,7 @@ def _notes(name: str, entry: Mapping[str, Any]) -> list[str]:
     out = [
         (
             f"- **{name}**: {entry['title']}; run {entry['run_at']} ({mode}, "
-            f"{entry['launches']} launches per config); params `{json.dumps(entry['params'])}`; "
+            f"{entry['launches']} launch(es) per config); params `{json.dumps(entry['params'])}`; "
             f"aiorpc_autograd sources {sources}."
         )
     ]
@@ -271,7 +408,7 @@ def _notes(name: str, entry: Mapping[str, Any]) -> list[str]:
 
 
 def plot(doc: Doc, results_dir: Path) -> list[Path]:
-    """One PNG per benchmark with a plot layout; medians with min-max bars.
+    """One PNG per benchmark with plot panels; medians with min-max bars.
 
     Returns:
         The files written; empty (with a message on stderr) when matplotlib
@@ -293,36 +430,38 @@ def plot(doc: Doc, results_dir: Path) -> list[Path]:
     written: list[Path] = []
     for name, entry in doc["benchmarks"].items():
         spec = BENCHMARKS.get(name)
-        if spec is None or spec.plot is None:
-            continue
-        layout = spec.plot
         configs = [c.name for c in CONFIGS if c.name in entry["summary"]]
-        if not configs:
+        if spec is None or not spec.plots or not configs:
             continue
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        width = 0.8 / len(configs)
-        for i, config in enumerate(configs):
-            stats = [entry["summary"][config].get(key) for key in layout.keys]
-            xs = [j for j, s in enumerate(stats) if s]
-            med = [s["median"] for s in stats if s]
-            err = [
-                [s["median"] - s["min"] for s in stats if s],
-                [s["max"] - s["median"] for s in stats if s],
-            ]
-            if layout.kind == "bars":
-                offsets = [x - 0.4 + width * (i + 0.5) for x in xs]
-                ax.bar(offsets, med, width, yerr=err, capsize=3, label=config)
-            else:
-                style = "--" if impl_of.get(config) == "torch" else "-"
-                ax.errorbar(xs, med, yerr=err, marker="o", ls=style, capsize=3, label=config)
-        ax.set_xticks(range(len(layout.xs)), layout.xs)
-        ax.set_xlabel(layout.xlabel)
-        ax.set_ylabel(layout.ylabel)
-        if layout.logy:
-            ax.set_yscale("log")
-        ax.set_title(f"{name}: {entry['title']}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(
+            1, len(spec.plots), figsize=(7 * len(spec.plots), 4.5), squeeze=False
+        )
+        for ax, layout in zip(axes[0], spec.plots, strict=True):
+            width = 0.8 / len(configs)
+            for i, config in enumerate(configs):
+                stats = [entry["summary"][config].get(key) for key in layout.keys]
+                xs = [j for j, s in enumerate(stats) if s]
+                med = [s["median"] for s in stats if s]
+                err = [
+                    [s["median"] - s["min"] for s in stats if s],
+                    [s["max"] - s["median"] for s in stats if s],
+                ]
+                if layout.kind == "bars":
+                    offsets = [x - 0.4 + width * (i + 0.5) for x in xs]
+                    ax.bar(offsets, med, width, yerr=err, capsize=3, label=config)
+                else:
+                    style = "--" if impl_of.get(config) == "torch" else "-"
+                    ax.errorbar(xs, med, yerr=err, marker="o", ls=style, capsize=3, label=config)
+            ax.set_xticks(range(len(layout.xs)), layout.xs)
+            ax.set_xlabel(layout.xlabel)
+            ax.set_ylabel(layout.ylabel)
+            if layout.logy:
+                ax.set_yscale("log")
+            ax.set_title(layout.title or f"{name}: {entry['title']}", fontsize=9, wrap=True)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        if len(spec.plots) > 1:
+            fig.suptitle(f"{name}: {entry['title']}", fontsize=9, wrap=True)
         fig.tight_layout()
         path = results_dir / f"{doc['date']}-{name}.png"
         fig.savefig(path, dpi=110)

@@ -1,14 +1,15 @@
-"""Configurations and the benchmark registry.
+"""Configurations, phases, the benchmark registry and the issue's targets.
 
 Both sides receive the same parameter dict for a benchmark, so they do the
 same work; only the RPC library differs.  The registry is data: the
 measurement code lives in :mod:`bench.torch_side` and :mod:`bench.ours_side`
-under the same benchmark name.
+under the same benchmark name.  This module imports nothing heavy: the
+launcher and every worker load it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,6 +56,40 @@ CONFIGS: tuple[Config, ...] = (
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A part of a run with its own rounds of launches.
+
+    Each round launches every configuration of ``pairs`` once per world size
+    of its benchmarks (in rotated order), so that torch and ours alternate.
+
+    Attributes:
+        name: the phase's name.
+        launches: rounds in a full run.
+        quick_launches: rounds with ``--quick``.
+        pairs: the configuration pairs it runs.
+    """
+
+    name: str
+    launches: int
+    quick_launches: int
+    pairs: tuple[str, ...] = ("unpinned", "pinned")
+
+
+#: Phases in the order they run.  "scale" comes first: its launches are the
+#: longest, and the later phase's rounds then fill what is left of
+#: ``--max-minutes``.
+PHASES: dict[str, Phase] = {
+    phase.name: phase
+    for phase in (
+        # 32 workers on a couple of cores: pinning means little there, so only
+        # the default configurations.
+        Phase("scale", launches=2, quick_launches=1, pairs=("unpinned",)),
+        Phase("main", launches=4, quick_launches=2),
+    )
+}
+
+
+@dataclass(frozen=True)
 class Metric:
     """A headline figure of a benchmark, shown in the markdown table.
 
@@ -73,7 +108,7 @@ class Metric:
 
 @dataclass(frozen=True)
 class PlotSpec:
-    """How to plot a benchmark: one series per configuration.
+    """One panel of a benchmark's PNG: one series per configuration.
 
     Attributes:
         xs: x-axis category labels.
@@ -82,6 +117,7 @@ class PlotSpec:
         ylabel: y-axis title.
         kind: ``"lines"`` (a trend over a parameter) or ``"bars"``.
         logy: logarithmic y axis.
+        title: the panel's title (the benchmark's when empty).
     """
 
     xs: tuple[str, ...]
@@ -90,6 +126,12 @@ class PlotSpec:
     ylabel: str
     kind: Literal["lines", "bars"] = "lines"
     logy: bool = False
+    title: str = ""
+
+
+def fixed(seconds: float) -> Callable[[Params], float]:
+    """A timeout that does not depend on the parameters."""
+    return lambda _params: seconds
 
 
 @dataclass(frozen=True)
@@ -99,23 +141,67 @@ class BenchSpec:
     Attributes:
         name: the name used by ``--only`` and by the side modules' tables.
         title: one line for the report.
-        params: parameters for a run, given ``quick``.
+        params: parameters for a run, given ``quick``.  A ``world_sizes``
+            list runs the benchmark in one launch per size; otherwise it
+            runs at ``world_size``.
         metrics: headline metrics.
-        timeout_s: upper bound of the measurement time on rank 0; a launch's
-            timeout is the sum over its benchmarks plus start-up.
+        timeout_s: upper bound of the measurement time on rank 0, given the
+            parameters; a launch's timeout is the sum over its benchmarks
+            plus start-up.
         world_size: number of worker processes it needs.
         default: part of a run without ``--only``.
-        plot: plot layout, or None for no plot.
+        plots: the panels of its PNG (none: no plot).
+        phase: the :data:`PHASES` entry it runs in.
+        all_ranks: every rank runs it, not only rank 0; each numeric metric
+            is then the maximum over ranks (the slowest one).
+        options: library options added to the configuration's for its launches.
+        method: how it measures, beyond the title, for the report.
     """
 
     name: str
     title: str
     params: Callable[[bool], Params]
     metrics: tuple[Metric, ...]
-    timeout_s: float
+    timeout_s: Callable[[Params], float]
     world_size: int = 2
     default: bool = True
-    plot: PlotSpec | None = None
+    plots: tuple[PlotSpec, ...] = ()
+    phase: str = "main"
+    all_ranks: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+    method: str = ""
+
+    def world_sizes(self, params: Params) -> list[int]:
+        """The world sizes it launches at, given its parameters."""
+        return list(params.get("world_sizes", [self.world_size]))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal of the benchmark issue, checked against one pair's medians.
+
+    Attributes:
+        text: the goal as the report states it.
+        bench: the benchmark.
+        key: the metric.
+        pair: the configuration pair compared.
+        kind: ``"max_ratio"`` (ours/torch <= bound), ``"min_ratio"``
+            (ours/torch >= bound), ``"no_worse"`` (ours <= torch + bound, in
+            the metric's unit) or ``"completes"`` (every launch of ours
+            reported the metric).
+        unit: the metric's unit, for display.
+        bound: the bound ``kind`` uses.
+        world_size: for ``"completes"``, the world size whose launches count.
+    """
+
+    text: str
+    bench: str
+    key: str
+    pair: str
+    kind: Literal["max_ratio", "min_ratio", "no_worse", "completes"]
+    unit: str
+    bound: float = 0.0
+    world_size: int = 2
 
 
 def size_label(nbytes: int) -> str:
@@ -128,6 +214,12 @@ def size_label(nbytes: int) -> str:
 
 INFLIGHT = (1, 16, 64, 256)
 ECHO_SIZES = (4 << 10, 1 << 20, 16 << 20, 64 << 20)
+SCALE_SIZES = (2, 4, 8, 16, 32)
+#: ``--quick`` stops the world-size scan here.
+SCALE_QUICK_MAX = 8
+CODEC_TENSORS = (0, 1, 16)
+#: RSS noise allowed by the "no worse than torch" target (MiB).
+RSS_NOISE_MB = 1.0
 
 
 def _noop_params(quick: bool) -> Params:
@@ -152,8 +244,120 @@ def _echo_params(quick: bool) -> Params:
 
 
 def _autograd_params(quick: bool) -> Params:
-    return {"batch": 32, "dim": 256, "steps": 200 if quick else 500, "warmup": 20 if quick else 50}
+    # The issue's step: a 64x512 batch on the caller, a 512x512 weight on the worker.
+    return {
+        "batch": 64,
+        "dim": 512,
+        "lr": 1e-3,
+        "steps": 300 if quick else 2000,  # timed, and the RSS window
+        "warmup": 50 if quick else 200,
+        "local_steps": 200 if quick else 500,
+        "check_steps": 3,
+    }
 
+
+def _autograd_timeout(params: Params) -> float:
+    # 20 ms a step is ~6x the usual step on a 2-core machine.
+    steps = float(params["steps"] + params["warmup"] + params["local_steps"])
+    return 60.0 + 0.02 * steps
+
+
+def _scale_params(quick: bool) -> Params:
+    sizes = [n for n in SCALE_SIZES if not quick or n <= SCALE_QUICK_MAX]
+    return {"world_sizes": sizes}
+
+
+def _scale_timeout(params: Params) -> float:
+    # Start-up of n interpreters importing torch on a few cores, then the round.
+    return 60.0 + 10.0 * float(max(params["world_sizes"]))
+
+
+def _codec_params(quick: bool) -> Params:
+    return {
+        "tensors": list(CODEC_TENSORS),
+        "numel": 64,
+        "repeat": 3 if quick else 5,
+        "number": 200 if quick else 1000,
+    }
+
+
+def _lines_over(xs: Sequence[object], template: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(labels, keys)`` of a panel with one point per ``x``."""
+    return tuple(str(x) for x in xs), tuple(template.format(x) for x in xs)
+
+
+def _series(
+    xs: Sequence[object],
+    key: str,
+    label: str,
+    unit: str,
+    higher_is_better: bool,
+    **plot: Any,
+) -> tuple[tuple[Metric, ...], tuple[PlotSpec, ...]]:
+    """``(metrics, plots)`` of a benchmark with one figure per ``x``.
+
+    ``key`` and ``label`` are templates filled with each ``x``; ``plot``
+    holds the :class:`PlotSpec` fields other than ``xs`` and ``keys``.
+    """
+    labels, keys = _lines_over(xs, key)
+    metrics = tuple(
+        Metric(k, label.format(x), unit, higher_is_better)
+        for k, x in zip(keys, labels, strict=True)
+    )
+    return metrics, (PlotSpec(labels, keys, **plot),)
+
+
+def _scale_panel(template: str, ylabel: str, title: str) -> PlotSpec:
+    xs, keys = _lines_over(SCALE_SIZES, template)
+    return PlotSpec(xs, keys, "world size", ylabel, logy=True, title=title)
+
+
+_THROUGHPUT = _series(
+    INFLIGHT,
+    "inflight_{}_calls_per_s",
+    "{} in flight",
+    "calls/s",
+    True,
+    xlabel="calls in flight",
+    ylabel="calls/s",
+)
+_ECHO = _series(
+    [size_label(s) for s in ECHO_SIZES],
+    "{}_GBps",
+    "{}",
+    "GB/s",
+    True,
+    xlabel="tensor size",
+    ylabel="GB/s",
+    logy=True,
+)
+_CODEC = _series(
+    CODEC_TENSORS,
+    "tensors_{}_us",
+    "{} tensors",
+    "µs",
+    False,
+    xlabel="tensors in the call",
+    ylabel="µs per encode + decode",
+    kind="bars",
+    logy=True,
+)
+_AUTOGRAD_TIMES = (
+    ("step_p50_ms", "step p50", "distributed step"),
+    ("local_step_ms", "local step", "local step"),
+    ("overhead_ms", "overhead", "overhead"),
+)
+_AUTOGRAD_RSS = (
+    ("rss_growth_caller_mb", "caller growth"),
+    ("rss_growth_worker_mb", "worker growth"),
+    ("rss_retained_caller_mb", "caller after trim"),
+    ("rss_retained_worker_mb", "worker after trim"),
+)
+_SCALE_METRICS = (
+    ("w{}_ready_s", "world {}: launch to ready"),
+    ("w{}_init_rpc_s", "world {}: slowest init_rpc"),
+    ("w{}_all_pairs_s", "world {}: all-pairs round"),
+)
 
 BENCHMARKS: dict[str, BenchSpec] = {
     spec.name: spec
@@ -166,80 +370,193 @@ BENCHMARKS: dict[str, BenchSpec] = {
                 Metric("p50_us", "p50", "µs", higher_is_better=False),
                 Metric("p99_us", "p99", "µs", higher_is_better=False),
             ),
-            timeout_s=120.0,
-            plot=PlotSpec(
-                xs=("p50", "p90", "p99"),
-                keys=("p50_us", "p90_us", "p99_us"),
-                xlabel="percentile",
-                ylabel="latency (µs)",
-                kind="bars",
-                logy=True,
+            timeout_s=fixed(120.0),
+            plots=(
+                PlotSpec(
+                    xs=("p50", "p90", "p99"),
+                    keys=("p50_us", "p90_us", "p99_us"),
+                    xlabel="percentile",
+                    ylabel="latency (µs)",
+                    kind="bars",
+                    logy=True,
+                ),
             ),
         ),
         BenchSpec(
             name="throughput",
             title="no-op calls/s with N calls in flight",
             params=_throughput_params,
-            metrics=tuple(
-                Metric(
-                    f"inflight_{n}_calls_per_s",
-                    f"{n} in flight",
-                    "calls/s",
-                    higher_is_better=True,
-                )
-                for n in INFLIGHT
-            ),
-            timeout_s=90.0,
-            plot=PlotSpec(
-                xs=tuple(str(n) for n in INFLIGHT),
-                keys=tuple(f"inflight_{n}_calls_per_s" for n in INFLIGHT),
-                xlabel="calls in flight",
-                ylabel="calls/s",
-            ),
+            metrics=_THROUGHPUT[0],
+            timeout_s=fixed(90.0),
+            plots=_THROUGHPUT[1],
         ),
         BenchSpec(
             name="echo",
             title="float32 tensor echo, GB/s = 2*size/round trip (median)",
             params=_echo_params,
-            metrics=tuple(
-                Metric(
-                    f"{size_label(s)}_GBps",
-                    size_label(s),
-                    "GB/s",
-                    higher_is_better=True,
-                )
-                for s in ECHO_SIZES
-            ),
-            timeout_s=120.0,
-            plot=PlotSpec(
-                xs=tuple(size_label(s) for s in ECHO_SIZES),
-                keys=tuple(f"{size_label(s)}_GBps" for s in ECHO_SIZES),
-                xlabel="tensor size",
-                ylabel="GB/s",
-                logy=True,
-            ),
+            metrics=_ECHO[0],
+            timeout_s=fixed(120.0),
+            plots=_ECHO[1],
         ),
         BenchSpec(
             name="autograd",
-            title="distributed autograd step: remote tanh(x @ w), backward, gradients",
+            title=(
+                "distributed autograd step: caller's 64x512 batch, remote relu(x @ w) on the "
+                "worker's 512x512 weight, loss on the caller, dist backward, "
+                "DistributedOptimizer(SGD).step"
+            ),
             params=_autograd_params,
             metrics=(
-                Metric("p50_us", "step p50", "µs", higher_is_better=False),
-                Metric("p99_us", "step p99", "µs", higher_is_better=False),
+                *(
+                    Metric(key, label, "ms", higher_is_better=False)
+                    for key, label, _ in _AUTOGRAD_TIMES
+                ),
+                Metric("step_p99_ms", "step p99", "ms", higher_is_better=False),
+                Metric(
+                    "local_step_rpc_up_ms",
+                    "local step, agents up",
+                    "ms",
+                    higher_is_better=False,
+                ),
+                *(
+                    Metric(key, f"RSS {label} over the steps", "MiB", higher_is_better=False)
+                    for key, label in _AUTOGRAD_RSS
+                ),
             ),
-            timeout_s=120.0,
-            plot=PlotSpec(
-                xs=("p50", "p90", "p99"),
-                keys=("p50_us", "p90_us", "p99_us"),
-                xlabel="percentile",
-                ylabel="step time (µs)",
-                kind="bars",
-                logy=True,
+            timeout_s=_autograd_timeout,
+            method=(
+                "Step times are the median of the timed steps after warm-up. Local step: "
+                "the same step in rank 0 alone, before init_rpc, once every rank of the "
+                "launch has imported its libraries (no RPC thread anywhere), timed in 5 "
+                "blocks, the quietest block's median; overhead = step p50 - local. "
+                "'Local step, agents up' repeats it after the timed "
+                "steps with both agents still up (what background threads cost the "
+                "caller's compute). RSS: both processes are trimmed (malloc_trim) and "
+                "read before the timed steps; growth = RSS after them minus that, "
+                "'after trim' = the same after another malloc_trim; the targets add "
+                "caller and worker, each floored at 0. Weights after 3 distributed steps "
+                "are checked against 3 local steps (weights_match)."
+            ),
+            plots=(
+                PlotSpec(
+                    xs=tuple(x for _, _, x in _AUTOGRAD_TIMES),
+                    keys=tuple(key for key, _, _ in _AUTOGRAD_TIMES),
+                    xlabel="",
+                    ylabel="ms",
+                    kind="bars",
+                    title="step time (median)",
+                ),
+                PlotSpec(
+                    xs=tuple(label for _, label in _AUTOGRAD_RSS),
+                    keys=tuple(key for key, _ in _AUTOGRAD_RSS),
+                    xlabel="",
+                    ylabel="MiB",
+                    kind="bars",
+                    title="RSS growth over the timed steps (from a trimmed start)",
+                ),
             ),
         ),
-        # Extension points, not yet registered:
-        #   "scale" — "throughput" at world sizes 2..8 (one spec per size, or a
-        #             world_size param; launches are grouped by world_size);
-        #   "codec" — encode/decode microbenchmark (world_size=1, no peer).
+        BenchSpec(
+            name="codec",
+            title=(
+                "codec round trip (encode + decode, one process, no RPC) of a call "
+                "(torch.add, N float32[64] tensors); ours vs torch's RPC pickler"
+            ),
+            params=_codec_params,
+            metrics=_CODEC[0],
+            timeout_s=fixed(120.0),
+            plots=_CODEC[1],
+            method=(
+                "Ours: PythonCall message encode, frame encode, FrameReader, decode, "
+                "payload load. Torch: _internal_rpc_pickler serialize + deserialize. "
+                "Median of `repeat` timeit runs of `number` round trips (gc off), in "
+                "rank 0 of each launch; the first result is checked against the call."
+            ),
+        ),
+        BenchSpec(
+            name="scale",
+            title=(
+                "world size: launch to the last worker ready (interpreter, import and "
+                "init_rpc), and every worker calling every other once, all in flight"
+            ),
+            params=_scale_params,
+            metrics=tuple(
+                Metric(key.format(n), label.format(n), "s", higher_is_better=False)
+                for n in SCALE_SIZES
+                for key, label in _SCALE_METRICS
+            ),
+            timeout_s=_scale_timeout,
+            method=(
+                "One launch per world size; all workers spawned at once on this machine. "
+                "Launch to ready: from the first spawn to the last worker out of "
+                "init_rpc (interpreter start and imports included, the same for both). "
+                "All-pairs round: on every worker, from its own ready to the replies of "
+                "one no-op call to every other worker, all in flight; the slowest worker "
+                "counts. Options: rpc_timeout=300 on both sides."
+            ),
+            plots=(
+                _scale_panel("w{}_ready_s", "seconds", "launch to the last worker ready"),
+                _scale_panel("w{}_all_pairs_s", "seconds", "all-pairs round (slowest worker)"),
+            ),
+            phase="scale",
+            all_ranks=True,
+            options={"rpc_timeout": 300.0},
+        ),
     )
 }
+
+#: The benchmark issue's goals, in the order the report lists them.
+TARGETS: tuple[Target, ...] = (
+    Target("no-op p50 ≤ 0.5x torch default", "noop", "p50_us", "unpinned", "max_ratio", "µs", 0.5),
+    Target("no-op p50 ≤ 1.0x torch tuned", "noop", "p50_us", "pinned", "max_ratio", "µs", 1.0),
+    *(
+        Target(
+            f"calls/s with 256 in flight ≥ {bound:g}x torch {torch_config}",
+            "throughput",
+            "inflight_256_calls_per_s",
+            pair,
+            "min_ratio",
+            "calls/s",
+            bound,
+        )
+        for pair, torch_config, bound in (("unpinned", "default", 2.0), ("pinned", "tuned", 1.0))
+    ),
+    *(
+        Target("64 MiB echo GB/s ≥ 2x torch", "echo", "64MiB_GBps", pair, "min_ratio", "GB/s", 2.0)
+        for pair in ("unpinned", "pinned")
+    ),
+    Target(
+        "autograd step overhead over local ≤ 0.5x torch default's",
+        "autograd",
+        "overhead_ms",
+        "unpinned",
+        "max_ratio",
+        "ms",
+        0.5,
+    ),
+    *(
+        Target(
+            f"autograd RSS growth {when} (caller + worker) no worse than torch's",
+            "autograd",
+            key,
+            pair,
+            "no_worse",
+            "MiB",
+            RSS_NOISE_MB,
+        )
+        for key, when in (
+            ("rss_growth_mb", "over the steps"),
+            ("rss_retained_mb", "after malloc_trim"),
+        )
+        for pair in ("unpinned", "pinned")
+    ),
+    Target(
+        "world size 32 completes the all-pairs round",
+        "scale",
+        "w32_all_pairs_s",
+        "unpinned",
+        "completes",
+        "s",
+        world_size=32,
+    ),
+)

@@ -1,7 +1,8 @@
 """The benchmarks on torch.distributed.rpc (TensorPipe backend).
 
-Each benchmark is ``fn(peer, params) -> metrics`` and runs on rank 0 with
-the agent already up; :func:`run_worker` does the lifecycle.
+Each benchmark is ``fn(ctx, params) -> metrics`` and runs on rank 0 (on
+every rank for ``all_ranks`` benchmarks) with the agent already up;
+:func:`run_worker` does the lifecycle.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,19 +18,24 @@ from torch.distributed import rpc
 
 from bench import loopback, workloads
 from bench.measure import (
-    autograd_inputs,
+    Call,
+    autograd_batch,
+    autograd_procedure,
     bit_exact,
+    codec_metrics,
+    drive,
     echo_metrics,
     echo_tensor,
-    grads_match,
+    scale_metrics,
     throughput_metrics,
 )
 from bench.stats import latency_summary_us
 from bench.worker import BenchFn, WorkerContext
 
 
-def noop_latency(peer: str, params: dict[str, Any]) -> dict[str, Any]:
+def noop_latency(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
     """Sequential ``rpc_sync`` no-op calls: per-call latency percentiles."""
+    peer = ctx.peer
     for _ in range(params["warmup"]):
         rpc.rpc_sync(peer, workloads.noop)
     clock = time.perf_counter_ns
@@ -75,18 +82,19 @@ def _pump(peer: str, inflight: int, seconds: float) -> tuple[int, float]:
     return calls, elapsed
 
 
-def throughput(peer: str, params: dict[str, Any]) -> dict[str, Any]:
+def throughput(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
     """No-op calls/s with 1, 16, 64, 256 ``rpc_async`` futures kept in flight."""
     metrics: dict[str, Any] = {}
     for inflight in params["inflight"]:
-        _pump(peer, inflight, params["warmup_seconds"])
-        calls, elapsed = _pump(peer, inflight, params["seconds"])
+        _pump(ctx.peer, inflight, params["warmup_seconds"])
+        calls, elapsed = _pump(ctx.peer, inflight, params["seconds"])
         metrics.update(throughput_metrics(inflight, calls, elapsed))
     return metrics
 
 
-def tensor_echo(peer: str, params: dict[str, Any]) -> dict[str, Any]:
+def tensor_echo(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
     """Round trips of float32 tensors; the first reply per size is checked bit-exact."""
+    peer = ctx.peer
     metrics: dict[str, Any] = {}
     clock = time.perf_counter_ns
     for nbytes, iters in zip(params["sizes"], params["iters"], strict=True):
@@ -106,30 +114,56 @@ def tensor_echo(peer: str, params: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-def autograd_step(peer: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Distributed autograd steps: context, remote ``tanh(x @ w)``, backward, gradients."""
+def autograd_step(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
+    """The issue's training step (:func:`bench.measure.autograd_procedure`) on torch."""
     from torch.distributed import autograd as dist_autograd
+    from torch.distributed.optim import DistributedOptimizer
 
-    x, w = autograd_inputs(params["batch"], params["dim"])
+    peer = ctx.peer
+    w = rpc.remote(peer, workloads.make_weight, args=(params["dim"],))
+    w.to_here()  # setup: the remote layer reads local_value()
+    opt = DistributedOptimizer(  # type: ignore[no-untyped-call]
+        torch.optim.SGD, [w], lr=params["lr"]
+    )
+    x = autograd_batch(params)
 
-    def step() -> dict[torch.Tensor, torch.Tensor]:
+    def step() -> None:
         with dist_autograd.context() as context_id:
-            out = rpc.rpc_sync(peer, workloads.linear_tanh, args=(x, w))
-            dist_autograd.backward(context_id, [out.sum()])  # type: ignore[attr-defined]
-            grads: dict[torch.Tensor, torch.Tensor]
-            grads = dist_autograd.get_gradients(context_id)  # type: ignore[attr-defined]
-            return grads
+            y = rpc.rpc_sync(peer, workloads.linear_relu, args=(x, w))
+            dist_autograd.backward(context_id, [y.sum()])  # type: ignore[attr-defined]
+            opt.step(context_id)  # type: ignore[no-untyped-call]
 
-    for _ in range(params["warmup"]):
-        step()
-    match = grads_match(x, w, step())
-    clock = time.perf_counter_ns
-    samples: list[int] = []
-    for _ in range(params["steps"]):
-        t0 = clock()
-        step()
-        samples.append(clock() - t0)
-    return {**latency_summary_us(samples), "grads_match": match}
+    return drive(
+        autograd_procedure(params, ctx.baselines["autograd"]),
+        {
+            "step": step,
+            "weight": w.to_here,
+            "worker_rss": lambda: rpc.rpc_sync(peer, workloads.rss_mb),
+            "worker_trimmed_rss": lambda: rpc.rpc_sync(peer, workloads.trimmed_rss_mb),
+        },
+    )
+
+
+def codec(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
+    """torch's internal RPC pickler: ``serialize`` then ``deserialize``."""
+    from torch.distributed.rpc.internal import _internal_rpc_pickler
+
+    def roundtrip(call: Call) -> Callable[[], object]:
+        def run() -> object:
+            pickler = _internal_rpc_pickler
+            binary, tensors = pickler.serialize(call)  # type: ignore[no-untyped-call]
+            return pickler.deserialize(binary, tensors)  # type: ignore[no-untyped-call]
+
+        return run
+
+    return codec_metrics(roundtrip, params)
+
+
+def scale(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
+    """On every rank: one no-op call to every other worker, all in flight."""
+    t0 = time.perf_counter()
+    torch.futures.wait_all([rpc.rpc_async(name, workloads.noop) for name in ctx.others])
+    return scale_metrics(ctx.world_size, ctx.info, time.perf_counter() - t0)
 
 
 BENCHES: dict[str, BenchFn] = {
@@ -137,11 +171,28 @@ BENCHES: dict[str, BenchFn] = {
     "throughput": throughput,
     "echo": tensor_echo,
     "autograd": autograd_step,
+    "codec": codec,
+    "scale": scale,
 }
 
 
+def _drop_torchscript_optimizer_warning() -> None:
+    """Silence DistributedOptimizer's TorchScript deprecation warning on its owner.
+
+    torch raises it under ``simplefilter("always")`` each launch, so a filter
+    cannot; the display hook still can.
+    """
+    show = warnings.showwarning
+
+    def showwarning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+        if "support for functional optimizers is deprecated" not in str(message):
+            show(message, *args, **kwargs)
+
+    warnings.showwarning = showwarning
+
+
 def run_worker(ctx: WorkerContext) -> None:
-    """Start the TensorPipe agent, let rank 0 run the plan, shut down gracefully.
+    """Start the TensorPipe agent, run this rank's part of the plan, shut down gracefully.
 
     The options are the configuration's; ``init_method`` only swaps torch's
     ``tcp://`` rendezvous for :mod:`bench.loopback`'s.
@@ -152,22 +203,23 @@ def run_worker(ctx: WorkerContext) -> None:
     warnings.filterwarnings(
         "ignore", message=r"You are using a Backend .* as a ProcessGroup", category=UserWarning
     )
+    _drop_torchscript_optimizer_warning()
     loopback.register()
     options = rpc.TensorPipeRpcBackendOptions(
         init_method=loopback.init_method(ctx.port), **ctx.options
     )
+    ctx.before_init()
+    t0 = time.perf_counter()
     rpc.init_rpc(  # type: ignore[no-untyped-call]
-        ctx.name_of(ctx.rank),
+        ctx.name,
         rank=ctx.rank,
         world_size=ctx.world_size,
         rpc_backend_options=options,
     )
     try:
-        ctx.ready()
-        if ctx.rank == 0:
-            peer = ctx.name_of(1)
-            for name, params, fn in ctx.steps(BENCHES):
-                with ctx.measuring(name) as metrics:
-                    metrics.update(fn(peer, params))
+        ctx.ready(time.perf_counter() - t0)
+        for name, params, fn in ctx.steps(BENCHES):
+            with ctx.measuring(name) as metrics:
+                metrics.update(fn(ctx, params))
     finally:
         rpc.shutdown()

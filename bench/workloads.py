@@ -3,12 +3,15 @@
 They live at module level in a module every worker imports, so both
 torch.distributed.rpc and aiorpc_autograd pickle them by reference
 (``bench.workloads.noop``) rather than by value.  Keep this module free of
-imports: it is loaded on the callee of every call.
+module-level imports beyond the standard library: it is loaded on the callee
+of every call (torch is imported where needed; every worker has it loaded).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+import ctypes
+import os
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -25,6 +28,29 @@ def echo(value: T) -> T:
     return value
 
 
-def linear_tanh(x: Tensor, w: Tensor) -> Tensor:
-    """``tanh(x @ w)``: the remote layer of the distributed autograd step."""
-    return (x @ w).tanh()
+def make_weight(dim: int) -> Tensor:
+    """The autograd step's ``dim x dim`` weight, seeded: the same on every run."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(dim, dim, generator=gen).div_(dim**0.5).requires_grad_()
+
+
+def linear_relu(x: Tensor, w_rref: Any) -> Tensor:
+    """``relu(x @ w)`` with the weight its owner holds: the step's remote layer."""
+    import torch
+
+    return torch.relu(x @ w_rref.local_value())
+
+
+def rss_mb() -> float:
+    """This process's resident set size in MiB (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def trimmed_rss_mb() -> float:
+    """:func:`rss_mb` after glibc's ``malloc_trim(0)`` returned free heap to the OS."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_mb()
