@@ -166,10 +166,15 @@ class WorkerPool:
             done(ok, value)
 
     def shutdown(self) -> None:
-        """Drop the jobs not started and let idle threads exit; running jobs
-        finish in the background (their results are dropped)."""
+        """Fail the jobs not started (``done(False, RuntimeError)``, here) and
+        let the threads exit; running jobs finish and report as usual. Call
+        from the loop thread."""
         self._closed = True
-        self._jobs.clear()
+        with self._cond:
+            dropped = list(self._jobs)
+            self._jobs.clear()
+        for _, done in dropped:
+            done(False, RuntimeError("the worker pool is shut down"))
         with self._cond:
             self._free += self._idle  # each woken thread counts itself out
             self._idle = 0
