@@ -156,6 +156,17 @@ BAD_STREAMS = {
         codec.PythonCall("registered", codec.dump_payload(((), {}), allow_pickle=False))
     ),
     "hello_from_another_group": frame(codec.Hello("worker1", 1, "not/this/group/")),
+    # Transport flags (PROTOCOL.md 9.3): a shared-memory frame on a connection
+    # that offered none (over TCP), a control frame of an unknown kind, a
+    # release of a segment never sent, and flags no one defined.
+    "shm_frame_over_tcp": b"".join(
+        bytes(c) for c in wire.encode_frame(b"\x90", [bytes(28)], flags=0x01)
+    ),
+    "unknown_control_frame": b"".join(bytes(c) for c in wire.encode_frame(b"Z", [], flags=0x02)),
+    "release_of_unknown_segment": b"".join(
+        bytes(c) for c in wire.encode_frame(b"R\x07\x00\x00\x00", [], flags=0x02)
+    ),
+    "undefined_flags": b"".join(bytes(c) for c in wire.encode_frame(b"\x90", [], flags=0x80)),
 }
 
 
