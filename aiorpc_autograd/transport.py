@@ -226,7 +226,7 @@ class Connection(asyncio.BufferedProtocol):
     def _control(self, header: bytes) -> None:
         kind, data = header[:1], header[1:]
         if kind == _CTRL_SHM_OFFER and not data:
-            if self._shm_tx is None:
+            if self._shm_tx is None and self._shm_threshold > 0:  # else: declined
                 self._shm_tx = ShmSender(self._shm_threshold)
         elif kind == _CTRL_SHM_RELEASE and len(data) % 4 == 0 and self._shm_tx is not None:
             self._shm_tx.release([i for (i,) in _U32.iter_unpack(data)])

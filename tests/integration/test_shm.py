@@ -17,7 +17,7 @@ import torch
 import aiorpc_autograd as rpc
 import aiorpc_autograd.dist_autograd as dist_autograd
 from tests.integration.common import echo
-from tests.integration.harness import run_workers
+from tests.integration.harness import barrier, run_processes, run_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -212,3 +212,26 @@ def test_socket_only(options: dict[str, Any]) -> None:
 def test_shm_threshold_validated() -> None:
     with pytest.raises(ValueError, match="shm_threshold"):
         rpc.RpcOptions(shm_threshold=-1)
+
+
+async def check_one_side_disabled(rank: int, world_size: int, init_method: str) -> dict[str, Any]:
+    # worker1 turned shared memory off; worker0 has the default and offers it.
+    options = rpc.RpcOptions(shm_threshold=0 if rank == 1 else 512 << 10)
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method, options=options)
+    await barrier()
+    t = torch.arange(float(MiB))
+    out: dict[str, Any] = {}
+    for _ in range(3):  # the first call may precede the offer: several
+        back = await rpc.rpc_async(f"worker{1 - rank}", echo, args=(t,))
+        out.setdefault("exact", []).append(torch.equal(back, t))
+    await barrier()
+    out["counters"] = shm_counters()
+    await rpc.shutdown()
+    return out
+
+
+def test_a_worker_with_shared_memory_off_declines_the_offer() -> None:
+    w0, w1 = run_processes(check_one_side_disabled, 2, timeout=60)
+    assert w0["exact"] == w1["exact"] == [True] * 3
+    assert w0["counters"]["num_shm_segments"] == 0  # worker1 never offered
+    assert w1["counters"]["num_shm_segments"] == 0  # and declined worker0's offer
