@@ -132,9 +132,12 @@ class ShmSender:
             seg = self._take(n)
             if seg is None:
                 continue
-            dst = torch.frombuffer(seg.map, dtype=torch.uint8, count=n)
-            dst.copy_(torch.frombuffer(buf, dtype=torch.uint8, count=n))
-            del dst
+            if isinstance(buf, memoryview) and not buf.readonly:
+                dst = torch.frombuffer(seg.map, dtype=torch.uint8, count=n)
+                dst.copy_(torch.frombuffer(buf, dtype=torch.uint8, count=n))  # ~1.4x memcpy here
+                del dst
+            else:
+                seg.map[:n] = buf
             if out is None:
                 out = list(buffers)
             out[i] = b""

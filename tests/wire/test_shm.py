@@ -208,3 +208,11 @@ def test_duplicate_and_unsealed_and_oversized() -> None:
             pair.rx.take([memoryview(b""), _table((0, 77, plain, MiB, 10))])
     finally:
         os.close(plain)
+
+
+def test_read_only_and_bytes_sources() -> None:
+    pair = Pair()
+    data = bytes(payload(MiB, 3))
+    ro = memoryview(data)  # read-only: copied without torch (no warning)
+    out = pair.send([ro, data])
+    assert bytes(out[0]) == data and bytes(out[1]) == data
