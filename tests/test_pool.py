@@ -56,11 +56,16 @@ async def test_callbacks_run_on_the_loop_thread() -> None:
     pool.shutdown()
 
 
-async def test_fast_jobs_use_few_threads() -> None:
+async def test_sequential_jobs_reuse_one_thread() -> None:
+    # Threads start on demand: one job at a time never needs a second thread.
+    # (Bursts may wake spares, one per job taken while others wait: the price
+    # of never letting a blocked job hold up the queue.)
     pool = WorkerPool(asyncio.get_running_loop(), 16, "t")
-    for _ in range(20):
-        await asyncio.gather(*(pool.run(lambda: None) for _ in range(100)))
-    assert pool.threads <= 8  # not a thread per job: quick bursts need one or two (+ preemption)
+    for i in range(200):
+        assert await pool.run(lambda i=i: i) == i
+    assert pool.threads == 1
+    results = await asyncio.gather(*(pool.run(lambda i=i: i) for i in range(500)))
+    assert results == list(range(500)) and pool.threads <= 16
     pool.shutdown()
 
 
