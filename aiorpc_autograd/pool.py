@@ -129,11 +129,8 @@ class WorkerPool:
 
     def _work(self) -> None:
         jobs, cond = self._jobs, self._cond
-        ran = False
         while True:
-            with cond:  # once per job: finish the last, take the next
-                if ran:
-                    self._free += 1
+            with cond:
                 while not jobs:
                     self._free -= 1
                     if self._closed:
@@ -150,7 +147,10 @@ class WorkerPool:
             except BaseException as exc:
                 result = (done, False, exc)
             del fn, done
-            ran = True
+            with cond:
+                # Free again before the result goes out: a job its callback
+                # submits finds this thread (no second thread for a chain).
+                self._free += 1
             self._results.append(result)
             del result
             if not self._draining:
