@@ -148,7 +148,7 @@ def test_request_faults(faults_run: tuple[dict[str, Any], dict[str, int]]) -> No
     assert executed.get("drop", 0) == 0  # never sent
     assert w0["after_drop"] == "after_drop"
     value, elapsed = w0["delay"]
-    assert value == "delay" and elapsed >= 0.6, (value, elapsed)
+    assert value == "delay" and elapsed >= 0.59, (value, elapsed)  # timers: ~1 ms early
     assert executed["delay"] == 1
     error, elapsed = w0["fail"]
     assert type(error) is rpc.RpcError and "injected" in str(error), error
@@ -164,7 +164,8 @@ def test_reply_faults(faults_run: tuple[dict[str, Any], dict[str, int]]) -> None
         assert isinstance(error, rpc.RpcTimeoutError), (action, error)
         assert 0.9 < elapsed < 5, elapsed
     value, elapsed = w0["reply_delay"]
-    assert value == "reply_delay" and elapsed >= 0.6, (value, elapsed)
+    # uvloop timers run on the loop's cached ms clock: up to ~1 ms early.
+    assert value == "reply_delay" and elapsed >= 0.59, (value, elapsed)
     error, _ = w0["reply_disconnect"]
     assert isinstance(error, rpc.ConnectionLostError), error
     for action in ("drop", "fail", "delay", "disconnect"):
