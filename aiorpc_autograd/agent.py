@@ -39,9 +39,8 @@ import socket
 import ssl
 import time
 import traceback
-import types
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -115,29 +114,6 @@ def _raisable(exc: BaseException) -> BaseException:
     if isinstance(exc, StopIteration | StopAsyncIteration):
         return _StopError(exc)
     return exc
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, T], yielded: Any) -> Generator[Any, Any, T]:
-    """Go on with a coroutine already run up to its first suspension, which
-    yielded ``yielded``: pass what the Task sends or throws on to it."""
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
-
-
-async def _continue(coro: Coroutine[Any, Any, T], yielded: Any) -> T:
-    return await _resume(coro, yielded)
 
 
 def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
@@ -884,23 +860,9 @@ class RpcAgent:
     ) -> None:
         """Answer request ``rid`` with the message ``work`` produces (or its error).
 
-        A coroutine starts at once (as with 3.12's eager tasks): one that
-        finishes without suspending is answered without a Task.
+        A coroutine runs as a Task from its first step: code in it may rely on
+        ``asyncio.current_task()`` (``asyncio.timeout``, ``TaskGroup``).
         """
-        if isinstance(work, Coroutine):
-            ctx = contextvars.copy_context()
-            try:
-                yielded = ctx.run(work.send, None)
-            except StopIteration as stop:
-                self.reply(conn, rid, stop.value)
-                return
-            except asyncio.CancelledError:
-                self.reply_error(conn, rid, RpcError("the request was cancelled on the callee"))
-                return
-            except Exception as exc:
-                self.reply_error(conn, rid, exc)
-                return
-            work = self.loop.create_task(_continue(work, yielded), context=ctx)
         self._inflight += 1
         fut = work if isinstance(work, asyncio.Future) else asyncio.ensure_future(work)
         fut.add_done_callback(functools.partial(self._served, conn, rid))

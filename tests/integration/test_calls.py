@@ -918,13 +918,13 @@ def test_registered_functions_by_name(service: WorkerGroup) -> None:
     assert rpc.register(plain_pow, name="tests.integration.pow") is plain_pow
 
 
-# ---------------------------------------------------------- async functions start eagerly
+# ------------------------------------------------------------------- async functions
 
 _TAG: contextvars.ContextVar[str] = contextvars.ContextVar("_TAG", default="unset")
 
 
 async def async_set_tag(value: str) -> str:
-    # Finishes without suspending: answered without a Task, in its own context.
+    # Finishes without suspending, in its own context.
     _TAG.set(value)
     return _TAG.get()
 
@@ -952,6 +952,13 @@ async def async_cancel_itself() -> None:
     raise asyncio.CancelledError
 
 
+async def async_with_timeout(value: int) -> int:
+    # asyncio.timeout needs the current task from the function's first step.
+    async with asyncio.timeout(5):
+        assert asyncio.current_task() is not None
+        return value * 2
+
+
 async def _failure(fut: Any) -> tuple[str, str]:
     exc = await await_outcome(fut)
     return type(exc).__name__, str(exc)
@@ -967,6 +974,7 @@ async def check_async_paths(rank: int, world_size: int) -> dict[str, Any]:
     out["fail_before"] = await _failure(rpc.rpc_async("worker1", async_fail_before_await))
     out["fail_after"] = await _failure(rpc.rpc_async("worker1", async_fail_after_await))
     out["cancelled"] = await _failure(rpc.rpc_async("worker1", async_cancel_itself))
+    out["timeout_cm"] = await rpc.rpc_async("worker1", async_with_timeout, args=(21,))
     out["pending_after"] = rpc.get_debug_info()["num_pending_requests"]
     return out
 
@@ -979,4 +987,5 @@ def test_async_functions_with_and_without_suspending(service: WorkerGroup) -> No
     assert got["fail_before"][0] == "RemoteKeyError" and "before any await" in got["fail_before"][1]
     assert got["fail_after"][0] == "RemoteKeyError" and "after an await" in got["fail_after"][1]
     assert got["cancelled"][0] == "RemoteError" and "cancelled" in got["cancelled"][1]
+    assert got["timeout_cm"] == 42
     assert got["pending_after"] == 0

@@ -418,3 +418,46 @@ def test_graceful_shutdown_after_store_host_is_gone() -> None:
     assert w1["error"] is None or isinstance(w1["error"], rpc.RpcError), repr(w1["error"])
     assert not w1["listening_after"]
     assert isinstance(w1["after"], rpc.RpcError)
+
+
+# ------------------------------------------------- long barrier waits on the store
+
+
+async def late_shutdown(rank: int, world_size: int, init_method: str, env: bool) -> dict[str, Any]:
+    from aiorpc_autograd import rendezvous
+
+    # Store calls are bounded by this (30 s in production): shrunk, a graceful
+    # shutdown that waits 2 s for a late peer spans several of them.
+    rendezvous._CHUNK = 0.3
+    if env:
+        init_method = "env://"
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method)
+    out: dict[str, Any] = {
+        "call": await rpc.rpc_async(f"worker{1 - rank}", torch.add, args=(rank, 1))
+    }
+    if rank == 1:
+        await asyncio.sleep(2.0)  # worker0 waits at the shutdown barrier meanwhile
+    started = time.monotonic()
+    await rpc.shutdown(timeout=0)  # no limit
+    out["shutdown_s"] = time.monotonic() - started
+    return out
+
+
+@pytest.mark.parametrize("env", [False, True], ids=["tcp", "env"])
+def test_graceful_shutdown_waits_longer_than_one_store_call(env: bool) -> None:
+    # The shutdown barrier outlasts several bounded store calls (chunks) and
+    # still completes, over tcp:// and env:// rendezvous.
+    port = str(free_port())
+
+    def environ(rank: int) -> dict[str, str]:
+        return {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+        }
+
+    w0, w1 = run_processes(late_shutdown, 2, env, timeout=60, env=environ if env else None)
+    assert w0["call"] == 1 and w1["call"] == 2
+    assert 1.5 < w0["shutdown_s"] < 10, w0
+    assert w1["shutdown_s"] < 5, w1
