@@ -66,7 +66,7 @@ from .errors import (
 )
 from .handshake import token_proof
 from .options import RpcOptions, WorkerInfo
-from .pool import WorkerPool
+from .pool import StopError, WorkerPool, raisable
 from .rendezvous import Address, Rendezvous
 from .transport import Connection, connect, serve_tcp, serve_unix
 from .wire import Frame, Limits
@@ -106,16 +106,6 @@ def registered_functions() -> dict[str, Callable[..., Any]]:
     return _REGISTERED
 
 
-class _StopError(RuntimeError):
-    """Carries a StopIteration, which a future or coroutine cannot carry."""
-
-
-def _raisable(exc: BaseException) -> BaseException:
-    if isinstance(exc, StopIteration | StopAsyncIteration):
-        return _StopError(exc)
-    return exc
-
-
 def _chain(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
     if target.done():
         return
@@ -149,8 +139,8 @@ def exception_message(worker: str, exc: BaseException) -> ExceptionMsg:
     """The wire form of an exception raised while serving a request."""
     if isinstance(exc, RemoteError):  # a nested call failed: keep the origin
         return ExceptionMsg(exc.worker, exc.type_name, exc.remote_message, exc.remote_traceback)
-    if isinstance(exc, _StopError):  # report the StopIteration it carries
-        exc = exc.args[0]
+    if isinstance(exc, StopError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # report the StopIteration it carries
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return ExceptionMsg(worker, _type_name(exc), str(exc), tb)
 
@@ -198,9 +188,7 @@ class RpcAgent:
         self._ids = itertools.count(1)
         self._incoming: set[Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
-        self._pool = WorkerPool(
-            self.loop, options.num_worker_threads, f"aiorpc-{name}", raisable=_raisable
-        )
+        self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
         self._inflight = 0
         self._running = False
         # Frames from peers that finished the rendezvous before we did: replayed
@@ -944,7 +932,7 @@ class RpcAgent:
         if result.done():
             return
         if not ok:
-            result.set_exception(_raisable(value))
+            result.set_exception(raisable(value))
             return
         if inspect.isawaitable(value):  # a plain function returned a coroutine
             task = self.loop.create_task(self._await_call(value))

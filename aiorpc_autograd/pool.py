@@ -31,15 +31,21 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["WorkerPool"]
+__all__ = ["StopError", "WorkerPool", "raisable"]
 
 T = TypeVar("T")
 Done = Callable[[bool, Any], None]  # (ok, value or exception), on the loop
 
 
-def _raisable(exc: BaseException) -> BaseException:
+class StopError(RuntimeError):
+    """Carries a ``StopIteration`` (or ``StopAsyncIteration``), which a future
+    or a coroutine cannot carry: the original is its ``__cause__``."""
+
+
+def raisable(exc: BaseException) -> BaseException:
+    """``exc``, or a :class:`StopError` carrying it if no future can hold it."""
     if isinstance(exc, StopIteration | StopAsyncIteration):
-        wrapped = RuntimeError(f"job raised {type(exc).__name__}")
+        wrapped = StopError(f"job raised {type(exc).__name__}")
         wrapped.__cause__ = exc
         return wrapped
     return exc
@@ -62,10 +68,10 @@ class WorkerPool:
         loop: asyncio.AbstractEventLoop,
         max_threads: int,
         name: str,
-        raisable: Callable[[BaseException], BaseException] | None = None,
+        raisable: Callable[[BaseException], BaseException] = raisable,
     ) -> None:
         self._loop = loop
-        self._raisable = raisable or _raisable
+        self._raisable = raisable
         self._max = max_threads
         self._name = name
         self._jobs: collections.deque[tuple[Callable[[], Any], Done]] = collections.deque()
