@@ -630,6 +630,11 @@ class RpcAgent:
                     self._make_client, host=addr.host, port=addr.port, ssl=self._client_ssl
                 )
             conn = await asyncio.wait_for(opening, limit)
+            # The peer may have closed it already (died right after accepting):
+            # then this raises ConnectionLostError and the queued calls fail.
+            conn.peer = peer.info
+            hello, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
+            conn.send(hello, [])
         except (OSError, ConnectionLostError, AuthenticationError, TimeoutError) as exc:
             peer.connecting = None
             peer.queue.clear()
@@ -644,9 +649,6 @@ class RpcAgent:
                 error = ConnectionLostError(f"cannot connect to worker {peer.info.name!r}: {exc}")
             self._fail_pending(lambda p: p.peer == peer.info.id and p.conn is None, error)
             return
-        conn.peer = peer.info
-        hello, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
-        conn.send(hello, [])
         peer.conn = conn
         peer.connecting = None
         queue, peer.queue = peer.queue, []

@@ -26,6 +26,7 @@ from tests.integration.harness import (
     post,
     receive,
     run_processes,
+    run_workers,
     spawn_workers,
 )
 
@@ -230,3 +231,42 @@ def test_garbage_and_oversized_frames_drop_only_that_connection() -> None:
     assert w0["before"] == 2
     assert w0["after"] == [0, 1, 2] and w1["after"] == [1, 2, 3]
     assert w0["big_ok"] and w1["big_ok"]
+
+
+# ---------------------------------------------- a connection closed as it opens
+
+
+async def connection_closed_on_arrival(rank: int, world_size: int) -> dict[str, Any]:
+    from aiorpc_autograd import agent as agent_module
+
+    out: dict[str, Any] = {}
+    if rank != 0:
+        return out
+    real_connect = agent_module.connect
+
+    async def connect_then_lose(*args: Any, **kwargs: Any) -> Any:
+        # As when the peer dies right after accepting: the connection is
+        # already closed when the agent gets it.
+        conn = await real_connect(*args, **kwargs)
+        conn.abort()
+        while not conn.closed:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        return conn
+
+    agent_module.connect = connect_then_lose  # type: ignore[assignment]
+    try:
+        failed = rpc.rpc_async("worker1", torch.add, args=(1, 1), timeout=0)
+        out["failed"] = await asyncio.wait_for(await_outcome(failed), 10)
+    finally:
+        agent_module.connect = real_connect
+    # The next call opens a new connection.
+    out["next"] = int(await asyncio.wait_for(rpc.rpc_async("worker1", torch.add, args=(1, 2)), 10))
+    out["pending"] = rpc.get_debug_info()["num_pending_requests"]
+    return out
+
+
+def test_connection_closed_as_it_opens_fails_the_queued_call() -> None:
+    w0, _ = run_workers(connection_closed_on_arrival, 2, timeout=60)
+    assert isinstance(w0["failed"], rpc.ConnectionLostError), w0["failed"]
+    assert w0["next"] == 3 and w0["pending"] == 0
