@@ -55,6 +55,7 @@ from .codec import (
     PythonRet,
     RRefAck,
 )
+from .devices import DeviceMap, DeviceMaps, cuda_device_count, normalize_map, validate_group
 from .errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -184,6 +185,11 @@ class RpcAgent:
         self._group = ""
         self._peers: dict[int, _Peer] = {}
         self._by_name: dict[str, WorkerInfo] = {}
+        # The maps CUDA tensors travel by (set at rendezvous; see devices.py).
+        self._own_maps = {
+            peer: normalize_map(m, peer) for peer, m in options.device_maps.items()
+        }
+        self.device_maps = DeviceMaps({}, {})
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._incoming: set[Connection] = set()
@@ -235,6 +241,8 @@ class RpcAgent:
         """
         if not name or not isinstance(name, str):
             raise ValueError("a worker name must be a non-empty string")
+        for peer, mapping in options.device_maps.items():
+            normalize_map(mapping, peer)  # a malformed map fails before the rendezvous
         rdv = await Rendezvous.join(init_method, rank, world_size, options.rendezvous_timeout)
         self = cls(name, options, rdv)
         for install in services:
@@ -293,9 +301,29 @@ class RpcAgent:
         group = self._rdv.prefix
         token = opts.auth_token
         proof = token_proof(token, group, self.info.id) if token else b""
-        me = Address(self.info.name, self.info.id, host, port, unix_path, _host_id(), proof)
+        me = Address(
+            self.info.name,
+            self.info.id,
+            host,
+            port,
+            unix_path,
+            _host_id(),
+            proof,
+            cuda_device_count(),
+            self._own_maps,
+        )
         addresses = await self._rdv.exchange(me)
         self._group = group
+        # Both ends of every map check it on the same records: both raise.
+        validate_group(self.info.name, [(a.name, a.cuda_devices, a.device_maps) for a in addresses])
+        self.device_maps = DeviceMaps(
+            self._own_maps,
+            {
+                a.name: normalize_map(a.device_maps.get(self.info.name, {}), self.info.name)
+                for a in addresses
+                if a.rank != self.info.id
+            },
+        )
         seen: dict[str, int] = {}
         for addr in addresses:
             if token and not hmac.compare_digest(
@@ -444,6 +472,7 @@ class RpcAgent:
         message: Message,
         timeout: float | None = None,
         decode: ResponseDecoder | None = None,
+        device_map: DeviceMap | None = None,
     ) -> asyncio.Future[Any]:
         """Send a request; the future resolves to ``decode(response)``.
 
@@ -454,6 +483,9 @@ class RpcAgent:
             decode: turns the response message into the result; the default
                 loads a ``PythonRet`` payload. An ``ExceptionMsg`` always raises
                 :class:`RemoteError`.
+            device_map: the map its CUDA tensors travel by; None: this
+                worker's map for ``to`` (the autograd layer passes the inverse
+                map of a recv function for gradients).
 
         Raises:
             RpcError: the agent is not running.
@@ -464,7 +496,9 @@ class RpcAgent:
         rid = next(self._ids)
         if self.request_wrapper is not None:
             message = self.request_wrapper(to, message)
-        header, buffers = codec.encode(message, rid)
+        if device_map is None:
+            device_map = self.device_maps.for_request(to.name)
+        header, buffers = codec.encode(message, rid, device_map)
         fut = self.loop.create_future()
         pending = _Pending(fut, to.id, decode or self.decode_result)
         if timeout is None:
@@ -663,8 +697,9 @@ class RpcAgent:
         if conn.closed:
             log.debug("dropping the reply to %s: connection closed", conn.peer_label)
             return
+        peer = conn.peer.name if isinstance(conn.peer, WorkerInfo) else ""
         try:
-            header, buffers = codec.encode(message, rid)
+            header, buffers = codec.encode(message, rid, self.device_maps.for_reply(peer))
         except Exception as exc:  # the result cannot travel: say so instead
             header, buffers = codec.encode(exception_message(self.info.name, exc), rid)
         if self.fault_injector is not None:

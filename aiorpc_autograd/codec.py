@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import pickle
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
+from .devices import cuda_device_count, target_device
 from .errors import ProtocolError
 from .wire import Frame
 
@@ -341,7 +342,9 @@ _NUMPY_DTYPES = frozenset(
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The elements of ``t`` as a flat byte view, copying only if not contiguous."""
+    """The elements of ``t`` as a flat byte view, copying only if not contiguous
+    (or, for a CUDA tensor, staged through host memory: a copy on the current
+    stream, so it waits for the kernels queued there that produce ``t``)."""
     if t.layout != torch.strided:
         raise TypeError(f"cannot send a tensor with layout {t.layout}")
     if t.is_quantized:
@@ -364,7 +367,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _encode_tensors(
-    tensors: Sequence[torch.Tensor | None],
+    tensors: Sequence[torch.Tensor | None], device_map: Mapping[str, str] | None = None
 ) -> tuple[list[Any], list[memoryview]]:
     table: list[Any] = []
     buffers: list[memoryview] = []
@@ -372,9 +375,24 @@ def _encode_tensors(
         if t is None:
             table.append(None)
             continue
+        # Before any copy: a tensor off the CPU with no map entry is refused.
+        device = target_device(t, device_map)
         buffers.append(_tensor_bytes(t))
-        table.append([str(t.dtype)[6:], list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)])
+        desc = [str(t.dtype)[6:], list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)]
+        if device is not None:
+            desc.append(device)
+        table.append(desc)
     return table, buffers
+
+
+def _local_device(name: Any) -> torch.device:
+    """The device a received tensor goes to: a CUDA device of this worker."""
+    if type(name) is not str or not name.startswith("cuda:") or not name[5:].isdigit():
+        raise ProtocolError(f"bad tensor device {name!r}")
+    index = int(name[5:])
+    if index >= cuda_device_count():
+        raise ProtocolError(f"a tensor was sent to {name}, which this worker does not have")
+    return torch.device("cuda", index)
 
 
 def _decode_tensors(
@@ -389,9 +407,10 @@ def _decode_tensors(
         if desc is None:
             out.append(None)
             continue
-        if type(desc) is not list or len(desc) != 5:
+        if type(desc) is not list or len(desc) not in (5, 6):
             raise ProtocolError("malformed tensor descriptor")
-        dtype_name, shape, index, offset, requires_grad = desc
+        dtype_name, shape, index, offset, requires_grad = desc[:5]
+        device = _local_device(desc[5]) if len(desc) == 6 else None
         dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
             raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
@@ -419,6 +438,8 @@ def _decode_tensors(
             t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset)
             if len(shape) != 1:
                 t = t.view(shape)
+        if device is not None:  # a host-to-device copy on the current stream
+            t = t.to(device)
         if requires_grad is True and (dtype.is_floating_point or dtype.is_complex):
             t.requires_grad_()
         out.append(t)
@@ -928,18 +949,27 @@ def _packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def encode(message: Message, request_id: int = 0) -> tuple[bytes, list[memoryview]]:
+def encode(
+    message: Message, request_id: int = 0, device_map: Mapping[str, str] | None = None
+) -> tuple[bytes, list[memoryview]]:
     """Encode a message as (header, buffers) for :func:`wire.encode_frame`.
 
+    Args:
+        message: the message.
+        request_id: its request id (0 for none).
+        device_map: ``{local_device: remote_device}`` the message travels by
+            (see :mod:`~aiorpc_autograd.devices`); None: CPU tensors only.
+
     Raises:
-        TypeError: a tensor or value cannot be encoded.
+        TypeError: a tensor or value cannot be encoded (a CUDA tensor with no
+            entry in ``device_map`` included).
     """
     payload = message.payload()
     if payload is None or not payload.tensors:
         table: list[Any] = []
         buffers: list[memoryview] = []
     else:
-        table, buffers = _encode_tensors(payload.tensors)
+        table, buffers = _encode_tensors(payload.tensors, device_map)
     header = _packb([int(message.TYPE), request_id, table, *message.to_fields()])
     return header, buffers
 

@@ -4,6 +4,7 @@ Layers, each importing only those above it::
 
     1. errors, options (and small id types)   no project imports
     2. wire (sans-I/O framing),                layer 1; no asyncio, no sockets
+       devices (device-map rules),
        handshake (sans-I/O authentication),
        shm (sans-I/O shared-memory segments)
     3. codec (messages <-> header + buffers)   layers 1-2; no asyncio
@@ -42,8 +43,9 @@ RULES: dict[str, frozenset[str] | None] = {
     "options": frozenset(),
     "wire": frozenset({"errors"}),
     "handshake": frozenset({"errors"}),
-    "codec": frozenset({"errors", "options", "wire"}),
-    "autograd": frozenset({"errors", "options", "wire", "codec", "autograd"}),
+    "devices": frozenset(),
+    "codec": frozenset({"errors", "options", "wire", "devices"}),
+    "autograd": frozenset({"errors", "options", "wire", "devices", "codec", "autograd"}),
     "shm": frozenset({"errors"}),
     "transport": frozenset({"errors", "options", "wire", "handshake", "shm"}),
     "rendezvous": frozenset({"errors", "options"}),
@@ -69,6 +71,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "handshake": frozenset({"asyncio", "uvloop", "socket", "selectors", "torch", "msgpack"}),
     "shm": frozenset({"asyncio", "uvloop", "socket", "selectors", "msgpack"}),
     "codec": frozenset({"asyncio", "uvloop", "socket", "selectors", "ssl"}),
+    "devices": frozenset({"asyncio", "uvloop", "socket", "selectors", "ssl", "msgpack"}),
 }
 
 
