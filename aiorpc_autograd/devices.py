@@ -53,13 +53,12 @@ def normalize_device(device: Any) -> str:
     Raises:
         ValueError: not a CUDA device with an explicit index.
     """
-    if isinstance(device, int) and not isinstance(device, bool):
-        dev = torch.device("cuda", device)
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"invalid device {device!r} in a device map: {exc}") from exc
+    if isinstance(device, bool) or not isinstance(device, (int, str, torch.device)):
+        raise ValueError(f"invalid device {device!r} in a device map")
+    try:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r} in a device map: {exc}") from exc
     if dev.type != "cuda":
         raise ValueError(
             f"device maps name CUDA devices only, not {device!r} (CPU tensors need no map)"
@@ -136,8 +135,6 @@ def validate_group(
             where = f"the device map of worker {name!r} for {peer!r}"
             if peer not in counts:
                 raise ValueError(f"{where} names a worker that is not in the group")
-            if peer == name:
-                raise ValueError(f"{where}: a worker needs no device map for itself")
             _check_exists(mapping.keys(), count, f"{where} (its local side)")
             _check_exists(mapping.values(), counts[peer], f"{where} (its remote side)")
 
