@@ -118,7 +118,9 @@ class RRef(Generic[T]):
         fork_id: Id,
         confirmed: bool,
     ) -> RRef[Any]:
-        self: RRef[Any] = cls.__new__(cls)
+        # The facade (aiorpc_autograd.sync) makes its own subclass the type of
+        # every RRef of a process it started.
+        self: RRef[Any] = cls.__new__(service.rref_class)
         self._service = service
         self._owner = owner
         self._rref_id = rref_id
@@ -306,6 +308,8 @@ class RRefService:
         # was processed here.
         self._confirmed_forks: set[Id] = set()
         self._shutting_down = False
+        # The type of the RRefs this service makes (remote(), received ones).
+        self.rref_class: type[RRef[Any]] = RRef
 
     @classmethod
     def install(cls, agent: RpcAgent) -> RRefService:
