@@ -45,6 +45,7 @@ __all__ = [
     "Future",
     "LoopThread",
     "agent",
+    "awaitable",
     "running_loop",
     "submit",
     "timeout_of",
@@ -171,15 +172,20 @@ def submit(start: Callable[[], asyncio.Future[T]]) -> Future[T]:
     return target
 
 
-async def settled(fut: torch.futures.Future[T]) -> T:
-    """Await a torch future on the running loop without blocking it: its
-    value, or its error raised."""
-    if not fut.done():
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        fut.add_done_callback(functools.partial(_wake_soon, loop, waiter))
-        await waiter
-    return fut.wait()
+def awaitable(fut: torch._C.Future[Any]) -> Future[Any]:
+    """A :class:`Future` (awaitable) settled like the torch future ``fut``."""
+    out: Future[Any] = Future()
+
+    def transfer(done: torch._C.Future[Any]) -> None:
+        try:
+            value = done.wait()
+        except BaseException as exc:
+            out.set_exception(exc)  # type: ignore[arg-type]
+            return
+        out.set_result(value)
+
+    fut.add_done_callback(transfer)
+    return out
 
 
 class LoopThread:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from .._bridge import settled
+from .._bridge import Future, awaitable
 
 __all__ = ["async_execution"]
 
@@ -30,7 +30,7 @@ def async_execution(fn: F) -> F:
     awaitable): its caller gets the future's value, or its error.
 
     Usable under ``@staticmethod`` / ``@classmethod`` as in torch. Called
-    locally, the decorated function returns what ``fn`` returns.
+    locally, it returns a torch future too (an awaitable one).
     """
     if inspect.iscoroutinefunction(fn):
         fn._wrapped_async_rpc_function = fn  # type: ignore[attr-defined]
@@ -39,10 +39,10 @@ def async_execution(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         result = fn(*args, **kwargs)
-        # torch.futures.Future, and what its then() returns (torch._C.Future).
-        if isinstance(result, torch._C.Future):
-            # A coroutine: the agent awaits it on its loop and replies with its value.
-            return settled(result)
+        # torch.futures.Future, and what its then() returns (torch._C.Future):
+        # made awaitable, so the agent awaits it on its loop and replies then.
+        if isinstance(result, torch._C.Future) and not isinstance(result, Future):
+            return awaitable(result)
         return result
 
     # torch's marker, for code that checks for it.
