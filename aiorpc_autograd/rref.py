@@ -292,6 +292,9 @@ class RRefService:
     """RRef bookkeeping and message handlers of one agent."""
 
     _current: RRefService | None = None
+    # The type of the RRefs services make (remote(), received ones): the sync
+    # facade sets its subclass for the processes it starts, before they start.
+    rref_class: type[RRef[Any]] = RRef
 
     def __init__(self, agent: RpcAgent) -> None:
         self.agent = agent
@@ -308,8 +311,6 @@ class RRefService:
         # was processed here.
         self._confirmed_forks: set[Id] = set()
         self._shutting_down = False
-        # The type of the RRefs this service makes (remote(), received ones).
-        self.rref_class: type[RRef[Any]] = RRef
 
     @classmethod
     def install(cls, agent: RpcAgent) -> RRefService:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -97,16 +99,22 @@ def wait_for(make: Callable[[], Awaitable[T]], what: str = "this call") -> T:
 
 
 class Future(torch.futures.Future[T]):
-    """A ``torch.futures.Future`` completed from the agent's loop thread.
+    """A ``torch.futures.Future`` completed by the agent.
 
     Everything torch's future offers works (``wait``, ``value``, ``then``,
     ``add_done_callback``, ``done``, ``torch.futures.wait_all`` and
-    ``collect_all``); callbacks run on the loop thread as soon as the result is
-    in, so they must be short and must not block. Two additions: ``wait()`` on
-    a thread running an event loop raises ``RuntimeError`` instead of
-    deadlocking when the result is not in yet, and the future is awaitable
-    (``await fut`` in async code).
+    ``collect_all``). As in torch, callbacks run in the thread that completes
+    the future: here a thread of the agent's pool when a callback was added
+    through ``then``/``add_done_callback`` before the result came in (so a
+    callback may compute, or make blocking calls), the loop thread otherwise
+    (no hop: a thread blocked in ``wait()`` wakes at once). Two additions:
+    ``wait()`` on a thread running an event loop raises ``RuntimeError``
+    instead of deadlocking when the result is not in yet, and the future is
+    awaitable (``await fut`` in async code).
     """
+
+    # True once a user callback is attached: completed from a pool thread then.
+    has_callbacks = False
 
     def wait(self) -> T:
         """Block until the result is in; return it or raise its error.
@@ -118,11 +126,22 @@ class Future(torch.futures.Future[T]):
             _refuse_on_loop("Future.wait()")
         return super().wait()
 
+    def then(self, callback: Callable[[torch.futures.Future[T]], Any]) -> Any:
+        """torch's ``then``: a new future of ``callback(self)``'s result."""
+        self.has_callbacks = True
+        return super().then(callback)
+
+    def add_done_callback(self, callback: Callable[[torch.futures.Future[T]], None]) -> None:
+        """torch's ``add_done_callback``: ``callback(self)`` once done."""
+        self.has_callbacks = True
+        super().add_done_callback(callback)
+
     def __await__(self) -> Generator[Any, None, T]:
         if not self.done():
             loop = asyncio.get_running_loop()
             waiter: asyncio.Future[None] = loop.create_future()
-            self.add_done_callback(functools.partial(_wake_soon, loop, waiter))
+            # Not a user callback: cheap, fine on the completing thread.
+            super().add_done_callback(functools.partial(_wake_soon, loop, waiter))
             yield from waiter.__await__()
         return super().wait()
 
@@ -148,13 +167,37 @@ def complete(target: torch.futures.Future[Any], source: asyncio.Future[Any]) -> 
         target.set_result(source.result())
 
 
+def _settle(target: Future[Any], source: asyncio.Future[Any]) -> None:
+    """On the loop: settle ``target`` here, or in a pool thread if user
+    callbacks will run (they may compute or block, as in torch's RPC threads)."""
+    if target.has_callbacks:
+        try:
+            job = agent().run_in_executor(functools.partial(complete, target, source))
+        except RpcError:  # the agent is closing: no pool left
+            complete(target, source)
+            return
+        job.add_done_callback(functools.partial(_settled_in_pool, target, source))
+    else:
+        complete(target, source)
+
+
+def _settled_in_pool(
+    target: Future[Any], source: asyncio.Future[Any], job: asyncio.Future[Any]
+) -> None:
+    # The pool shut down before it ran the job: settle it here, never leave it.
+    if not target.done():
+        complete(target, source)
+    elif not job.cancelled() and job.exception() is not None:
+        log.error("a torch future callback raised", exc_info=job.exception())
+
+
 def _start(start: Callable[[], asyncio.Future[T]], target: Future[T]) -> None:
     try:
         fut = start()
     except BaseException as exc:
         target.set_exception(exc)  # type: ignore[arg-type]
         return
-    fut.add_done_callback(functools.partial(complete, target))
+    fut.add_done_callback(functools.partial(_settle, target))
 
 
 def submit(start: Callable[[], asyncio.Future[T]]) -> Future[T]:

@@ -67,6 +67,9 @@ def init_rpc(
         if _loop_thread is not None:
             raise RuntimeError("RPC is already initialised in this process")
         thread = LoopThread(f"aiorpc-loop-{name}")
+        # Every RRef of this process is a facade RRef (blocking to_here...),
+        # also those of the requests served as soon as the agent is up.
+        RRefService.rref_class = RRef
         try:
             thread.run(
                 api.init_rpc(
@@ -78,10 +81,9 @@ def init_rpc(
                 )
             )
         except BaseException:
+            RRefService.rref_class = _AsyncRRef
             thread.stop()
             raise
-        # Every RRef of this process is a facade RRef (blocking to_here...).
-        RRefService.current().rref_class = RRef
         _loop_thread = thread
 
 
@@ -106,6 +108,7 @@ def shutdown(graceful: bool = True, timeout: float = 0) -> None:
         finally:
             if thread is not None:
                 _loop_thread = None
+                RRefService.rref_class = _AsyncRRef
                 thread.stop()
 
 
