@@ -137,7 +137,9 @@ def run_training_loop(rank: int, num_trainers: int, args: argparse.Namespace) ->
     )
     losses = []
     for _ in range(args.epochs):
-        for data, target in zip(x_train.split(args.batch_size), y_train.split(args.batch_size), strict=False):
+        for data, target in zip(
+            x_train.split(args.batch_size), y_train.split(args.batch_size), strict=False
+        ):
             with dist_autograd.context() as cid:
                 model_output = net(data)
                 loss = F.nll_loss(model_output, target)
