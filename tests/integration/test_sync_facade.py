@@ -557,6 +557,29 @@ def test_facade_service_runs_with_mapped_options(sync_service: WorkerGroup) -> N
     assert got == {"threads": 2, "facade_rrefs": True, "loop_thread": True}
 
 
+def facade_in_async_process(to: str) -> int:
+    """A plain function in a process started with the async API: the facade's
+    calls work there too (its RRefs are the async API's)."""
+    a: int = sync_rpc.rpc_sync(to, echo, args=(1,))
+    b: int = sync_rpc.rpc_async(to, echo, args=(2,)).wait()
+    rref = sync_rpc.remote(to, echo, args=(3,))
+    assert type(rref) is rpc.RRef
+    return a + b + rpc.rpc_sync(to, fetch_value, (rref,))
+
+
+async def fetch_value(rref: Any) -> Any:
+    return await rref.to_here()
+
+
+async def check_facade_in_async_process(rank: int, world_size: int) -> int:
+    result: int = await rpc.rpc_async("worker1", facade_in_async_process, ("worker2",))
+    return result
+
+
+def test_facade_calls_in_a_process_started_with_the_async_api(service: WorkerGroup) -> None:
+    assert service.call(0, check_facade_in_async_process) == 6
+
+
 # --------------------------------------------------------------------- rpc.to_thread
 
 
