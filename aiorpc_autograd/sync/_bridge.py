@@ -18,8 +18,8 @@ thread of its own (:class:`LoopThread`, one per process, stopped by
 Invariants:
 
 * the loop thread itself never blocks on the loop: a blocking facade call made
-  on a thread that runs an event loop raises ``RuntimeError`` naming the async
-  form, instead of deadlocking;
+  on it raises ``RuntimeError`` naming the async form, instead of deadlocking
+  (another thread's event loop may block, as on any torch call);
 * calls scheduled from one thread start on the loop in the order they were made;
 * the bridge works on whatever agent is current, so plain remote functions of
   a process started with the async API may use the facade too.
@@ -47,7 +47,7 @@ __all__ = [
     "LoopThread",
     "agent",
     "awaitable",
-    "running_loop",
+    "on_agent_loop",
     "submit",
     "timeout_of",
     "wait_for",
@@ -57,20 +57,20 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def running_loop() -> asyncio.AbstractEventLoop | None:
-    """The event loop running in this thread, if any."""
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+def on_agent_loop() -> bool:
+    """True on the thread running this process's agent's event loop."""
+    rpc_agent = api._agent
+    return rpc_agent is not None and rpc_agent.on_loop_thread()
 
 
 def _refuse_on_loop(what: str) -> None:
-    if running_loop() is not None:
+    # Only the agent's own loop: blocking it would deadlock. Another loop (a
+    # notebook's, an application's) may block, as any torch call would.
+    if on_agent_loop():
         raise RuntimeError(
-            f"{what} blocks, and this thread runs an event loop (an async remote "
-            "function, a torch future callback): use the async API here "
-            "(await rpc.rpc_async, await rref.to_here(), await fut)"
+            f"{what} blocks, and this thread runs the RPC agent's event loop (an "
+            "async remote function, a callback on the loop): use the async API "
+            "here (await rpc.rpc_async(...), await rref.to_here(), await fut)"
         )
 
 
@@ -92,7 +92,7 @@ def wait_for(make: Callable[[], Awaitable[T]], what: str = "this call") -> T:
     thread's contextvars, and block until it is done; its result or error.
 
     Raises:
-        RuntimeError: this thread runs an event loop (it would deadlock or stall).
+        RuntimeError: this is the agent's loop thread (it would deadlock).
     """
     _refuse_on_loop(what)
     return agent().blocking(lambda: asyncio.ensure_future(make()))
@@ -108,8 +108,8 @@ class Future(torch.futures.Future[T]):
     through ``then``/``add_done_callback`` before the result came in (so a
     callback may compute, or make blocking calls), the loop thread otherwise
     (no hop: a thread blocked in ``wait()`` wakes at once). Two additions:
-    ``wait()`` on a thread running an event loop raises ``RuntimeError``
-    instead of deadlocking when the result is not in yet, and the future is
+    ``wait()`` on the agent's loop thread raises ``RuntimeError`` instead of
+    deadlocking when the result is not in yet, and the future is
     awaitable (``await fut`` in async code).
     """
 
@@ -120,7 +120,7 @@ class Future(torch.futures.Future[T]):
         """Block until the result is in; return it or raise its error.
 
         Raises:
-            RuntimeError: not done yet and this thread runs an event loop.
+            RuntimeError: not done yet and this is the agent's loop thread.
         """
         if not self.done():
             _refuse_on_loop("Future.wait()")

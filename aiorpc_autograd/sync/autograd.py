@@ -40,8 +40,8 @@ def backward(
 
     Raises:
         ValueError: invalid roots.
-        RuntimeError: unknown context id; or called on a thread that runs an
-            event loop (await the async API's ``backward`` there).
+        RuntimeError: unknown context id; or called on the RPC agent's loop
+            thread (await the async API's ``backward`` there).
         RemoteError: the pass failed on some worker (named in the error).
     """
     wait_for(

@@ -43,6 +43,6 @@ class DistributedOptimizer:
 
         Raises:
             RemoteError: an owner failed.
-            RuntimeError: called on a thread that runs an event loop.
+            RuntimeError: called on the RPC agent's loop thread.
         """
         wait_for(lambda: self._optimizer.step(context_id), "DistributedOptimizer.step()")

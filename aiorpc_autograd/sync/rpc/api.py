@@ -14,7 +14,7 @@ from ... import api, codec
 from ...options import WorkerInfo
 from ...rref import RRef as _AsyncRRef
 from ...rref import RRefService, _dump, _load
-from .._bridge import Future, LoopThread, agent, running_loop, submit, timeout_of, wait_for
+from .._bridge import Future, LoopThread, agent, on_agent_loop, submit, timeout_of, wait_for
 from .options import BackendType, resolve_options
 
 __all__ = [
@@ -96,7 +96,7 @@ def shutdown(graceful: bool = True, timeout: float = 0) -> None:
 
     Raises:
         RpcTimeoutError: the graceful wait timed out (the agent is closed anyway).
-        RuntimeError: called on a thread that runs an event loop.
+        RuntimeError: called on the RPC agent's loop thread.
     """
     global _loop_thread
     with _lifecycle:
@@ -136,11 +136,12 @@ def rpc_sync(
     Raises:
         RemoteError: the callee raised (also an instance of a built-in type).
         RpcTimeoutError, ConnectionLostError: as the async API.
-        RuntimeError: called on a thread that runs an event loop.
+        RuntimeError: called on the RPC agent's loop thread.
     """
-    if running_loop() is not None:
+    if on_agent_loop():
         raise RuntimeError(
-            "rpc_sync blocks, and this thread runs an event loop: await rpc_async(...) here"
+            "rpc_sync blocks, and this thread runs the RPC agent's event loop: "
+            "await rpc_async(...) here"
         )
     return api.rpc_sync(to, func, _args(args), kwargs, timeout_of(timeout))
 
@@ -187,9 +188,10 @@ class RRef(_AsyncRRef[T], Generic[T]):
     ``remote`` and received in arguments are of this type in a process started
     with the facade.
 
-    Calls that talk to the owner block when made on a thread without an event
-    loop (torch's semantics) and return an awaitable on one, so the library's
-    own ``await rref.to_here()`` keeps working on the loop thread.
+    Calls that talk to the owner block (torch's semantics), except on the
+    agent's loop thread, where they return an awaitable, so that
+    ``await rref.to_here()`` keeps working in ``async def`` remote functions
+    and in the library's own code.
     """
 
     __slots__ = ()
@@ -203,19 +205,19 @@ class RRef(_AsyncRRef[T], Generic[T]):
         """
         limit = timeout_of(timeout)
         base = super().to_here
-        if running_loop() is not None:
+        if on_agent_loop():
             return base(limit)
         return wait_for(lambda: base(limit), "RRef.to_here()")
 
     def local_value(self) -> T:
-        """The value, on the owner only; off the event loop it waits for a
-        value still being created by ``remote`` (as torch's does).
+        """The value, on the owner only; off the agent's loop thread it waits
+        for a value still being created by ``remote`` (as torch's does).
 
         Raises:
             RuntimeError: not the owner; or on the loop thread, not created yet.
             RemoteError: creating the value failed.
         """
-        if not self.is_owner() or running_loop() is not None:
+        if not self.is_owner() or on_agent_loop():
             return super().local_value()
         entry = self._service.owner_entry(self._rref_id, create=False)
         if entry is not None and entry.value.done():
@@ -230,7 +232,7 @@ class RRef(_AsyncRRef[T], Generic[T]):
 
         ``dist_autograd_ctx_id`` -1 runs local autograd on the owner."""
         base = super().backward
-        if running_loop() is not None:
+        if on_agent_loop():
             return base(dist_autograd_ctx_id, retain_graph)
         return wait_for(lambda: base(dist_autograd_ctx_id, retain_graph), "RRef.backward()")
 
