@@ -87,9 +87,7 @@ def test_autograd_and_optim_and_nn_names() -> None:
     doc = (torch_autograd.backward.__doc__ or "").strip().splitlines()[0]
     assert doc.startswith("backward(context_id: int, roots: List[Tensor], retain_graph")
     assert params(autograd.get_gradients) == ["context_id"]
-    assert params(optim.DistributedOptimizer.__init__) == params(
-        TorchDistributedOptimizer.__init__
-    )
+    assert params(optim.DistributedOptimizer.__init__) == params(TorchDistributedOptimizer.__init__)
     assert params(optim.DistributedOptimizer.step) == ["context_id"]
     assert params(nn.RemoteModule.__init__)[:4] == params(TorchRemoteModule.__init__)[:4]
     for method in ("forward", "forward_async", "remote_parameters", "get_module_rref"):

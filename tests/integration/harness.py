@@ -362,7 +362,8 @@ class WorkerGroup:
             service group).
         world_size: the number of workers.
         args: extra arguments for ``target``.
-        mode: ``"managed"``, ``"raw"`` or ``"service"`` (see the module docstring).
+        mode: ``"managed"``, ``"raw"``, ``"service"`` or ``"sync-service"`` (see
+            the module docstring).
         options_kwargs: keyword arguments of ``rpc.RpcOptions`` (managed/service).
         names: worker names by rank (managed/service); default ``worker{rank}``.
         env: environment variables set in each child before it starts, or a
