@@ -211,7 +211,10 @@ def submit(start: Callable[[], asyncio.Future[T]]) -> Future[T]:
         _start(start, target)
     else:
         ctx = contextvars.copy_context()
-        rpc_agent.loop.call_soon_threadsafe(ctx.run, _start, start, target)
+        try:
+            rpc_agent.loop.call_soon_threadsafe(ctx.run, _start, start, target)
+        except RuntimeError:  # the loop closed under us: shut down meanwhile
+            raise RpcError("RPC agent is not running (shut down)") from None
     return target
 
 

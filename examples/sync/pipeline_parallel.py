@@ -5,12 +5,13 @@ tutorial "Distributed Pipeline Parallelism Using RPC" (the ResNet50 pipeline)
 writes it: two shards built on two workers with ``rpc.remote``; the driver
 cuts each batch into micro-batches, and for each one sends its input as an
 ``RRef`` to shard 1 (``p1_rref.remote().forward(x_rref)``, returning an RRef
-at once), hands that RRef to shard 2 (``p2_rref.rpc_async().forward(y_rref)``,
-a torch future) and waits for all of them with ``torch.futures.wait_all``.
-Shard 2's ``forward`` is ``@rpc.functions.async_execution``: it returns a
-future chained on the fetch of its input (``y_rref._get_future()`` in torch's
-batch tutorials; here ``rpc_async`` of a local fetch), so no thread of shard 2
-waits for shard 1. Only the imports below differ from torch code
+at once), hands that RRef to shard 2 (``rpc.rpc_async(owner,
+Shard2.forward_async, args=(p2_rref, y_rref))``, a torch future) and waits for
+all of them with ``torch.futures.wait_all``.
+Shard 2's ``forward_async`` is ``@rpc.functions.async_execution``: it starts
+the fetch of its input with ``rpc_async`` and returns the torch future chained
+on it (``fut.then``), so no thread of shard 2 waits for shard 1 meanwhile.
+Only the imports below differ from torch code
 (``EXAMPLE_RPC=torch`` runs the same code on ``torch.distributed.rpc``).
 
 The check: the same model is trained in this process alone on the same
