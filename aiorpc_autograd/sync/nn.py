@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import torch
@@ -12,26 +13,27 @@ import torch
 from .. import nn as _nn
 from ..options import WorkerInfo
 from ..rref import RRef
-from ._bridge import Future, submit, wait_for
+from ._bridge import Future, agent, submit, wait_for
 
 __all__ = ["RemoteModule"]
 
 
-def _worker(remote_device: str | int | WorkerInfo) -> str | int | WorkerInfo:
-    """torch's ``"name/cpu"`` and ``"rank:N/cpu"`` spellings, as ours."""
-    if not isinstance(remote_device, str):
-        return remote_device
-    worker, _, device = remote_device.partition("/")
-    if device and device != "cpu":
-        raise ValueError(f"unsupported device {device!r}: only cpu")
-    if worker.startswith("rank:"):
-        return int(worker[len("rank:") :])
-    return worker
+def _remote_device(remote_device: str | int | WorkerInfo) -> str | int | WorkerInfo:
+    """torch's ``"rank:N/device"`` spelling as ``"name/device"`` (the async
+    API's ``RemoteModule`` takes names, ranks, WorkerInfos and ``"name/device"``)."""
+    if isinstance(remote_device, str):
+        worker, sep, device = remote_device.partition("/")
+        if worker.startswith("rank:"):
+            name = agent().worker_info(int(worker[len("rank:") :])).name
+            return f"{name}{sep}{device}"
+    return remote_device
 
 
 class RemoteModule:
     """Builds ``module_cls(*args, **kwargs)`` on the worker of
-    ``remote_device`` (``"worker1/cpu"``, ``"rank:1/cpu"``) and runs it there.
+    ``remote_device`` (``"worker1/cpu"``, ``"rank:1/cpu"``, a name, a rank) and
+    runs it there: the async API's ``RemoteModule``, whose calls this one
+    blocks on.
 
     ``forward`` (and calling the module) blocks; ``forward_async`` returns a
     torch future. Both are recorded for distributed autograd.
@@ -44,21 +46,20 @@ class RemoteModule:
         args: tuple[Any, ...] | None = None,
         kwargs: dict[str, Any] | None = None,
     ) -> None:
-        self._module = _nn.RemoteModule(_worker(remote_device), module_cls, args or (), kwargs)
+        self._module = _nn.RemoteModule(
+            _remote_device(remote_device), module_cls, tuple(args or ()), kwargs
+        )
         self.owner = self._module.owner
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the module's forward on its worker and block for the result."""
-        return self._module.module_rref.rpc_sync().forward(*args, **kwargs)
+        return wait_for(lambda: self._module.forward(*args, **kwargs), "RemoteModule.forward()")
 
     __call__ = forward
 
     def forward_async(self, *args: Any, **kwargs: Any) -> Future[Any]:
         """Run the module's forward on its worker; a torch future of the result."""
-        # The async API's proxy (whatever the RRef's type): its asyncio future
-        # becomes a torch future.
-        start = RRef.rpc_async(self._module.module_rref).forward
-        return submit(lambda: start(*args, **kwargs))
+        return submit(lambda: asyncio.ensure_future(self._module.forward(*args, **kwargs)))
 
     def remote_parameters(self, recurse: bool = True) -> list[RRef[torch.Tensor]]:
         """RRefs to the module's parameters, for a ``DistributedOptimizer``."""

@@ -510,7 +510,7 @@ async def check_remote_module(rank: int, world_size: int) -> dict[str, Any]:
     def run() -> dict[str, Any]:
         torch.manual_seed(0)
         local = torch.nn.Linear(3, 2)
-        net = sync_nn.RemoteModule("worker1/cpu", torch.nn.Linear, args=(3, 2))
+        net = sync_nn.RemoteModule("rank:1/cpu", torch.nn.Linear, args=(3, 2))  # torch spelling
         # the same weights on both sides
         for p_remote, p_local in zip(net.remote_parameters(), local.parameters(), strict=True):
             sync_rpc.rpc_sync("worker1", copy_into, args=(p_remote, p_local.detach()))
