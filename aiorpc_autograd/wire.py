@@ -349,11 +349,11 @@ class FrameReader:
                 # Wait for the rest in the scratch buffer (grown as it arrives).
                 self._want = PREFIX_SIZE + total
                 break
-            body = _new_body(body_len)
-            body[:have] = scratch[pos : pos + have]
+            direct = _new_body(body_len)
+            direct[:have] = scratch[pos : pos + have]
             self._start = self._end = 0
             self._shrink()
-            self._body, self._body_view = body, memoryview(body)
+            self._body, self._body_view = direct, memoryview(direct)
             self._filled = have
             self._pending = (flags, header, lengths)
             self._pending_meta = meta_len
