@@ -424,9 +424,23 @@ class Connection(asyncio.BufferedProtocol):
     def abort(self, error: BaseException | None = None) -> None:
         """Close at once, discarding buffered writes."""
         if error is not None and self._error is None:
-            self._error = error
+            self._error = _detached(error)
         if self._transport is not None:
             self._transport.abort()
+
+
+def _detached(error: BaseException) -> BaseException:
+    """``error`` without its tracebacks (and its causes'): kept by the
+    connection, a traceback would hold the frames that handled the bad frame
+    -- this connection among them (a cycle only the cyclic collector breaks)
+    and the hostile frame's bytes."""
+    seen: set[int] = set()
+    exc: BaseException | None = error
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+    return error
 
 
 def _retrieved(fut: asyncio.Future[None]) -> None:
