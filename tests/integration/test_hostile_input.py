@@ -373,6 +373,71 @@ def test_shared_memory_gating(target: dict[str, Any]) -> None:
     peer.close()
 
 
+_OTHER_USER_PEER = """
+import socket, sys, time
+path, hello, offer = (bytes.fromhex(a) for a in sys.argv[1:4])
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(1.0)
+s.connect(path)
+s.sendall(hello)
+got = b""
+try:
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+except TimeoutError:
+    pass
+s.sendall(offer)
+closed = False
+s.settimeout(5.0)
+try:
+    closed = s.recv(65536) == b""
+except (TimeoutError, ConnectionResetError):
+    closed = True
+print(got.hex(), closed)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a peer as another user")
+def test_no_shared_memory_with_a_peer_of_another_user(target: dict[str, Any]) -> None:
+    import subprocess
+    import sys
+
+    def runs_as_nobody(python: str) -> bool:
+        try:
+            subprocess.run(
+                [python, "-I", "-c", "import socket"], user=65534, cwd="/", check=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return True
+
+    python = next((p for p in (sys.executable, "/usr/bin/python3") if runs_as_nobody(p)), None)
+    if python is None:
+        pytest.skip("no Python interpreter the other user may run")
+    offer = frame(b"O" + struct.pack("<Q", 1 << 30), flags=FLAG_CONTROL)
+    args = [target["unix"].encode().hex(), hello(target).hex(), offer.hex()]
+    done = subprocess.run(
+        [python, "-I", "-c", _OTHER_USER_PEER, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        user=65534,
+        group=65534,
+        cwd="/",
+        check=True,
+    )
+    got_hex, closed = done.stdout.split()
+    frames = wire.FrameReader().feed(bytes.fromhex(got_hex))
+    # Its Hello is answered, but no offer follows (SO_PEERCRED: another uid)...
+    assert [f.flags for f in frames] == [0]
+    assert isinstance(codec.decode(frames[0])[1], codec.Hello)
+    # ...and its own offer drops the connection.
+    assert closed == "True"
+
+
 def test_sparse_segment_maps_only_what_the_frame_places(
     group: WorkerGroup, target: dict[str, Any]
 ) -> None:

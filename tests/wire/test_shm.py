@@ -285,3 +285,25 @@ def test_copy_mode_buffers_do_not_change_with_the_segment() -> None:
         assert not own.readonly
     finally:
         os.close(fd)
+
+
+def test_copy_buffers_are_reused_once_released_never_while_kept() -> None:
+    fd = _sealed(2 * MiB)
+    try:
+        rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30, copy=True)
+        table = _table((0, 1, fd, 2 * MiB, MiB))
+        os.pwrite(fd, b"\x01" * MiB, 0)
+        (kept,) = rx.take([memoryview(b""), table])
+        os.pwrite(fd, b"\x02" * MiB, 0)
+        (second,) = rx.take([memoryview(b""), table])
+        assert bytes(kept) == b"\x01" * MiB  # a kept copy is never reused
+        assert bytes(second) == b"\x02" * MiB
+        address = np.frombuffer(second, dtype=np.uint8).ctypes.data
+        del second
+        gc.collect()
+        os.pwrite(fd, b"\x03" * MiB, 0)
+        (third,) = rx.take([memoryview(b""), table])
+        assert np.frombuffer(third, dtype=np.uint8).ctypes.data == address  # reused
+        assert bytes(third) == b"\x03" * MiB and bytes(kept) == b"\x01" * MiB
+    finally:
+        os.close(fd)
