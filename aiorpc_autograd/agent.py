@@ -735,6 +735,8 @@ class RpcAgent:
             self.options.auth_token,
             client=client,
             shm_threshold=self._shm_threshold,
+            # Safe mode: a peer must not change a tensor after sending it.
+            shm_copy=not self.options.allow_pickle,
         )
 
     def _make_client(self) -> Connection:
@@ -747,7 +749,12 @@ class RpcAgent:
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
         if self._early is not None:
+            # At most one (small) frame per connection: an unadmitted
+            # connection reads nothing more until its Hello is accepted.
             self._early.append((conn, frame))
+            return
+        if not conn.admitted:
+            self._on_first_frame(conn, frame)
             return
         try:
             rid, message = codec.decode(frame, self.options.max_tensors)
@@ -759,13 +766,24 @@ class RpcAgent:
             self._on_response(conn, rid, message)
             return
         if isinstance(message, Hello):
-            self._on_hello(conn, message)
-            return
-        if conn.peer is None:
-            log.warning("dropping connection from %s: no Hello first", conn.peer_label)
-            conn.abort(ProtocolError("the first message must be Hello"))
+            log.warning("dropping connection from %s: a second Hello", conn.peer_label)
+            conn.abort(ProtocolError("a second Hello on one connection"))
             return
         self.dispatch(conn, rid, message)
+
+    def _on_first_frame(self, conn: Connection, frame: Frame) -> None:
+        """The first frame of a connection (at most the transport's
+        ``HELLO_LIMITS``): it must be a valid Hello, else the connection is
+        dropped; nothing else is decoded before it."""
+        try:
+            _, message = codec.decode(frame, 0)
+            if not isinstance(message, Hello):
+                raise ProtocolError("the first message must be Hello")
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", conn.peer_label, exc)
+            conn.abort(exc)
+            return
+        self._on_hello(conn, message)
 
     def dispatch(self, conn: Connection, rid: int, message: Message) -> None:
         """Run the handler of a request and answer it."""
@@ -784,7 +802,13 @@ class RpcAgent:
 
     def _on_hello(self, conn: Connection, hello: Hello) -> None:
         peer = self._peers.get(hello.worker_id)
-        if hello.group != self._group or peer is None or peer.info.name != hello.name:
+        if (
+            hello.group != self._group
+            or peer is None
+            or peer.info.name != hello.name
+            # On a connection we opened, the Hello must name whom we dialled.
+            or (conn.peer is not None and conn.peer != peer.info)
+        ):
             log.warning("refusing %s: not a worker of this group", conn.peer_label)
             conn.abort(ProtocolError("not a worker of this group"))
             return
@@ -792,6 +816,7 @@ class RpcAgent:
             conn.peer = peer.info
             header, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
             conn.send(header, [])
+        conn.admit()
 
     def _on_response(self, conn: Connection, rid: int, message: Message) -> None:
         pending = self._pending.get(rid)

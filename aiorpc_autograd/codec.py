@@ -31,6 +31,7 @@ Structural errors raise :class:`ProtocolError`.
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
 import threading
@@ -312,8 +313,19 @@ def load_payload(payload: Payload, allow_pickle: bool = True) -> Any:
             raise ProtocolError(f"tensor index {index} out of range")
         return tensors[index]
 
+    data = payload.data
     try:
-        return msgpack.unpackb(payload.data, ext_hook=ext_hook, strict_map_key=False)
+        # Every length bounded by the data's own size; ext types are 4-byte tensor refs.
+        return msgpack.unpackb(
+            data,
+            ext_hook=ext_hook,
+            strict_map_key=False,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=len(data),
+            max_map_len=len(data) // 2,
+            max_ext_len=4,
+        )
     except ProtocolError:
         raise
     except Exception as exc:
@@ -982,7 +994,9 @@ def decode(frame: Frame, max_tensors: int = 65536) -> tuple[int, Message]:
         ProtocolError: the frame is not a well-formed message.
     """
     try:
-        header = msgpack.unpackb(frame.header, use_list=True, strict_map_key=False)
+        header = _load_header(frame.header, len(frame.buffers), max_tensors)
+    except ProtocolError:
+        raise
     except Exception as exc:
         raise ProtocolError(f"malformed message header: {exc}") from exc
     if type(header) is not list or len(header) < 3:
@@ -997,6 +1011,60 @@ def decode(frame: Frame, max_tensors: int = 65536) -> tuple[int, Message]:
         raise
     except (Exception, RecursionError) as exc:  # only ProtocolError leaves the decoder
         raise ProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+
+
+def header_budget(header_len: int, n_buffers: int, max_tensors: int) -> int:
+    """Most arrays and maps a header of ``header_len`` bytes in a frame of
+    ``n_buffers`` buffers may hold: a fixed allowance for the message's own
+    structure, two per tensor descriptor, and one per 256 bytes of the header
+    (bulk data travels as bin or str: a payload is one bin).
+
+    Each array or map costs ~70 bytes of Python objects (and ~0.1-0.3 us) for
+    one byte of msgpack: the budget keeps a header's decoded size and decoding
+    time proportional to its bytes with a small factor, not ~70x.
+    """
+    return 256 + 2 * min(n_buffers, max_tensors) + header_len // 256
+
+
+def _load_header(data: bytes, n_buffers: int, max_tensors: int) -> Any:
+    budget = header_budget(len(data), n_buffers, max_tensors)
+    count = 0
+
+    def counted(obj: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > budget:
+            raise ProtocolError(
+                f"message header of {len(data)} bytes holds more than {budget} arrays and maps"
+            )
+        return obj
+
+    # No single array or map is longer than the tensor table may be (nor than
+    # the header has bytes); nesting is bounded by msgpack's own stack limit.
+    max_len = min(len(data), max(max_tensors, 1024))
+    # A large header builds many objects at once, each of which would count
+    # towards the cyclic collector's thresholds: with a big heap (torch's)
+    # that is a full collection every few thousand objects. None of them can
+    # be in a cycle yet, so collecting meanwhile is wasted.
+    pause_gc = len(data) > 65536 and gc.isenabled()
+    if pause_gc:
+        gc.disable()
+    try:
+        return msgpack.unpackb(
+            data,
+            use_list=True,
+            strict_map_key=False,
+            list_hook=counted,
+            object_hook=counted,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=max_len,
+            max_map_len=max_len,
+            max_ext_len=0,
+        )
+    finally:
+        if pause_gc:
+            gc.enable()
 
 
 def _build(mtype: Any, values: Any, tensors: list[torch.Tensor | None]) -> Message:
