@@ -20,14 +20,18 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from torch.distributed import TCPStore  # type: ignore[attr-defined]
@@ -418,3 +422,163 @@ def test_relayed_connection_refuses_injected_altered_replayed_reordered_frames(
     for rank, got in enumerate((w0, w1)):
         assert got["after"].tolist() == [1.0 + rank] * 2
         assert got["pending"] == 0
+
+
+# ------------------------------------------------------------------ pre-auth bounds
+
+DEADLINE = 1.0
+PREAUTH_PHASES: dict[str, dict[str, Any]] = {
+    "token": {"auth_token": TOKEN, "max_unauthenticated_connections": 1000},
+    "plain": {"auth_token": None, "max_unauthenticated_connections": 1000},
+    "cap": {"auth_token": TOKEN, "max_unauthenticated_connections": 16},
+}
+
+
+async def preauth_phases(
+    rank: int, world_size: int, init_method: str, inits: dict[str, str]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for phase, extra in PREAUTH_PHASES.items():
+        options = rpc.RpcOptions(rpc_timeout=20, handshake_timeout=DEADLINE, **extra)
+        await rpc.init_rpc(
+            f"worker{rank}", rank, world_size, init_method=inits[phase], options=options
+        )
+        await barrier()
+        if rank == 0:
+            post((agent_tcp_port(), os.getpid()))
+            # Serving (and closing connections) until the test has seen them all go.
+            assert await receive(60) == "phase done"
+        else:
+            # A call before the flood: this connection is established already.
+            out[f"{phase}_before"] = await rpc.rpc_async("worker0", torch.add, args=(1, 1))
+            post("connected")
+            assert await receive(30) == "call now"
+            started = time.monotonic()
+            out[f"{phase}_during"] = await rpc.rpc_async("worker0", torch.add, args=(2, 2))
+            post(time.monotonic() - started)
+        await barrier()
+        if rank == 0:
+            gate = api.current_agent()._gate
+            out[f"{phase}_gate"] = (len(gate.pending), gate.refused, gate.expired)
+        await rpc.shutdown(timeout=20)
+    return out
+
+
+def open_connections(port: int, n: int) -> list[socket.socket]:
+    socks = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def close_times(socks: list[socket.socket], since: float, timeout: float) -> list[float | None]:
+    """When (seconds after ``since``) the worker closed each socket; None: still open."""
+    closed: list[float | None] = [None] * len(socks)
+    sel = selectors.DefaultSelector()
+    for i, sock in enumerate(socks):
+        sel.register(sock, selectors.EVENT_READ, i)
+    deadline = time.monotonic() + timeout
+    while sel.get_map() and time.monotonic() < deadline:
+        for key, _ in sel.select(max(deadline - time.monotonic(), 0)):
+            i = key.data
+            try:
+                data = socks[i].recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:  # EOF or reset: closed by the worker
+                closed[i] = time.monotonic() - since
+                sel.unregister(socks[i])
+    sel.close()
+    return closed
+
+
+class Slowloris(threading.Thread):
+    """Sends ``data`` one byte every ``interval`` seconds; records when the
+    worker closed the connection (seconds after it opened)."""
+
+    def __init__(self, port: int, data: bytes, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.opened = time.monotonic()
+        self.data = data
+        self.interval = interval
+        self.sent = 0
+        self.closed_after: float | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            for byte in self.data:
+                self.sock.sendall(bytes([byte]))
+                self.sent += 1
+                time.sleep(self.interval)
+        except OSError:
+            self.closed_after = time.monotonic() - self.opened
+        finally:
+            self.sock.close()
+
+
+def rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+@pytest.mark.timeout(120)
+def test_unauthenticated_connections_are_bounded() -> None:
+    inits = {k: f"tcp://127.0.0.1:{free_port()}" for k in PREAUTH_PHASES}
+    seen: dict[str, Any] = {}
+    with WorkerGroup(preauth_phases, 2, (inits,), mode="raw", timeout=110) as group:
+        for phase in PREAUTH_PHASES:
+            _, (port, pid) = group.next_event(timeout=60, rank=0)
+            assert group.next_event(timeout=30, rank=1) == (1, "connected")
+            n = 16 + 24 if phase == "cap" else 200
+            before = rss(pid)
+            opened = time.monotonic()
+            socks = open_connections(port, n)
+            # A slowloris: a valid start (the handshake's, or a frame prefix), 4 bytes/s.
+            start = b"ARPA\x02" + bytes(32) if phase != "plain" else wire.encode_frame(b"x")[0]
+            slow = Slowloris(port, bytes(start))
+            time.sleep(0.5)  # every connection accepted
+            grown = rss(pid) - before
+            group.send(1, "call now")
+            _, call_took = group.next_event(timeout=30, rank=1)
+            closed = close_times(socks, opened, DEADLINE + 6)
+            slow.join(DEADLINE + 6)
+            group.send(0, "phase done")
+            for sock in socks:
+                sock.close()
+            seen[phase] = {"n": n, "grown": grown, "closed": closed, "slow": slow.closed_after}
+            seen[phase]["call_took"] = call_took
+        results = group.join()
+    w0, w1 = results
+    for phase, got in seen.items():
+        closed = got["closed"]
+        assert all(t is not None for t in closed), (phase, closed.count(None))
+        # The worker kept serving its group meanwhile, on a connection it had.
+        assert got["call_took"] < 5, (phase, got["call_took"])
+        assert w1[f"{phase}_during"] == 4
+        # A slowloris is closed at the deadline however it trickles (at once
+        # when the cap is full).
+        slow = got["slow"]
+        if phase == "cap":
+            assert slow is not None and slow < 1.5, got
+        else:
+            assert slow is not None and DEADLINE - 0.3 < slow < DEADLINE + 4, got
+        at_deadline = [t for t in closed if t is not None and t > DEADLINE - 0.3]
+        assert all(t < DEADLINE + 4 for t in at_deadline), (phase, max(at_deadline))
+        pending, refused, expired = w0[f"{phase}_gate"]
+        assert pending == 0  # nothing left behind
+        if phase == "cap":
+            # Over the cap: closed at once; the first 16 at the deadline.
+            early = [t for t in closed if t is not None and t < 1.0]
+            assert len(early) >= got["n"] - 16, sorted(closed)  # type: ignore[type-var]
+            assert refused >= got["n"] - 16 and expired >= 15, w0[f"{phase}_gate"]
+        else:
+            assert len(at_deadline) == got["n"], (phase, sorted(closed))  # type: ignore[type-var]
+            assert refused == 0 and expired == got["n"] + 1, w0[f"{phase}_gate"]
+            # A few KiB each before the handshake/Hello, not a 256 KiB buffer.
+            assert got["grown"] < got["n"] * 16 * 1024, (phase, got["grown"] / got["n"])
+    print({phase: round(got["grown"] / got["n"]) for phase, got in seen.items()})
