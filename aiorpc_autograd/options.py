@@ -59,11 +59,10 @@ class RpcOptions:
             called and only msgpack values and tensors travel.
         rendezvous_timeout: seconds to wait for the whole group in ``init_rpc``.
         handshake_timeout: seconds an accepted connection has, from accept, to
-            finish the auth handshake (with a token) and send a valid Hello;
-            then it is closed.
-        max_unauthenticated_connections: most accepted connections that have
-            not finished the handshake and Hello at once; one more is closed
-            at once.
+            finish the auth handshake (with a token) or send a valid Hello
+            (without one); then it is closed.
+        max_unauthenticated_connections: most accepted connections at once
+            that have not done so yet; one more is closed at once.
     """
 
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT

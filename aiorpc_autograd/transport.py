@@ -18,11 +18,11 @@ With an auth token, a connection first runs the handshake of
 accepting worker) and then tags and checks every frame, control frames
 included, with the per-direction session keys (:class:`~aiorpc_autograd.wire.FrameMac`).
 
-An accepted connection is *pre-auth* until its owner calls
-:meth:`Connection.ready` (the peer said a valid Hello, after the handshake if
-any): a :class:`PreAuthGate` bounds how many are pre-auth at once and for how
-long, and a pre-auth connection holds only small buffers (no frame reader
-before the handshake, a small scratch buffer before Hello).
+An accepted connection is *pre-auth* until it completes the handshake (with
+a token) or its owner calls :meth:`Connection.ready` (without one: the peer
+said a valid Hello): a :class:`PreAuthGate` bounds how many are pre-auth at
+once and for how long, and a pre-auth connection holds only small buffers (no
+frame reader before the handshake, a small scratch buffer before Hello).
 
 uvloop is used when installed (:func:`new_event_loop`); the stdlib loop works too.
 """
@@ -212,8 +212,8 @@ class Connection(asyncio.BufferedProtocol):
         self.abort(ProtocolError("the handshake and Hello did not complete in time"))
 
     def ready(self) -> None:
-        """The peer proved itself (a valid Hello, after the handshake if any):
-        lift the pre-auth bounds and give the reader its full-size buffer."""
+        """The peer said a valid Hello: lift the pre-auth bounds (if the
+        handshake did not already) and give the reader its full-size buffer."""
         self._leave_gate()
         if self._reader is not None:
             self._reader.grow(_SCRATCH)
@@ -359,9 +359,10 @@ class Connection(asyncio.BufferedProtocol):
         self._handshake = None
         self._hs_buf = bytearray()
         self._tx_mac = FrameMac(send_key)
-        # Authenticated: a token holder. The reader is small until its Hello.
-        scratch = _PRE_AUTH_SCRATCH if self._gate is not None else _SCRATCH
-        self._reader = self._new_reader(FrameMac(receive_key), scratch)
+        # A token holder: out of the pre-auth bounds (its Hello may wait for
+        # this worker's rendezvous to finish), with a full-size reader.
+        self._leave_gate()
+        self._reader = self._new_reader(FrameMac(receive_key), _SCRATCH)
         if not self.made.done():
             self._up()
         return self._reader.feed(rest) if rest else []
