@@ -35,6 +35,7 @@ import inspect
 import itertools
 import logging
 import os
+import secrets
 import socket
 import ssl
 import time
@@ -65,11 +66,11 @@ from .errors import (
     RpcTimeoutError,
     remote_error,
 )
-from .handshake import token_proof
+from .handshake import confirm_mac, record_mac, run_id, run_key
 from .options import RpcOptions, WorkerInfo
 from .pool import StopError, WorkerPool, raisable
 from .rendezvous import Address, Rendezvous
-from .transport import Connection, connect, serve_tcp, serve_unix
+from .transport import Connection, PreAuthGate, connect, serve_tcp, serve_unix
 from .wire import Frame, Limits
 
 __all__ = ["RpcAgent", "registered_functions", "register_function"]
@@ -186,13 +187,16 @@ class RpcAgent:
         self._peers: dict[int, _Peer] = {}
         self._by_name: dict[str, WorkerInfo] = {}
         # The maps CUDA tensors travel by (set at rendezvous; see devices.py).
-        self._own_maps = {
-            peer: normalize_map(m, peer) for peer, m in options.device_maps.items()
-        }
+        self._own_maps = {peer: normalize_map(m, peer) for peer, m in options.device_maps.items()}
         self.device_maps = DeviceMaps({}, {})
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._incoming: set[Connection] = set()
+        # Accepted connections that have not said a valid Hello yet: bounded.
+        self._gate = PreAuthGate(options.max_unauthenticated_connections, options.handshake_timeout)
+        # With a token: the key of this run's handshakes (None until the group
+        # agreed on the run; connections accepted before are refused).
+        self._run_key: bytes | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
         self._inflight = 0
@@ -300,7 +304,6 @@ class RpcAgent:
             host = socket.gethostname()
         group = self._rdv.prefix
         token = opts.auth_token
-        proof = token_proof(token, group, self.info.id) if token else b""
         me = Address(
             self.info.name,
             self.info.id,
@@ -308,12 +311,25 @@ class RpcAgent:
             port,
             unix_path,
             _host_id(),
-            proof,
             cuda_device_count(),
             self._own_maps,
         )
-        addresses = await self._rdv.exchange(me)
+        if token:
+            me = me.signed(secrets.token_bytes(32), lambda body: record_mac(token, group, body))
+        records = await self._rdv.exchange_records(me)
+        # Our own record as we wrote it, whatever the store returns for it.
+        records[self.info.id] = me.pack()
         self._group = group
+        if token:
+            addresses = await self._authenticate_group(token, group, records)
+        else:
+            addresses = [Address.unpack(record) for record in records]
+            for addr in addresses:
+                if addr.mac:
+                    raise AuthenticationError(
+                        f"worker {addr.name!r} (rank {addr.rank}) uses an auth_token "
+                        "and this worker has none"
+                    )
         # Both ends of every map check it on the same records: both raise.
         validate_group(self.info.name, [(a.name, a.cuda_devices, a.device_maps) for a in addresses])
         self.device_maps = DeviceMaps(
@@ -326,18 +342,6 @@ class RpcAgent:
         )
         seen: dict[str, int] = {}
         for addr in addresses:
-            if token and not hmac.compare_digest(
-                addr.token_proof, token_proof(token, group, addr.rank)
-            ):
-                raise AuthenticationError(
-                    f"worker {addr.name!r} (rank {addr.rank}) does not hold this worker's "
-                    "auth_token: check the token given to each worker"
-                )
-            if not token and addr.token_proof:
-                raise AuthenticationError(
-                    f"worker {addr.name!r} (rank {addr.rank}) uses an auth_token "
-                    "and this worker has none"
-                )
             if addr.name in seen:
                 raise ValueError(
                     f"worker name {addr.name!r} is used by both rank {seen[addr.name]} "
@@ -354,6 +358,55 @@ class RpcAgent:
         for conn, frame in early:
             if not conn.closed:
                 self._on_frame(conn, frame)
+
+    async def _authenticate_group(
+        self, token: str, group: str, records: list[bytes]
+    ) -> list[Address]:
+        """Check every record and that the whole group read the same records of
+        this run (handshake.py); sets the run key and returns the addresses.
+
+        This worker's confirmation of the run is published before anything can
+        fail, so the others never wait for it in vain.
+
+        Raises:
+            AuthenticationError: a worker holds another token or none, or a
+                record was rewritten, replayed from another run or withheld.
+        """
+        run = run_id(group, records)
+        self._run_key = run_key(token, run)
+        await self._rdv.publish_confirmation(confirm_mac(token, run, self.info.id))
+        addresses = []
+        for rank, record in enumerate(records):
+            try:
+                addr = Address.unpack(record)
+            except ValueError as exc:
+                raise AuthenticationError(
+                    f"the address record of rank {rank} is malformed: the rendezvous "
+                    "store was tampered with"
+                ) from exc
+            if not addr.mac:
+                raise AuthenticationError(
+                    f"worker {addr.name!r} (rank {addr.rank}) has no auth_token "
+                    "and this worker has one"
+                )
+            if addr.rank != rank or not hmac.compare_digest(
+                addr.mac, record_mac(token, group, addr.body())
+            ):
+                raise AuthenticationError(
+                    f"the address record of worker {addr.name!r} (rank {rank}) does not "
+                    "verify: that worker holds another auth_token (check the token given to "
+                    "each worker), or the rendezvous store was tampered with"
+                )
+            addresses.append(addr)
+        confirmations = await self._rdv.confirmations()
+        for rank, got in enumerate(confirmations):
+            if not hmac.compare_digest(got, confirm_mac(token, run, rank)):
+                raise AuthenticationError(
+                    f"worker rank {rank} read other address records than this worker: the "
+                    "rendezvous store was tampered with (a record rewritten, replayed from "
+                    "an earlier run or withheld); refusing to start"
+                )
+        return addresses
 
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
         """Stop the agent; see ``aiorpc_autograd.shutdown``."""
@@ -657,12 +710,11 @@ class RpcAgent:
         # say) must not hold the queued calls forever.
         limit = self.options.heartbeat_timeout
         try:
+            make = functools.partial(self._connection, True, peer.info.id)
             if addr.unix_path and self._use_unix and addr.host_id == _host_id():
-                opening = connect(self._make_client, path=addr.unix_path)
+                opening = connect(make, path=addr.unix_path)
             else:
-                opening = connect(
-                    self._make_client, host=addr.host, port=addr.port, ssl=self._client_ssl
-                )
+                opening = connect(make, host=addr.host, port=addr.port, ssl=self._client_ssl)
             conn = await asyncio.wait_for(opening, limit)
             # The peer may have closed it already (died right after accepting):
             # then this raises ConnectionLostError and the queued calls fail.
@@ -727,23 +779,27 @@ class RpcAgent:
 
     # ------------------------------------------------------------------ receiving
 
-    def _connection(self, client: bool) -> Connection:
+    def _connection(self, client: bool, server: int) -> Connection:
+        auth = None
+        if self.options.auth_token:
+            # Before the group agreed on the run no honest peer connects: a key
+            # nobody holds refuses whoever does.
+            key = self._run_key or secrets.token_bytes(32)
+            auth = (key, str(server).encode())
         return Connection(
             self._limits,
             self._on_frame,
             self._on_lost,
-            self.options.auth_token,
+            auth,
             client=client,
             shm_threshold=self._shm_threshold,
             # Safe mode: a peer must not change a tensor after sending it.
             shm_copy=not self.options.allow_pickle,
+            gate=None if client else self._gate,
         )
 
-    def _make_client(self) -> Connection:
-        return self._connection(client=True)
-
     def _accept(self) -> Connection:
-        conn = self._connection(client=False)
+        conn = self._connection(False, self.info.id)
         self._incoming.add(conn)
         return conn
 

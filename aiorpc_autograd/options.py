@@ -37,7 +37,11 @@ class RpcOptions:
             refused, never copied to the CPU silently. Checked by both ends
             at ``init_rpc``; see :mod:`aiorpc_autograd.devices`.
         auth_token: shared secret; peers that cannot prove they hold it are
-            refused. Defaults to the ``AIORPC_AUTH_TOKEN`` environment variable.
+            refused, the rendezvous records are authenticated and bound to the
+            run, and every frame's prefix, lengths and header (every pickle and
+            control field) is authenticated with a per-connection session key.
+            Tensor bytes on the network are not: TLS (``ssl``) protects them.
+            Defaults to the ``AIORPC_AUTH_TOKEN`` environment variable.
         ssl: an ``ssl.SSLContext`` for TCP links (the listening side's, and the
             connecting side's too unless ``ssl_client`` is set), or None. With
             TLS on, workers on one host also talk over TLS/TCP, not Unix sockets.
@@ -58,6 +62,11 @@ class RpcOptions:
         allow_pickle: if False (safe mode), only registered functions can be
             called and only msgpack values and tensors travel.
         rendezvous_timeout: seconds to wait for the whole group in ``init_rpc``.
+        handshake_timeout: seconds an accepted connection has, from accept, to
+            finish the auth handshake (with a token) or send a valid Hello
+            (without one); then it is closed.
+        max_unauthenticated_connections: most accepted connections at once
+            that have not done so yet; one more is closed at once.
     """
 
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
@@ -76,6 +85,8 @@ class RpcOptions:
     shm_threshold: int = 512 << 10
     allow_pickle: bool = True
     rendezvous_timeout: float = 300.0
+    handshake_timeout: float = 5.0
+    max_unauthenticated_connections: int = 64
 
     def __post_init__(self) -> None:
         if not self.rpc_timeout >= 0:  # also refuses NaN
@@ -89,6 +100,13 @@ class RpcOptions:
             raise ValueError(f"shm_threshold must be >= 0, got {self.shm_threshold}")
         if not self.rendezvous_timeout > 0:
             raise ValueError("rendezvous_timeout must be positive")
+        if not self.handshake_timeout > 0:  # also refuses NaN
+            raise ValueError(f"handshake_timeout must be positive, got {self.handshake_timeout}")
+        if self.max_unauthenticated_connections < 1:
+            raise ValueError(
+                "max_unauthenticated_connections must be >= 1, got "
+                f"{self.max_unauthenticated_connections}"
+            )
         for name in ("ssl", "ssl_client"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, _ssl.SSLContext):

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -35,7 +35,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Address:
-    """Where a worker listens, as published in the store."""
+    """Where a worker listens, as published in the store.
+
+    With an auth token, ``nonce`` is fresh per run and ``mac`` authenticates
+    every other field (``handshake.record_mac`` of :meth:`body`); both are
+    empty without one.
+    """
 
     name: str
     rank: int
@@ -43,33 +48,59 @@ class Address:
     port: int
     unix_path: str
     host_id: str
-    token_proof: bytes = b""  # handshake.token_proof, when the group has a token
     # For the device maps (aiorpc_autograd.devices): this worker's CUDA device
     # count and its maps {peer: {local: remote}}, checked by both ends.
     cuda_devices: int = 0
     device_maps: dict[str, dict[str, str]] = field(default_factory=dict)
+    nonce: bytes = b""
+    mac: bytes = b""
+
+    def _fields(self) -> list[Any]:
+        return [
+            self.name,
+            self.rank,
+            self.host,
+            self.port,
+            self.unix_path,
+            self.host_id,
+            self.cuda_devices,
+            self.device_maps,
+            self.nonce,
+        ]
+
+    def body(self) -> bytes:
+        """The authenticated part: every field but the MAC."""
+        return msgpack.packb(self._fields())  # type: ignore[no-any-return]
+
+    def signed(self, nonce: bytes, mac: Callable[[bytes], bytes]) -> Address:
+        """This record with ``nonce`` and the MAC ``mac`` computes over its body."""
+        unsigned = replace(self, nonce=nonce, mac=b"")
+        return replace(unsigned, mac=mac(unsigned.body()))
 
     def pack(self) -> bytes:
-        return msgpack.packb(  # type: ignore[no-any-return]
-            [
-                self.name,
-                self.rank,
-                self.host,
-                self.port,
-                self.unix_path,
-                self.host_id,
-                self.token_proof,
-                self.cuda_devices,
-                self.device_maps,
-            ]
-        )
+        """The record as stored."""
+        return msgpack.packb([*self._fields(), self.mac])  # type: ignore[no-any-return]
 
     @classmethod
     def unpack(cls, data: bytes) -> Address:
-        name, rank, host, port, unix_path, host_id, proof, cuda, maps = msgpack.unpackb(data)
-        if type(cuda) is not int or type(maps) is not dict:
-            raise RpcError("malformed address record in the rendezvous store")
-        return cls(name, rank, host, port, unix_path, host_id, proof, cuda, maps)
+        """Parse a stored record.
+
+        Raises:
+            ValueError: not a record of this format.
+        """
+        try:
+            values = msgpack.unpackb(data)
+            name, rank, host, port, unix_path, host_id, cuda, maps, nonce, mac = values
+            fields = (name, host, unix_path, host_id)
+            if not (all(isinstance(f, str) for f in fields) and isinstance(port, int)):
+                raise TypeError("field types")
+            if not (isinstance(rank, int) and isinstance(nonce, bytes) and isinstance(mac, bytes)):
+                raise TypeError("field types")
+            if type(cuda) is not int or type(maps) is not dict:
+                raise TypeError("field types")
+        except (ValueError, TypeError, msgpack.ExtraData) as exc:
+            raise ValueError(f"malformed address record in the rendezvous store: {exc}") from exc
+        return cls(name, rank, host, port, unix_path, host_id, cuda, maps, nonce, mac)
 
 
 class Rendezvous:
@@ -165,7 +196,15 @@ class Rendezvous:
         await self.call(self.store.set_timeout, remaining, deadline=deadline)
 
     async def exchange(self, me: Address) -> list[Address]:
-        """Publish this worker's address and return every worker's, by rank."""
+        """Publish this worker's address and return every worker's, by rank.
+
+        Raises:
+            ValueError: a record in the store is malformed.
+        """
+        return [Address.unpack(v) for v in await self.exchange_records(me)]
+
+    async def exchange_records(self, me: Address) -> list[bytes]:
+        """Publish this worker's address; every worker's record as stored, by rank."""
         store = self.store
         await self.call(store.set, f"{self.prefix}addr/{self.rank}", me.pack())
         keys = [f"{self.prefix}addr/{r}" for r in range(self.world_size)]
@@ -173,8 +212,20 @@ class Rendezvous:
             await self.call(store.wait, keys, timedelta(seconds=self.timeout))
         except RpcTimeoutError as exc:
             raise RpcTimeoutError(f"not every worker joined within {self.timeout}s") from exc
-        values = await self.call(store.multi_get, keys)
-        return [Address.unpack(v) for v in values]
+        return [bytes(v) for v in await self.call(store.multi_get, keys)]
+
+    async def publish_confirmation(self, confirmation: bytes) -> None:
+        """Publish this worker's confirmation of the run (see handshake.py)."""
+        await self.call(self.store.set, f"{self.prefix}confirm/{self.rank}", confirmation)
+
+    async def confirmations(self) -> list[bytes]:
+        """Every worker's confirmation of the run, by rank."""
+        keys = [f"{self.prefix}confirm/{r}" for r in range(self.world_size)]
+        try:
+            await self.call(self.store.wait, keys, timedelta(seconds=self.timeout))
+        except RpcTimeoutError as exc:
+            raise RpcTimeoutError(f"not every worker confirmed within {self.timeout}s") from exc
+        return [bytes(v) for v in await self.call(self.store.multi_get, keys)]
 
     async def barrier(self, tag: str, timeout: float) -> None:
         """Wait until every worker reached the barrier ``tag``.

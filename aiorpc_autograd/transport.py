@@ -22,6 +22,17 @@ the rest of the frame. An offer or a shared-memory frame on any other
 connection, or before admission, is a protocol error. Control frames (the
 offer, segment releases) never leave this layer.
 
+With an auth token, a connection first runs the handshake of
+:mod:`~aiorpc_autograd.handshake` (keyed by the run key, bound to the
+accepting worker) and then tags and checks every frame, control frames
+included, with the per-direction session keys (:class:`~aiorpc_autograd.wire.FrameMac`).
+
+An accepted connection is *pre-auth* until it completes the handshake (with
+a token) or its owner calls :meth:`Connection.admit` (without one: the peer
+said a valid Hello): a :class:`PreAuthGate` bounds how many are pre-auth at
+once and for how long, and a pre-auth connection holds only small buffers (no
+frame reader before the handshake, the gated reader's few KiB before Hello).
+
 uvloop is used when installed (:func:`new_event_loop`); the stdlib loop works too.
 """
 
@@ -42,11 +53,12 @@ from typing import Any, cast
 from .errors import AuthenticationError, ConnectionLostError, ProtocolError
 from .handshake import ClientHandshake, ServerHandshake
 from .shm import DEFAULT_POOL_BYTES, ShmReceiver, ShmSender, peer_readable
-from .wire import Frame, FrameReader, Limits, encode_frame
+from .wire import Frame, FrameMac, FrameReader, Limits, encode_frame
 
 __all__ = [
     "HELLO_LIMITS",
     "Connection",
+    "PreAuthGate",
     "connect",
     "new_event_loop",
     "serve_tcp",
@@ -58,6 +70,8 @@ log = logging.getLogger(__name__)
 # A frame body at least this large that is not complete in the scratch buffer is
 # read straight into its own buffer (no copy through the scratch buffer).
 _DIRECT_THRESHOLD = 64 * 1024
+# The reader's scratch buffer grows (as bytes arrive) up to this size.
+_SCRATCH = 256 * 1024
 
 # Frame flags of this layer. SHM: the last buffer is a shared-memory placement
 # table. CONTROL: a frame for the transport itself (header: one kind byte, then
@@ -87,6 +101,24 @@ FrameHandler = Callable[["Connection", Frame], None]
 LostHandler = Callable[["Connection", BaseException | None], None]
 
 
+class PreAuthGate:
+    """Bounds the accepted connections of a listener that have not proven
+    themselves yet (handshake and Hello): at most ``limit`` at once (one over
+    is closed at once) and each for at most ``timeout`` seconds from accept.
+
+    Args:
+        limit: most pre-auth connections at once.
+        timeout: seconds a connection has to finish the handshake and Hello.
+    """
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit
+        self.timeout = timeout
+        self.pending: set[Connection] = set()
+        self.refused = 0  # connections closed at once, over the limit
+        self.expired = 0  # connections closed at the deadline
+
+
 class Connection(asyncio.BufferedProtocol):
     """One framed, full-duplex connection.
 
@@ -95,14 +127,19 @@ class Connection(asyncio.BufferedProtocol):
         on_frame: called on the loop with each complete frame, in order.
         on_lost: called once when the connection is closed or lost, with the
             error (None on a clean close).
-        auth_token: run the mutual challenge-response of
-            :mod:`~aiorpc_autograd.handshake` first, as ``client`` or server.
+        auth: ``(run_key, server)``: run the challenge-response of
+            :mod:`~aiorpc_autograd.handshake` first, as ``client`` or server,
+            keyed by ``run_key`` and bound to the accepting worker ``server``;
+            then authenticate every frame.
         client: this side opened the connection.
         shm_threshold: on a Unix socket, send buffers of at least this many
             bytes through shared memory once the peer offers it (0: never).
         shm_copy: copy buffers received through shared memory out of the
             peer's segments at once (safe mode: the peer cannot change them
             afterwards).
+        gate: for an accepted connection, the listener's pre-auth bounds:
+            the connection is closed at once over its limit, and at its
+            deadline unless :meth:`admit` was called by then.
     """
 
     def __init__(
@@ -110,13 +147,19 @@ class Connection(asyncio.BufferedProtocol):
         limits: Limits,
         on_frame: FrameHandler,
         on_lost: LostHandler,
-        auth_token: str | None = None,
+        auth: tuple[bytes, bytes] | None = None,
         client: bool = False,
         shm_threshold: int = 0,
         shm_copy: bool = False,
+        gate: PreAuthGate | None = None,
     ) -> None:
-        self._reader = FrameReader(limits, direct_threshold=_DIRECT_THRESHOLD, gate=HELLO_LIMITS)
         self._limits = limits
+        # Made after the handshake (with auth); gated to one Hello-sized frame
+        # until admit(): a stranger costs a few KiB.
+        self._reader: FrameReader | None = None
+        self._tx_mac: FrameMac | None = None
+        self._gate = gate
+        self._deadline: asyncio.TimerHandle | None = None
         self._admitted = False
         self._reading_paused = False
         self._shm_threshold = shm_threshold
@@ -129,9 +172,14 @@ class Connection(asyncio.BufferedProtocol):
         self._released: collections.deque[int] = collections.deque()
         self._release_scheduled = False
         self._handshake: ClientHandshake | ServerHandshake | None = None
-        if auth_token:
-            self._handshake = ClientHandshake(auth_token) if client else ServerHandshake(auth_token)
-        self._hs_buf = bytearray(4096)
+        self._hs_buf = bytearray()
+        if auth is not None:
+            key, server = auth
+            hs = ClientHandshake if client else ServerHandshake
+            self._handshake = hs(key, server)
+            self._hs_buf = bytearray(1024)
+        else:
+            self._reader = self._new_reader(None)
         # Frames sent in one loop iteration go out in one writelines call: one
         # syscall (and one wake-up of the peer) instead of one per frame.
         self._outbox: list[bytes | memoryview] = []
@@ -155,6 +203,15 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        gate = self._gate
+        if gate is not None:
+            if len(gate.pending) >= gate.limit:
+                gate.refused += 1
+                self._gate = None
+                self.abort(ConnectionLostError("too many unauthenticated connections"))
+                return
+            gate.pending.add(self)
+            self._deadline = self._loop.call_later(gate.timeout, self._expired)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -163,6 +220,30 @@ class Connection(asyncio.BufferedProtocol):
             self._up()
         else:
             self._flush_handshake()
+
+    def _new_reader(self, mac: FrameMac | None) -> FrameReader:
+        return FrameReader(
+            self._limits,
+            scratch_size=_SCRATCH,
+            direct_threshold=_DIRECT_THRESHOLD,
+            gate=HELLO_LIMITS,
+            mac=mac,
+        )
+
+    def _expired(self) -> None:
+        self._deadline = None
+        if self._gate is not None:
+            self._gate.expired += 1
+        log.info("closing connection from %s: no handshake and Hello in time", self.peer_label)
+        self.abort(ProtocolError("the handshake and Hello did not complete in time"))
+
+    def _leave_gate(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._gate is not None:
+            self._gate.pending.discard(self)
+            self._gate = None
 
     def _up(self) -> None:
         """Connected (and authenticated)."""
@@ -195,6 +276,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._admitted or self._closed:
             return
         self._admitted = True
+        self._leave_gate()
         if self._shm_threshold > 0:
             pid = self._same_user_peer()
             if pid and peer_readable(pid):
@@ -209,11 +291,11 @@ class Connection(asyncio.BufferedProtocol):
         self._loop.call_soon(self._open_reader)
 
     def _open_reader(self) -> None:
-        if self._closed:
+        if self._closed or self._reader is None:
             return
         try:
             frames = self._reader.open()
-        except ProtocolError as exc:
+        except (ProtocolError, AuthenticationError) as exc:
             log.warning("dropping connection from %s: %s", self.peer_label, exc)
             self.abort(exc)
             return
@@ -231,6 +313,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._leave_gate()
         error = self._error or exc
         if self._shm_tx is not None:
             self._shm_tx.close()
@@ -263,6 +346,7 @@ class Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._handshake is not None:
             return memoryview(self._hs_buf)
+        assert self._reader is not None
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -271,12 +355,14 @@ class Connection(asyncio.BufferedProtocol):
             if self._handshake is not None:
                 frames = self._handshake_received(nbytes)
             else:
+                assert self._reader is not None
                 frames = self._reader.buffer_updated(nbytes)
         except (ProtocolError, AuthenticationError) as exc:
             log.warning("dropping connection from %s: %s", self.peer_label, exc)
             self.abort(exc)
             return
-        if self._reader.holding and not self._reading_paused and self._transport is not None:
+        reader = self._reader
+        if reader is not None and reader.holding and not self._reading_paused and self._transport:
             # Unadmitted and its one frame is in: read nothing more until the
             # owner admits (or drops) the peer.
             self._reading_paused = True
@@ -348,7 +434,16 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_handshake()
         if not hs.done:
             return []
+        assert hs.session_keys is not None
+        send_key, receive_key = hs.session_keys
         self._handshake = None
+        self._hs_buf = bytearray()
+        self._tx_mac = FrameMac(send_key)
+        # A token holder: out of the pre-auth bounds (its Hello may wait for
+        # this worker's rendezvous to finish); its reader is still gated to a
+        # Hello until admit().
+        self._leave_gate()
+        self._reader = self._new_reader(FrameMac(receive_key))
         if not self.made.done():
             self._up()
         return self._reader.feed(rest) if rest else []
@@ -391,6 +486,8 @@ class Connection(asyncio.BufferedProtocol):
         """
         if self.closed:
             raise ConnectionLostError(f"connection to {self.peer_label} is closed")
+        if self._handshake is not None:  # no session key yet: nothing may go out
+            raise ConnectionLostError(f"connection to {self.peer_label} is not authenticated")
         if self._shm_tx is not None and buffers:
             placed = self._shm_tx.place(buffers)
             if placed is not None:
@@ -398,7 +495,7 @@ class Connection(asyncio.BufferedProtocol):
                 flags |= FLAG_SHM
         if not self._outbox:
             self._loop.call_soon(self._flush)
-        self._outbox += encode_frame(header, buffers, flags)
+        self._outbox += encode_frame(header, buffers, flags, self._tx_mac)
 
     def _flush(self) -> None:
         chunks, self._outbox = self._outbox, []

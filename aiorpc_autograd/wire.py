@@ -8,8 +8,17 @@ A connection carries a stream of frames. Each frame is::
              reserved u16 (0), header_len u32, n_buffers u32, body_len u64
     lengths  n_buffers x u64: the byte length of each buffer
     header   header_len bytes (msgpack, opaque to this layer)
+    tag      TAG_SIZE bytes, on an authenticated connection only (FrameMac)
     body     body_len bytes: the buffers, each starting at an offset that is a
              multiple of ALIGN from the start of the body (zero padding between)
+
+On a connection with a session key (the group has an auth token), every frame
+carries a tag: a keyed BLAKE2b MAC of an implicit per-direction sequence
+number and the frame's prefix, lengths and header (:class:`FrameMac`). The
+reader checks it as soon as those bytes are in, before the frame's body is
+allocated or the frame is returned, so a frame crafted, altered, replayed,
+reordered or dropped by someone without the key fails with
+:class:`AuthenticationError`. The body (tensor bytes) is not covered.
 
 The reader checks every size against :class:`Limits` as soon as the prefix is
 known, *before* it allocates anything, and raises :class:`ProtocolError` on a
@@ -39,21 +48,25 @@ This module does no I/O and imports no asyncio.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import mmap
 import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import ProtocolError
+from .errors import AuthenticationError, ProtocolError
 
 __all__ = [
     "ALIGN",
     "EAGER_BODY",
     "MAGIC",
     "PREFIX_SIZE",
+    "TAG_SIZE",
     "VERSION",
     "Frame",
+    "FrameMac",
     "FrameReader",
     "Limits",
     "encode_frame",
@@ -75,6 +88,50 @@ _FIRST_SCRATCH = 4096
 # Linux's MAP_NORESERVE (not exported by Python < 3.13's mmap module): a large
 # body's mapping is not charged against the commit limit up front.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
+TAG_SIZE = 16
+
+
+class FrameMac:
+    """Authenticates the frames of one direction of a connection.
+
+    The tag of the n-th frame (n = 0, 1, ...) is
+    ``BLAKE2b(key=key, person=b"aiorpc-frame", digest_size=16)`` of ``u64 n``
+    followed by the frame's prefix, lengths and header. The sequence number is
+    implicit (both sides count), so a replayed, reordered, dropped or foreign
+    frame fails. Keyed BLAKE2b costs about a third of HMAC-SHA256 on these
+    short inputs (one compression, no inner/outer hash).
+
+    Args:
+        key: this direction's session key (up to 64 bytes).
+    """
+
+    __slots__ = ("_base", "_seq")
+
+    def __init__(self, key: bytes) -> None:
+        self._base = hashlib.blake2b(key=key, digest_size=TAG_SIZE, person=b"aiorpc-frame")
+        self._seq = 0
+
+    def tag(self, meta: bytes | bytearray | memoryview) -> bytes:
+        """The tag of the next frame, whose prefix, lengths and header are ``meta``."""
+        h = self._base.copy()
+        h.update(_U64.pack(self._seq))
+        h.update(meta)
+        self._seq += 1
+        return h.digest()
+
+    def verify(self, meta: bytes | bytearray | memoryview, tag: bytes | bytearray) -> None:
+        """Check the tag of the next received frame.
+
+        Raises:
+            AuthenticationError: it does not verify.
+        """
+        if not hmac.compare_digest(self.tag(meta), tag):
+            raise AuthenticationError(
+                f"frame {self._seq - 1} failed authentication (altered, replayed, "
+                "reordered or injected)"
+            )
 
 
 def _aligned(n: int) -> int:
@@ -106,7 +163,10 @@ class Frame:
 
 
 def encode_frame(
-    header: bytes, buffers: Sequence[memoryview | bytes] = (), flags: int = 0
+    header: bytes,
+    buffers: Sequence[memoryview | bytes] = (),
+    flags: int = 0,
+    mac: FrameMac | None = None,
 ) -> list[bytes | memoryview]:
     """Lay out one frame as a list of chunks for ``transport.writelines``.
 
@@ -116,6 +176,9 @@ def encode_frame(
         header: the header bytes.
         buffers: byte buffers (C-contiguous; memoryviews are cast to bytes).
         flags: frame flags (0..255).
+        mac: on an authenticated connection, the sending direction's
+            :class:`FrameMac`: the frame gets its tag (and its sequence number,
+            so frames must go out in the order they are encoded).
 
     Returns:
         The chunks, in wire order.
@@ -134,6 +197,8 @@ def encode_frame(
     for n in lengths:
         meta += _U64.pack(n)
     meta += header
+    if mac is not None:
+        meta += mac.tag(meta)
     chunks: list[bytes | memoryview] = [bytes(meta)]
     for i, v in enumerate(views):
         if len(v):
@@ -155,6 +220,9 @@ class FrameReader:
             complete in the scratch buffer, is read straight into its own buffer.
         gate: limits applied until :meth:`open` is called; while gated the
             reader returns at most one frame and then holds what follows.
+        mac: on an authenticated connection, the receiving direction's
+            :class:`FrameMac`: every frame's tag is checked before its body is
+            allocated or the frame is returned.
     """
 
     def __init__(
@@ -163,9 +231,12 @@ class FrameReader:
         scratch_size: int = 256 * 1024,
         direct_threshold: int = 0,
         gate: Limits | None = None,
+        mac: FrameMac | None = None,
     ) -> None:
         self._limits = limits or Limits()
         self._gate = gate
+        self._mac = mac
+        self._tag_size = TAG_SIZE if mac is not None else 0
         self._holding = False
         self._scratch_size = max(scratch_size, PREFIX_SIZE)
         self._scratch = bytearray(min(self._scratch_size, _FIRST_SCRATCH))
@@ -182,7 +253,7 @@ class FrameReader:
         self._filled = 0
         self._pending: tuple[int, bytes, list[int]] | None = None
         self._pending_meta = 0  # prefix, lengths and header of that frame
-        self._failed: ProtocolError | None = None
+        self._failed: ProtocolError | AuthenticationError | None = None
 
     @property
     def gated(self) -> bool:
@@ -261,6 +332,7 @@ class FrameReader:
 
         Raises:
             ProtocolError: the stream is malformed or over the limits.
+            AuthenticationError: a frame's tag does not verify.
         """
         if self._failed is not None:
             raise self._failed
@@ -284,9 +356,22 @@ class FrameReader:
             return []
         try:
             return self._parse()
-        except ProtocolError as exc:
+        except (ProtocolError, AuthenticationError) as exc:
             self._failed = exc
             raise
+
+    def grow(self, scratch_size: int) -> None:
+        """Let the scratch buffer grow up to ``scratch_size`` bytes (a reader
+        made small for a connection that has not proven itself yet); it still
+        grows only as bytes arrive."""
+        self._scratch_size = max(self._scratch_size, scratch_size)
+
+    def _check_tag(self, start: int, meta_len: int) -> None:
+        """Verify the tag of the frame whose meta (tag included) is at ``start``."""
+        if self._mac is not None:
+            at = start + meta_len - TAG_SIZE
+            # Slices copy ~100 bytes: cheaper than memoryviews for such sizes.
+            self._mac.verify(self._scratch[start:at], self._scratch[at : at + TAG_SIZE])
 
     def _compact(self) -> None:
         if self._start:
@@ -324,7 +409,7 @@ class FrameReader:
                 raise ProtocolError(
                     f"message of {total} bytes exceeds max_message_size={lim.max_message_size}"
                 )
-            meta_len = PREFIX_SIZE + 8 * nbuf + header_len
+            meta_len = PREFIX_SIZE + 8 * nbuf + header_len + self._tag_size
             avail = self._end - start
             if avail < meta_len:
                 self._want = meta_len  # the scratch buffer grows as it arrives
@@ -338,17 +423,19 @@ class FrameReader:
                 )
             pos += 8 * nbuf
             header = bytes(scratch[pos : pos + header_len])
-            pos += header_len
+            pos += header_len + self._tag_size
             have = avail - meta_len
             if have >= body_len:
+                self._check_tag(start, meta_len)
                 body = bytearray(scratch[pos : pos + body_len])
                 self._start = pos + body_len
                 frames.append(Frame(flags, header, _split(body, lengths)))
                 continue
             if body_len < self._direct_threshold:
                 # Wait for the rest in the scratch buffer (grown as it arrives).
-                self._want = PREFIX_SIZE + total
+                self._want = meta_len + body_len
                 break
+            self._check_tag(start, meta_len)
             direct = _new_body(body_len)
             direct[:have] = scratch[pos : pos + have]
             self._start = self._end = 0

@@ -308,6 +308,9 @@ def test_options_accept_good_values() -> None:
         {"heartbeat_interval": -1},
         {"heartbeat_timeout": 0},
         {"auth_token": ""},
+        {"handshake_timeout": 0},
+        {"handshake_timeout": float("nan")},
+        {"max_unauthenticated_connections": 0},
     ],
     ids=str,
 )

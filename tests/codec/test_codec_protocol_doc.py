@@ -6,8 +6,10 @@ import dataclasses
 import hashlib
 import hmac
 import re
+import struct
 from pathlib import Path
 
+import msgpack
 import pytest
 import torch
 
@@ -106,26 +108,71 @@ def test_constants_and_limits() -> None:
 
 
 def test_authentication_exchange_matches_the_doc() -> None:
-    """§9.1, computed from the formulas in the doc."""
+    """§9.1 and §11, computed from the formulas in the doc."""
     handshake = pytest.importorskip("aiorpc_autograd.handshake")
+    from aiorpc_autograd.rendezvous import Address
+
     token = "sh4red secret ✓"
+    group = "aiorpc/3/"
 
-    def mac(*parts: bytes) -> bytes:
-        return hmac.new(token.encode(), b"".join(parts), hashlib.sha256).digest()
+    def mac(key: bytes, *parts: bytes) -> bytes:
+        return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
 
-    client, server = handshake.ClientHandshake(token), handshake.ServerHandshake(token)
+    # §11: records, run id, confirmations, run key.
+    nonce = bytes(range(32))
+    maps = {"w2": {"cuda:0": "cuda:1"}}
+    fields = ["w1", 1, "127.0.0.1", 4242, "", "host", 2, maps, nonce]
+    record = Address("w1", 1, "127.0.0.1", 4242, "", "host", 2, maps).signed(
+        nonce, lambda body: handshake.record_mac(token, group, body)
+    )
+    body = msgpack.packb(fields)
+    assert record.mac == mac(token.encode(), b"aiorpc record\0", group.encode(), b"\0", body)
+    assert record.pack() == msgpack.packb([*fields, record.mac])
+    records = [b"first", record.pack()]
+    expect_run = hashlib.sha256(
+        b"aiorpc run\0"
+        + group.encode()
+        + b"\0"
+        + b"".join(struct.pack("<I", len(r)) + r for r in records)
+    ).digest()
+    run = handshake.run_id(group, records)
+    assert run == expect_run
+    assert handshake.confirm_mac(token, run, 1) == mac(
+        token.encode(), b"aiorpc confirm\0", run, b"1"
+    )
+    key = handshake.run_key(token, run)
+    assert key == mac(token.encode(), b"aiorpc run key\0", run)
+
+    # §9.1: the handshake, bound to the server's rank.
+    server_id = b"1"
+    client = handshake.ClientHandshake(key, server_id)
+    server = handshake.ServerHandshake(key, server_id)
     step1 = bytes(client.outgoing)
     client.outgoing.clear()
-    assert len(step1) == 37 and step1[:5] == b"ARPA\x01"
+    assert len(step1) == 37 and step1[:5] == b"ARPA\x02"
     cn = step1[5:]
     assert server.feed(step1) == b"" and not server.done
     step2 = bytes(server.outgoing)
     server.outgoing.clear()
     sn = step2[:32]
-    assert step2 == sn + mac(b"S", cn, sn)
+    assert step2 == sn + mac(key, b"S", cn, sn, server_id)
     frame = b"ARPC" + bytes(20)  # whatever follows step 3 is the frame stream
     assert client.feed(step2) == b"" and client.done
     step3 = bytes(client.outgoing)
-    assert step3 == mac(b"C", sn, cn)
+    assert step3 == mac(key, b"C", sn, cn, server_id)
     assert server.feed(step3 + frame) == frame and server.done
-    assert '`"ARPA"`, version u8 `1`, `cn`' in TEXT
+    c2s, s2c = mac(key, b"K c2s", cn, sn, server_id), mac(key, b"K s2c", cn, sn, server_id)
+    assert client.session_keys == (c2s, s2c) and server.session_keys == (s2c, c2s)
+    assert '`"ARPA"`, version u8 `2`, `cn`' in TEXT
+
+    # §9.1: frame tags.
+    header = b"\x93\x40\x00\x90"
+    sender = wire.FrameMac(c2s)
+    plain = bytes(wire.encode_frame(header, [b"abc"])[0])  # prefix, lengths, header
+    for seq in (0, 1):
+        meta = bytes(wire.encode_frame(header, [b"abc"], mac=sender)[0])
+        tag = hashlib.blake2b(
+            struct.pack("<Q", seq) + plain, key=c2s, person=b"aiorpc-frame", digest_size=16
+        ).digest()
+        assert meta == plain + tag
+    assert "tag (16 bytes)" in TEXT

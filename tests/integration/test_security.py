@@ -188,7 +188,7 @@ async def auth_phases(
     spy = DecodeSpy()
     if rank == 0:
         agent = api.current_agent()
-        post((agent_tcp_port(), agent._group))
+        post((agent_tcp_port(), agent._group, agent._run_key))
     # The test attacks worker0's TCP port now; both workers stay idle meanwhile
     # (no call in flight, so no heartbeats either).
     assert await receive(60) == "attacks sent"
@@ -206,14 +206,15 @@ async def auth_phases(
     return out
 
 
-def attack_frames(group: str, path: Path) -> bytes:
-    """A Hello that names worker1 of the group, then a pickled call that creates ``path``."""
+def attack_frames(group: str, path: Path, mac: wire.FrameMac | None = None) -> bytes:
+    """A Hello that names worker1 of the group, then a pickled call that creates
+    ``path`` (tagged with ``mac``: the frames of an authenticated session)."""
     chunks: list[bytes] = []
     hello = codec.Hello("worker1", 1, group)
     call = codec.PythonCall(None, codec.dump_payload((make_file, (str(path),), {})))
     for rid, message in ((0, hello), (7, call)):
         header, buffers = codec.encode(message, rid)
-        chunks += (bytes(c) for c in wire.encode_frame(header, buffers))
+        chunks += (bytes(c) for c in wire.encode_frame(header, buffers, mac=mac))
     return b"".join(chunks)
 
 
@@ -251,18 +252,18 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def forged_handshake(port: int, frames: bytes) -> tuple[str, bytes, bool]:
-    """Speak the handshake with a wrong token: (how it ended, what came back,
-    whether the server's proof verified under the wrong token)."""
+    """Speak the handshake with a wrong key: (how it ended, what came back,
+    whether the server's proof verified under the wrong key)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         cn = secrets.token_bytes(32)
-        sock.sendall(handshake.AUTH_MAGIC + bytes([1]) + cn)
+        sock.sendall(handshake.AUTH_MAGIC + bytes([handshake.VERSION]) + cn)
         reply = recv_exact(sock, 64)
         sn, server_mac = reply[:32], reply[32:]
         wrong = b"a-wrong-token"
         verified = hmac.compare_digest(
-            server_mac, hmac.new(wrong, b"S" + cn + sn, hashlib.sha256).digest()
+            server_mac, hmac.new(wrong, b"S" + cn + sn + b"0", hashlib.sha256).digest()
         )
-        proof = hmac.new(wrong, b"C" + sn + cn, hashlib.sha256).digest()
+        proof = hmac.new(wrong, b"C" + sn + cn + b"0", hashlib.sha256).digest()
         try:
             sock.sendall(proof + frames)
         except (ConnectionResetError, BrokenPipeError):
@@ -271,17 +272,20 @@ def forged_handshake(port: int, frames: bytes) -> tuple[str, bytes, bool]:
         return how, got, verified
 
 
-def authenticated_call(port: int, frames: bytes) -> list[codec.Message]:
-    """The control: the same frames after a handshake with the right token; the
-    worker answers with its Hello and the call's result."""
+def authenticated_call(port: int, group: str, key: bytes, path: Path) -> list[codec.Message]:
+    """The control: the same frames after a handshake with the right run key
+    (and tagged with the session key); the worker answers with its Hello and
+    the call's result."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        client = handshake.ClientHandshake(ENV_TOKEN)
+        client = handshake.ClientHandshake(key, b"0")
         sock.sendall(bytes(client.outgoing))
         client.outgoing.clear()
         rest = client.feed(recv_exact(sock, 64))  # verifies the server's proof
-        assert client.done and not rest
+        assert client.done and not rest and client.session_keys is not None
+        send_key, receive_key = client.session_keys
+        frames = attack_frames(group, path, wire.FrameMac(send_key))
         sock.sendall(bytes(client.outgoing) + frames)
-        reader = wire.FrameReader()
+        reader = wire.FrameReader(mac=wire.FrameMac(receive_key))
         messages: list[codec.Message] = []
         while len(messages) < 2:
             chunk = sock.recv(65536)
@@ -295,7 +299,7 @@ def test_authentication(tmp_path: Path) -> None:
     env = {"AIORPC_AUTH_TOKEN": ENV_TOKEN}
     paths = {k: tmp_path / f"{k}.txt" for k in ("plain", "forged", "control")}
     with WorkerGroup(auth_phases, 2, (inits,), mode="raw", env=env, timeout=90) as group:
-        _, (port, group_id) = group.next_event(timeout=60, rank=0)
+        _, (port, group_id, run_key) = group.next_event(timeout=60, rank=0)
         garbage = attack(port, bytes((i * 131 + 7) % 256 for i in range(4096)))
         # A well-formed Hello + pickled call, as a no-token peer would send it.
         plain = attack(port, attack_frames(group_id, paths["plain"]))
@@ -304,7 +308,7 @@ def test_authentication(tmp_path: Path) -> None:
         for rank in (0, 1):
             group.send(rank, "attacks sent")
         assert group.next_event(timeout=30, rank=0) == (0, "attacks counted")
-        control = authenticated_call(port, attack_frames(group_id, paths["control"]))
+        control = authenticated_call(port, group_id, run_key, paths["control"])
         for rank in (0, 1):
             group.send(rank, "control sent")
         results = group.join()
