@@ -24,6 +24,7 @@ from .errors import (
     ConnectionLostError,
     ProtocolError,
     RemoteError,
+    ResourceLimitError,
     RpcError,
     RpcTimeoutError,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "ConnectionLostError",
     "ProtocolError",
     "RemoteError",
+    "ResourceLimitError",
     "RpcError",
     "RpcOptions",
     "RRef",
