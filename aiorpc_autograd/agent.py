@@ -247,6 +247,7 @@ class RpcAgent:
         self.peer_gone_hooks: list[Callable[[WorkerInfo, RpcError], None]] = []
         self.liveness_watchers: list[Callable[[], Iterable[int]]] = []
         self._gone: dict[int, RpcError] = {}
+        self._leaving = False  # in a graceful shutdown
         self._suspects: dict[int, asyncio.Task[None]] = {}
         # Per connection we opened: ids of requests sent on it that timed out,
         # whose late answers are dropped silently (oldest first, capped).
@@ -374,6 +375,7 @@ class RpcAgent:
             timeout = self.options.rpc_timeout
         deadline = time.monotonic() + (timeout or float("inf"))
         failure: RpcError | None = None
+        self._leaving = True
         if graceful:
             for hook in self.before_shutdown:
                 hook()
@@ -912,7 +914,9 @@ class RpcAgent:
         if not self._running or info.id in self._gone or info.id == self.info.id:
             return
         self._gone[info.id] = error
-        log.warning("worker %r is gone: %s", info.name, error)
+        # Peers leave one by one at the end of a graceful shutdown: expected then.
+        level = logging.DEBUG if self._leaving else logging.WARNING
+        log.log(level, "worker %r is gone: %s", info.name, error)
         self._fail_pending(lambda p: p.peer == info.id, error)
         for hook in list(self.peer_gone_hooks):
             try:

@@ -297,7 +297,7 @@ class AutogradService:
         ctx = self.container.release(context_id)
         maker = self._maker.pop(context_id, None)
         if maker is not None:
-            self._made_by_peer[maker].discard(context_id)
+            self._made_by_peer.get(maker, set()).discard(context_id)
         if ctx is None:
             return
         for key in [k for k in self._runs if k[0] == context_id]:
@@ -474,7 +474,7 @@ class AutogradService:
             for pass_id in passes:
                 self._abort_everywhere(ctx, pass_id, lost)
             creator = cid >> _ID_BITS
-            if creator != me and (made_by_it or all(self.agent.peer_gone(w) for w in known)):
+            if made_by_it or (creator != me and all(self.agent.peer_gone(w) for w in known)):
                 # No release can reach this part any more (it would come
                 # through the gone worker): drop it here only.
                 self._release_here(cid, lost)
