@@ -22,7 +22,7 @@ Failures: a worker learns that a peer is gone through the agent's
 holds, see ``liveness_watchers``). Then every pass of a context that peer took
 part in fails here and is aborted onward (the abort names the lost worker, so
 the root raises a :class:`ConnectionLostError` naming it); a context whose
-creator is gone is released here and the release sent on; a context whose
+creator is gone is released here (each holder watches the creator); a context whose
 every link here is gone, or that the gone peer made here, is released here
 (no release can reach it any more). Contexts a peer makes here are capped per
 peer (``RpcOptions.max_peer_contexts``).
@@ -463,8 +463,12 @@ class AutogradService:
         lost.worker = lost.worker or info.name
         for ctx in self.container.contexts():
             cid = ctx.context_id()
-            if cid >> _ID_BITS == info.id:  # its creator is gone: release everywhere
-                self.release(cid, exclude=info.id)
+            if cid >> _ID_BITS == info.id:
+                # Its creator is gone. Every holder watches the creator and
+                # releases its own part: no release is sent on, so that a
+                # worker that wrongly took the creator for gone (a stalled
+                # loop) cannot make the others, the creator included, drop theirs.
+                self._release_here(cid, lost)
                 continue
             known = ctx.known_worker_ids() - {me}
             made_by_it = self._maker.get(cid) == info.id

@@ -204,10 +204,17 @@ class StallInBackward(torch.autograd.Function):
         return grad
 
 
-async def middle(x: torch.Tensor) -> torch.Tensor:
-    """On worker1: stall in backward, and pass the tensor on to worker2."""
-    y = StallInBackward.apply(x * 1.0)
-    return await rpc.rpc_async("worker2", torch.mul, args=(y, 2))
+async def middle(x: torch.Tensor, victim: int) -> torch.Tensor:
+    """On worker1: pass the tensor on to worker2 (stalling in backward on the victim)."""
+    y = x * 1.0
+    if victim == 1:
+        y = StallInBackward.apply(y)
+    return await rpc.rpc_async("worker2", last, args=(y, victim == 2))
+
+
+def last(y: torch.Tensor, stall: bool) -> torch.Tensor:
+    """On worker2: the end of the chain."""
+    return (StallInBackward.apply(y) if stall else y) * 2
 
 
 def autograd_and_requests(served_here: int = 0) -> dict[str, int]:
@@ -236,24 +243,24 @@ async def poll_until_clean(to: str, bound: float) -> tuple[dict[str, int], float
         await asyncio.sleep(0.05)
 
 
-async def chain_kill_middle(rank: int, world_size: int, init_method: str) -> dict[str, Any]:
+async def chain_kill(rank: int, world_size: int, init_method: str, victim: int) -> dict[str, Any]:
     options = rpc.RpcOptions(rpc_timeout=20, **HEARTBEAT)
     await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method, options=options)
     await barrier()
     out: dict[str, Any] = {}
+    survivor = f"worker{3 - victim}"
     if rank == 0:
         x = torch.ones(4, requires_grad=True)
         async with dist_autograd.context() as context_id:
-            z = await rpc.rpc_async("worker1", middle, args=(x,))
-            out["w2_during"] = await rpc.rpc_async("worker2", autograd_and_requests, args=(1,))
-            started = time.monotonic()
+            z = await rpc.rpc_async("worker1", middle, args=(x, victim))
+            out["during"] = await rpc.rpc_async(survivor, autograd_and_requests, args=(1,))
             out["backward"] = await await_outcome(dist_autograd.backward(context_id, [z.sum()]))
-            out["backward_elapsed"] = time.monotonic() - started
-        # worker2 never talked to worker0 in this context: it must drop its
-        # part (context, pass, the request it serves) on its own.
-        out["w2_after"], out["w2_clean_in"] = await poll_until_clean("worker2", 10.0)
-        await rpc.rpc_async("worker2", receive_flag)
-    elif rank == 2:
+            out["backward_failed_at"] = time.monotonic()  # one clock for every process
+        # The survivor drops its part (context, pass, the requests it serves)
+        # with no help from the root: worker2 never talked to worker0.
+        out["after"], out["clean_in"] = await poll_until_clean(survivor, 10.0)
+        await rpc.rpc_async(survivor, receive_flag)
+    elif rank != victim:
         await wait_flag()
     else:
         await asyncio.sleep(3600)  # killed in its part of the backward pass
@@ -274,28 +281,38 @@ async def wait_flag() -> None:
 
 
 @pytest.mark.timeout(90)
-def test_participant_lost_mid_backward_is_cleaned_up_downstream() -> None:
-    with WorkerGroup(chain_kill_middle, 3, mode="raw", timeout=80) as group:
-        assert group.next_event(timeout=60) == (1, "in backward")
-        group.kill(1, signal.SIGKILL)
-        w0, w1, w2 = group.join(allow_dead={1})
-    assert w1 == Died(-signal.SIGKILL)
-    assert w0["w2_during"]["num_autograd_contexts"] == 1
+@pytest.mark.parametrize("victim", [1, 2], ids=["middle", "end"])
+def test_participant_lost_mid_backward(victim: int) -> None:
+    """Chain worker0 -> worker1 -> worker2 (nested calls), the victim SIGKILLed
+    in its part of the backward pass: the middle (worker2 never talked to the
+    root), or the end (the root never talked to it)."""
+    with WorkerGroup(chain_kill, 3, (victim,), mode="raw", timeout=80) as group:
+        assert group.next_event(timeout=60) == (victim, "in backward")
+        group.kill(victim, signal.SIGKILL)
+        t_kill = time.monotonic()
+        results = group.join(allow_dead={victim})
+    assert results[victim] == Died(-signal.SIGKILL)
+    w0 = results[0]
+    assert w0["during"]["num_autograd_contexts"] == 1
     error = w0["backward"]
     # Finding 12: both a RemoteError and a ConnectionLostError, naming the lost worker.
     assert isinstance(error, rpc.ConnectionLostError), repr(error)
     assert isinstance(error, rpc.RemoteError), repr(error)
-    assert error.worker == "worker1", repr(error)
-    assert w0["backward_elapsed"] < 5, w0["backward_elapsed"]
-    # Finding 6: the survivor that only knew the lost worker dropped everything.
-    assert not any(w0["w2_after"].values()), w0["w2_after"]
-    assert w0["w2_clean_in"] < HEARTBEAT["heartbeat_timeout"] + 1.0, w0["w2_clean_in"]
-    for got in (w0, w2):
+    assert error.worker == f"worker{victim}", repr(error)
+    failed_after = w0["backward_failed_at"] - t_kill
+    assert failed_after < HEARTBEAT["heartbeat_timeout"], failed_after
+    # Finding 6: the other survivor dropped everything of the context.
+    assert not any(w0["after"].values()), w0["after"]
+    assert w0["clean_in"] < HEARTBEAT["heartbeat_timeout"] + 1.0, w0["clean_in"]
+    for got in (w0, results[3 - victim]):
         assert not any(got["state"].values()), got["state"]
         # What is left of shutdown is the group barrier, which a dead worker
         # never reaches (the lifecycle's part): nothing of ours holds it.
         assert got["shutdown"] is None or isinstance(got["shutdown"], rpc.RpcTimeoutError)
-    print(f"\nmiddle killed: worker2 clean after {w0['w2_clean_in']:.2f}s; root: {error!r:.120}")
+    print(
+        f"\nworker{victim} killed: the root raised after {failed_after:.2f}s, the survivor "
+        f"was clean {w0['clean_in']:.2f}s later; {error!r:.120}"
+    )
 
 
 # ----------------------------------------------- finding 6: the creator is lost
