@@ -321,6 +321,10 @@ def test_participant_lost_mid_backward(victim: int) -> None:
 async def creator_killed(rank: int, world_size: int, init_method: str) -> dict[str, Any]:
     options = rpc.RpcOptions(rpc_timeout=20, **HEARTBEAT)
     await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method, options=options)
+    gone: list[tuple[str, str, str | None]] = []
+    api.current_agent().peer_gone_hooks.append(
+        lambda info, error: gone.append((info.name, type(error).__name__, error.worker))  # type: ignore[attr-defined]
+    )
     await barrier()
     out: dict[str, Any] = {}
     if rank == 0:
@@ -338,6 +342,8 @@ async def creator_killed(rank: int, world_size: int, init_method: str) -> dict[s
         await asyncio.sleep(0.02)
     out["released_after"] = time.monotonic() - t_kill
     out["state"] = autograd_and_requests()
+    await asyncio.sleep(0.5)  # a second declaration would come by now
+    out["gone"] = list(gone)
     out["shutdown"] = await await_outcome(rpc.shutdown(timeout=2.0))
     return out
 
@@ -363,6 +369,10 @@ def test_context_of_a_lost_creator_is_released_everywhere() -> None:
     assert w0 == Died(-signal.SIGKILL)
     assert held == {1: 1, 2: 1}, held
     for got in (w1, w2):
+        # peer_gone_hooks: called once for it, with a ConnectionLostError naming
+        # it (the other survivor may leave first: the store died with worker0).
+        about_0 = [g for g in got["gone"] if g[0] == "worker0"]
+        assert about_0 == [("worker0", "ConnectionLostError", "worker0")], got["gone"]
         assert not any(got["state"].values()), got["state"]
         assert got["released_after"] < HEARTBEAT["heartbeat_timeout"], got["released_after"]
     print(f"\ncreator killed: released after {[round(g['released_after'], 3) for g in (w1, w2)]}s")
