@@ -17,6 +17,7 @@ from .api import (
     rpc_sync,
     run,
     shutdown,
+    to_thread,
     worker,
 )
 from .errors import (
@@ -54,5 +55,6 @@ __all__ = [
     "rpc_sync",
     "run",
     "shutdown",
+    "to_thread",
     "worker",
 ]

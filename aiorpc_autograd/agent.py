@@ -74,6 +74,7 @@ from .codec import (
     PythonRet,
     RRefAck,
 )
+from .devices import DeviceMap, DeviceMaps, cuda_device_count, normalize_map, validate_group
 from .errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -216,6 +217,11 @@ class RpcAgent:
         self._group = ""
         self._peers: dict[int, _Peer] = {}
         self._by_name: dict[str, WorkerInfo] = {}
+        # The maps CUDA tensors travel by (set at rendezvous; see devices.py).
+        self._own_maps = {
+            peer: normalize_map(m, peer) for peer, m in options.device_maps.items()
+        }
+        self.device_maps = DeviceMaps({}, {})
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
         self._incoming: set[Connection] = set()
@@ -275,6 +281,8 @@ class RpcAgent:
         """
         if not name or not isinstance(name, str):
             raise ValueError("a worker name must be a non-empty string")
+        for peer, mapping in options.device_maps.items():
+            normalize_map(mapping, peer)  # a malformed map fails before the rendezvous
         rdv = await Rendezvous.join(init_method, rank, world_size, options.rendezvous_timeout)
         self = cls(name, options, rdv)
         for install in services:
@@ -333,9 +341,29 @@ class RpcAgent:
         group = self._rdv.prefix
         token = opts.auth_token
         proof = token_proof(token, group, self.info.id) if token else b""
-        me = Address(self.info.name, self.info.id, host, port, unix_path, _host_id(), proof)
+        me = Address(
+            self.info.name,
+            self.info.id,
+            host,
+            port,
+            unix_path,
+            _host_id(),
+            proof,
+            cuda_device_count(),
+            self._own_maps,
+        )
         addresses = await self._rdv.exchange(me)
         self._group = group
+        # Both ends of every map check it on the same records: both raise.
+        validate_group(self.info.name, [(a.name, a.cuda_devices, a.device_maps) for a in addresses])
+        self.device_maps = DeviceMaps(
+            self._own_maps,
+            {
+                a.name: normalize_map(a.device_maps.get(self.info.name, {}), self.info.name)
+                for a in addresses
+                if a.rank != self.info.id
+            },
+        )
         seen: dict[str, int] = {}
         for addr in addresses:
             if token and not hmac.compare_digest(
@@ -487,6 +515,7 @@ class RpcAgent:
         message: Message,
         timeout: float | None = None,
         decode: ResponseDecoder | None = None,
+        device_map: DeviceMap | None = None,
     ) -> asyncio.Future[Any]:
         """Send a request; the future resolves to ``decode(response)``.
 
@@ -497,6 +526,9 @@ class RpcAgent:
             decode: turns the response message into the result; the default
                 loads a ``PythonRet`` payload. An ``ExceptionMsg`` always raises
                 :class:`RemoteError`.
+            device_map: the map its CUDA tensors travel by; None: this
+                worker's map for ``to`` (the autograd layer passes the inverse
+                map of a recv function for gradients).
 
         Raises:
             RpcError: the agent is not running.
@@ -507,7 +539,9 @@ class RpcAgent:
         rid = next(self._ids)
         if self.request_wrapper is not None:
             message = self.request_wrapper(to, message)
-        header, buffers = codec.encode(message, rid)
+        if device_map is None:
+            device_map = self.device_maps.for_request(to.name)
+        header, buffers = codec.encode(message, rid, device_map)
         fut = self.loop.create_future()
         pending = _Pending(fut, to.id, decode or self.decode_result)
         if timeout is None:
@@ -725,8 +759,9 @@ class RpcAgent:
         if conn.closed:
             log.debug("dropping the reply to %s: connection closed", conn.peer_label)
             return
+        peer = conn.peer.name if isinstance(conn.peer, WorkerInfo) else ""
         try:
-            header, buffers = codec.encode(message, rid)
+            header, buffers = codec.encode(message, rid, self.device_maps.for_reply(peer))
         except Exception as exc:  # the result cannot travel: say so instead
             header, buffers = codec.encode(exception_message(self.info.name, exc), rid)
         if self.fault_injector is not None:
@@ -762,6 +797,8 @@ class RpcAgent:
             self.options.auth_token,
             client=client,
             shm_threshold=self._shm_threshold,
+            # Safe mode: a peer must not change a tensor after sending it.
+            shm_copy=not self.options.allow_pickle,
             # Replies flow on accepted connections only: pausing reads on a
             # connection we opened would stop the answers that drain it.
             write_limit=0 if client else self.options.max_pending_reply_bytes,
@@ -777,7 +814,12 @@ class RpcAgent:
 
     def _on_frame(self, conn: Connection, frame: Frame) -> None:
         if self._early is not None:
+            # At most one (small) frame per connection: an unadmitted
+            # connection reads nothing more until its Hello is accepted.
             self._early.append((conn, frame))
+            return
+        if not conn.admitted:
+            self._on_first_frame(conn, frame)
             return
         try:
             rid, message = codec.decode(frame, self.options.max_tensors)
@@ -789,11 +831,8 @@ class RpcAgent:
             self._on_response(conn, rid, message)
             return
         if isinstance(message, Hello):
-            self._on_hello(conn, message)
-            return
-        if conn.peer is None:
-            log.warning("dropping connection from %s: no Hello first", conn.peer_label)
-            conn.abort(ProtocolError("the first message must be Hello"))
+            log.warning("dropping connection from %s: a second Hello", conn.peer_label)
+            conn.abort(ProtocolError("a second Hello on one connection"))
             return
         if conn.client:
             # Requests travel on the requester's own connection; one coming the
@@ -809,6 +848,20 @@ class RpcAgent:
             conn.abort(ProtocolError(f"a request from worker {conn.peer.id} claims {claimed}"))
             return
         self.dispatch(conn, rid, message)
+
+    def _on_first_frame(self, conn: Connection, frame: Frame) -> None:
+        """The first frame of a connection (at most the transport's
+        ``HELLO_LIMITS``): it must be a valid Hello, else the connection is
+        dropped; nothing else is decoded before it."""
+        try:
+            _, message = codec.decode(frame, 0)
+            if not isinstance(message, Hello):
+                raise ProtocolError("the first message must be Hello")
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", conn.peer_label, exc)
+            conn.abort(exc)
+            return
+        self._on_hello(conn, message)
 
     def dispatch(self, conn: Connection, rid: int, message: Message) -> None:
         """Run the handler of a request and answer it (through :meth:`reply`)."""
@@ -830,7 +883,13 @@ class RpcAgent:
 
     def _on_hello(self, conn: Connection, hello: Hello) -> None:
         peer = self._peers.get(hello.worker_id)
-        if hello.group != self._group or peer is None or peer.info.name != hello.name:
+        if (
+            hello.group != self._group
+            or peer is None
+            or peer.info.name != hello.name
+            # On a connection we opened, the Hello must name whom we dialled.
+            or (conn.peer is not None and conn.peer != peer.info)
+        ):
             log.warning("refusing %s: not a worker of this group", conn.peer_label)
             conn.abort(ProtocolError("not a worker of this group"))
             return
@@ -838,6 +897,7 @@ class RpcAgent:
             conn.peer = peer.info
             header, _ = codec.encode(Hello(self.info.name, self.info.id, self._group))
             conn.send(header, [])
+        conn.admit()
 
     def _on_response(self, conn: Connection, rid: int, message: Message) -> None:
         pending = self._pending.get(rid)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, overload
 
@@ -28,6 +30,7 @@ __all__ = [
     "rpc_sync",
     "run",
     "shutdown",
+    "to_thread",
     "worker",
 ]
 
@@ -293,3 +296,23 @@ def remote(
     service = RRefService.current()
     info = agent.worker_info(to)
     return agent.on_loop(lambda: service.remote(info, func, args, kwargs, timeout))
+
+
+async def to_thread(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run the plain function ``func(*args, **kwargs)`` in this worker's thread
+    pool and return its result: the heavy parts of an ``async def`` remote
+    function, so that the event loop keeps serving meanwhile.
+
+    Like ``asyncio.to_thread``, but on the agent's pool (the threads that run
+    plain remote functions, ``num_worker_threads`` of them) and with the
+    caller's ``contextvars``: the current distributed autograd context is the
+    caller's, so ``rpc_sync`` calls made by ``func`` are recorded in it, and
+    the autograd graph ``func`` builds is the caller's graph.
+
+    Raises:
+        RpcError: RPC is not initialised.
+        Exception: whatever ``func`` raised.
+    """
+    agent = current_agent()
+    ctx = contextvars.copy_context()
+    return await agent.run_in_executor(functools.partial(ctx.run, func, *args, **kwargs))

@@ -84,9 +84,20 @@ class SendFunction(_AutogradFunction):
 
 class RecvFunction(_AutogradFunction):
     """Records the leaves a message from ``peer`` created on this worker; their
-    gradients go back to ``peer``'s send function of the same message id."""
+    gradients go back to ``peer``'s send function of the same message id, by
+    ``device_map`` (the inverse of the map the message came by; None: CPU only)."""
 
-    __slots__ = ()
+    __slots__ = ("device_map",)
+
+    def __init__(
+        self,
+        message_id: int,
+        peer: int,
+        tensors: list[torch.Tensor],
+        device_map: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message_id, peer, tensors)
+        self.device_map = device_map
 
 
 class DistAutogradContext:

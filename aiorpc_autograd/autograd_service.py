@@ -65,6 +65,7 @@ from .codec import (
     PythonRemoteCall,
     RRefFetchCall,
 )
+from .devices import inverse
 from .errors import ConnectionLostError, RemoteError, ResourceLimitError, RpcError, remote_error
 from .options import WorkerInfo
 
@@ -111,7 +112,7 @@ class _PassRun:
             self.service.agent.info.id,
             self.pass_id,
         )
-        self.track(self.service.send(recv.peer, msg))
+        self.track(self.service.send(recv.peer, msg, recv.device_map))
 
     def compute(
         self, job: Callable[[], list[torch.Tensor | None]], done: Callable[[Any], None]
@@ -196,15 +197,20 @@ class AutogradService:
 
     # -- helpers ---------------------------------------------------------------
 
-    def send(self, worker_id: int, message: Message) -> asyncio.Future[Any]:
+    def send(
+        self, worker_id: int, message: Message, device_map: dict[str, str] | None = None
+    ) -> asyncio.Future[Any]:
         """A request to ``worker_id`` with no timeout (liveness is the
         connection's business); the future's errors are the caller's."""
         info = self.agent.worker_info(worker_id)
-        return self.agent.request(info, message, timeout=0, decode=lambda m: m)
+        return self.agent.request(
+            info, message, timeout=0, decode=lambda m: m, device_map=device_map
+        )
 
     def _device_map(self, peer: int) -> dict[str, str]:
+        """This worker's map for requests to ``peer`` (carried in the metadata)."""
         name = self.agent.worker_info(peer).name
-        return dict(self.agent.options.device_maps.get(name, {}))
+        return dict(self.agent.device_maps.for_request(name) or {})
 
     # -- forward: wrapping -------------------------------------------------------
 
@@ -226,18 +232,21 @@ class AutogradService:
         )
 
     def _record_recv(
-        self, ctx: DistAutogradContext, message_id: int, peer: int, inner: Message
+        self, ctx: DistAutogradContext, message: ForwardAutogradReq | ForwardAutogradResp
     ) -> None:
-        tensors = _grad_tensors(inner)
+        peer = message.from_worker
+        tensors = _grad_tensors(message.wrapped)
         if tensors:
-            ctx.add_recv(RecvFunction(message_id, peer, tensors))
+            # Gradients go back by the inverse of the map the message came by.
+            back = inverse(message.device_map)
+            ctx.add_recv(RecvFunction(message.message_id, peer, tensors, back))
         else:
             ctx.add_known_worker(peer)
 
     def _unwrap_response(self, peer: int, message: Message) -> Message:
         assert isinstance(message, ForwardAutogradResp)
         ctx = self.container.get_or_create(message.context_id)
-        self._record_recv(ctx, message.message_id, message.from_worker, message.wrapped)
+        self._record_recv(ctx, message)
         return message.wrapped
 
     def _context_for_peer(self, context_id: int, peer: int) -> DistAutogradContext:
@@ -263,7 +272,7 @@ class AutogradService:
     async def _on_forward(self, message: Message) -> Message:
         assert isinstance(message, ForwardAutogradReq)
         ctx = self._context_for_peer(message.context_id, message.from_worker)
-        self._record_recv(ctx, message.message_id, message.from_worker, message.wrapped)
+        self._record_recv(ctx, message)
         handler = self.agent.handlers.get(type(message.wrapped))
         if handler is None or isinstance(message.wrapped, ForwardAutogradReq):
             raise RuntimeError(f"cannot run {type(message.wrapped).__name__} under autograd")
@@ -279,12 +288,10 @@ class AutogradService:
             return result
         mid = self.container.new_message_id()
         ctx.add_send(SendFunction(mid, message.from_worker, tensors))
+        # The response travels by the inverse of the request's map (the agent's
+        # reply map for this peer is the same): say so in the metadata.
         return ForwardAutogradResp(
-            self.agent.info.id,
-            message.context_id,
-            mid,
-            self._device_map(message.from_worker),
-            result,
+            self.agent.info.id, message.context_id, mid, inverse(message.device_map), result
         )
 
     # -- contexts ----------------------------------------------------------------

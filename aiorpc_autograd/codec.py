@@ -31,10 +31,11 @@ Structural errors raise :class:`ProtocolError`.
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar
@@ -42,6 +43,7 @@ from typing import Any, ClassVar
 import msgpack
 import torch
 
+from .devices import cuda_device_count, target_device
 from .errors import ProtocolError
 from .wire import Frame
 
@@ -311,8 +313,19 @@ def load_payload(payload: Payload, allow_pickle: bool = True) -> Any:
             raise ProtocolError(f"tensor index {index} out of range")
         return tensors[index]
 
+    data = payload.data
     try:
-        return msgpack.unpackb(payload.data, ext_hook=ext_hook, strict_map_key=False)
+        # Every length bounded by the data's own size; ext types are 4-byte tensor refs.
+        return msgpack.unpackb(
+            data,
+            ext_hook=ext_hook,
+            strict_map_key=False,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=len(data),
+            max_map_len=len(data) // 2,
+            max_ext_len=4,
+        )
     except ProtocolError:
         raise
     except Exception as exc:
@@ -341,7 +354,9 @@ _NUMPY_DTYPES = frozenset(
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The elements of ``t`` as a flat byte view, copying only if not contiguous."""
+    """The elements of ``t`` as a flat byte view, copying only if not contiguous
+    (or, for a CUDA tensor, staged through host memory: a copy on the current
+    stream, so it waits for the kernels queued there that produce ``t``)."""
     if t.layout != torch.strided:
         raise TypeError(f"cannot send a tensor with layout {t.layout}")
     if t.is_quantized:
@@ -364,7 +379,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def _encode_tensors(
-    tensors: Sequence[torch.Tensor | None],
+    tensors: Sequence[torch.Tensor | None], device_map: Mapping[str, str] | None = None
 ) -> tuple[list[Any], list[memoryview]]:
     table: list[Any] = []
     buffers: list[memoryview] = []
@@ -372,9 +387,24 @@ def _encode_tensors(
         if t is None:
             table.append(None)
             continue
+        # Before any copy: a tensor off the CPU with no map entry is refused.
+        device = target_device(t, device_map)
         buffers.append(_tensor_bytes(t))
-        table.append([str(t.dtype)[6:], list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)])
+        desc = [str(t.dtype)[6:], list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)]
+        if device is not None:
+            desc.append(device)
+        table.append(desc)
     return table, buffers
+
+
+def _local_device(name: Any) -> torch.device:
+    """The device a received tensor goes to: a CUDA device of this worker."""
+    if type(name) is not str or not name.startswith("cuda:") or not name[5:].isdigit():
+        raise ProtocolError(f"bad tensor device {name!r}")
+    index = int(name[5:])
+    if index >= cuda_device_count():
+        raise ProtocolError(f"a tensor was sent to {name}, which this worker does not have")
+    return torch.device("cuda", index)
 
 
 def _decode_tensors(
@@ -389,9 +419,10 @@ def _decode_tensors(
         if desc is None:
             out.append(None)
             continue
-        if type(desc) is not list or len(desc) != 5:
+        if type(desc) is not list or len(desc) not in (5, 6):
             raise ProtocolError("malformed tensor descriptor")
-        dtype_name, shape, index, offset, requires_grad = desc
+        dtype_name, shape, index, offset, requires_grad = desc[:5]
+        device = _local_device(desc[5]) if len(desc) == 6 else None
         dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
         if dtype is None:
             raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
@@ -419,6 +450,8 @@ def _decode_tensors(
             t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset)
             if len(shape) != 1:
                 t = t.view(shape)
+        if device is not None:  # a host-to-device copy on the current stream
+            t = t.to(device)
         if requires_grad is True and (dtype.is_floating_point or dtype.is_complex):
             t.requires_grad_()
         out.append(t)
@@ -928,18 +961,27 @@ def _packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def encode(message: Message, request_id: int = 0) -> tuple[bytes, list[memoryview]]:
+def encode(
+    message: Message, request_id: int = 0, device_map: Mapping[str, str] | None = None
+) -> tuple[bytes, list[memoryview]]:
     """Encode a message as (header, buffers) for :func:`wire.encode_frame`.
 
+    Args:
+        message: the message.
+        request_id: its request id (0 for none).
+        device_map: ``{local_device: remote_device}`` the message travels by
+            (see :mod:`~aiorpc_autograd.devices`); None: CPU tensors only.
+
     Raises:
-        TypeError: a tensor or value cannot be encoded.
+        TypeError: a tensor or value cannot be encoded (a CUDA tensor with no
+            entry in ``device_map`` included).
     """
     payload = message.payload()
     if payload is None or not payload.tensors:
         table: list[Any] = []
         buffers: list[memoryview] = []
     else:
-        table, buffers = _encode_tensors(payload.tensors)
+        table, buffers = _encode_tensors(payload.tensors, device_map)
     header = _packb([int(message.TYPE), request_id, table, *message.to_fields()])
     return header, buffers
 
@@ -952,7 +994,9 @@ def decode(frame: Frame, max_tensors: int = 65536) -> tuple[int, Message]:
         ProtocolError: the frame is not a well-formed message.
     """
     try:
-        header = msgpack.unpackb(frame.header, use_list=True, strict_map_key=False)
+        header = _load_header(frame.header, len(frame.buffers), max_tensors)
+    except ProtocolError:
+        raise
     except Exception as exc:
         raise ProtocolError(f"malformed message header: {exc}") from exc
     if type(header) is not list or len(header) < 3:
@@ -967,6 +1011,60 @@ def decode(frame: Frame, max_tensors: int = 65536) -> tuple[int, Message]:
         raise
     except (Exception, RecursionError) as exc:  # only ProtocolError leaves the decoder
         raise ProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from exc
+
+
+def header_budget(header_len: int, n_buffers: int, max_tensors: int) -> int:
+    """Most arrays and maps a header of ``header_len`` bytes in a frame of
+    ``n_buffers`` buffers may hold: a fixed allowance for the message's own
+    structure, two per tensor descriptor, and one per 256 bytes of the header
+    (bulk data travels as bin or str: a payload is one bin).
+
+    Each array or map costs ~70 bytes of Python objects (and ~0.1-0.3 us) for
+    one byte of msgpack: the budget keeps a header's decoded size and decoding
+    time proportional to its bytes with a small factor, not ~70x.
+    """
+    return 256 + 2 * min(n_buffers, max_tensors) + header_len // 256
+
+
+def _load_header(data: bytes, n_buffers: int, max_tensors: int) -> Any:
+    budget = header_budget(len(data), n_buffers, max_tensors)
+    count = 0
+
+    def counted(obj: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > budget:
+            raise ProtocolError(
+                f"message header of {len(data)} bytes holds more than {budget} arrays and maps"
+            )
+        return obj
+
+    # No single array or map is longer than the tensor table may be (nor than
+    # the header has bytes); nesting is bounded by msgpack's own stack limit.
+    max_len = min(len(data), max(max_tensors, 1024))
+    # A large header builds many objects at once, each of which would count
+    # towards the cyclic collector's thresholds: with a big heap (torch's)
+    # that is a full collection every few thousand objects. None of them can
+    # be in a cycle yet, so collecting meanwhile is wasted.
+    pause_gc = len(data) > 65536 and gc.isenabled()
+    if pause_gc:
+        gc.disable()
+    try:
+        return msgpack.unpackb(
+            data,
+            use_list=True,
+            strict_map_key=False,
+            list_hook=counted,
+            object_hook=counted,
+            max_str_len=len(data),
+            max_bin_len=len(data),
+            max_array_len=max_len,
+            max_map_len=max_len,
+            max_ext_len=0,
+        )
+    finally:
+        if pause_gc:
+            gc.enable()
 
 
 def _build(mtype: Any, values: Any, tensors: list[torch.Tensor | None]) -> Message:

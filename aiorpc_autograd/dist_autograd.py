@@ -46,7 +46,10 @@ class context:
         self._token: object = None
 
     def __enter__(self) -> int:
-        self._ctx = _service().new_context()
+        # From a thread other than the loop's (plain ``with`` in a pool thread or
+        # the sync facade), the service is touched on its loop.
+        agent = current_agent()
+        self._ctx = agent.on_loop(_service().new_context)
         self._token = current_context_id.set(self._ctx.context_id())
         return self._ctx.context_id()
 
@@ -59,10 +62,12 @@ class context:
         assert self._ctx is not None
         current_context_id.reset(self._token)  # type: ignore[arg-type]
         try:
+            agent = current_agent()
             service = _service()
         except Exception:
             return  # the agent is gone: nothing left to release
-        service.release(self._ctx.context_id())
+        context_id = self._ctx.context_id()
+        agent.on_loop(lambda: service.release(context_id))
 
     async def __aenter__(self) -> int:
         return self.__enter__()

@@ -30,8 +30,12 @@ class RpcOptions:
         rpc_timeout: default timeout of a call in seconds; 0 means no timeout.
         num_worker_threads: size of the thread pool that runs plain (non-async)
             remote functions.
-        device_maps: ``{peer_name: {local_device: remote_device}}`` used when
-            tensors on accelerators are sent to a peer.
+        device_maps: ``{peer_name: {local_device: remote_device}}``: how CUDA
+            tensors sent to ``peer_name`` are placed there (``"cuda:N"``, an
+            int or a ``torch.device`` on either side; one-to-one; responses
+            come back by the inverse map). A CUDA tensor with no entry is
+            refused, never copied to the CPU silently. Checked by both ends
+            at ``init_rpc``; see :mod:`aiorpc_autograd.devices`.
         auth_token: shared secret; peers that cannot prove they hold it are
             refused. Defaults to the ``AIORPC_AUTH_TOKEN`` environment variable.
         ssl: an ``ssl.SSLContext`` for TCP links (the listening side's, and the
@@ -116,5 +120,9 @@ class RpcOptions:
                 raise TypeError(f"{name} must be an ssl.SSLContext or None")
         if not (self.heartbeat_interval >= 0 and self.heartbeat_timeout > 0):
             raise ValueError("heartbeat_interval must be >= 0 and heartbeat_timeout > 0")
+        if not isinstance(self.device_maps, dict) or not all(
+            isinstance(peer, str) and isinstance(m, dict) for peer, m in self.device_maps.items()
+        ):
+            raise TypeError("device_maps must be a dict {peer_name: {local_device: remote_device}}")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("auth_token must be a non-empty string or None")

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -44,6 +44,10 @@ class Address:
     unix_path: str
     host_id: str
     token_proof: bytes = b""  # handshake.token_proof, when the group has a token
+    # For the device maps (aiorpc_autograd.devices): this worker's CUDA device
+    # count and its maps {peer: {local: remote}}, checked by both ends.
+    cuda_devices: int = 0
+    device_maps: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def pack(self) -> bytes:
         return msgpack.packb(  # type: ignore[no-any-return]
@@ -55,13 +59,17 @@ class Address:
                 self.unix_path,
                 self.host_id,
                 self.token_proof,
+                self.cuda_devices,
+                self.device_maps,
             ]
         )
 
     @classmethod
     def unpack(cls, data: bytes) -> Address:
-        name, rank, host, port, unix_path, host_id, proof = msgpack.unpackb(data)
-        return cls(name, rank, host, port, unix_path, host_id, proof)
+        name, rank, host, port, unix_path, host_id, proof, cuda, maps = msgpack.unpackb(data)
+        if type(cuda) is not int or type(maps) is not dict:
+            raise RpcError("malformed address record in the rendezvous store")
+        return cls(name, rank, host, port, unix_path, host_id, proof, cuda, maps)
 
 
 class Rendezvous:

@@ -118,7 +118,9 @@ class RRef(Generic[T]):
         fork_id: Id,
         confirmed: bool,
     ) -> RRef[Any]:
-        self: RRef[Any] = cls.__new__(cls)
+        # The facade (aiorpc_autograd.sync) makes its own subclass the type of
+        # every RRef of a process it started.
+        self: RRef[Any] = cls.__new__(service.rref_class)
         self._service = service
         self._owner = owner
         self._rref_id = rref_id
@@ -290,6 +292,9 @@ class RRefService:
     """RRef bookkeeping and message handlers of one agent."""
 
     _current: RRefService | None = None
+    # The type of the RRefs services make (remote(), received ones): the sync
+    # facade sets its subclass for the processes it starts, before they start.
+    rref_class: type[RRef[Any]] = RRef
 
     def __init__(self, agent: RpcAgent) -> None:
         self.agent = agent

@@ -13,7 +13,16 @@ into fresh pages that fault at ~1.7 GB/s). Instead:
 * The receiver maps a segment the first time it is named (through
   ``/proc/<sender pid>/fd/<fd>``, which the kernel allows between processes
   of one user) and keeps the mapping; the buffer it hands out is a view of
-  the segment, so the tensors built on it cost no copy.
+  the segment, so the tensors built on it cost no copy. It maps (and
+  prefaults) only the bytes the frame places there, whatever size the
+  segment claims, and refuses a connection's segments past ``max_mapped``
+  bytes mapped in all: a peer cannot make it map more than it sends.
+* In copy mode (safe mode: peers are not trusted) the receiver copies the
+  bytes out of the segment at once and releases it: the sender can still
+  write to its segment, but not to a tensor the receiver already holds. The
+  copies go into private buffers the receiver keeps and reuses the same way
+  (a buffer comes back once the last view of it is gone), so a copy runs at
+  memcpy speed rather than at the speed of faulting in fresh pages.
 * The view is a *lease*: once the last object using it (tensor, array,
   memoryview) is gone, the receiver reports the segment released and the
   sender may reuse it. A reused segment is memory already touched, so the
@@ -29,6 +38,7 @@ when to use it and carries the tables and release notices.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -45,6 +55,9 @@ __all__ = ["DEFAULT_POOL_BYTES", "ShmReceiver", "ShmSender", "peer_readable"]
 
 #: Most bytes of segments one sender keeps per connection.
 DEFAULT_POOL_BYTES = 2 << 30
+# Most bytes of private copy buffers a copy-mode receiver keeps per connection
+# (past it, copies go to fresh memory).
+_COPY_POOL_BYTES = 256 << 20
 _MIN_SEGMENT = 1 << 20
 # buffer index u32, segment id u32, sender's fd u32, segment size u64, bytes u64
 _ENTRY = struct.Struct("<IIIQQ")
@@ -201,12 +214,31 @@ class ShmReceiver:
         on_release: called with a segment id once its view is no longer used;
             from whichever thread drops the last reference.
         max_bytes: most bytes one frame may place in segments.
+        max_mapped: most bytes of the peer's segments mapped at once (page
+            granular); a frame that would need more is a protocol error.
+        copy: copy the placed bytes out at once and release the segment (the
+            frame's buffers are then private to this process).
     """
 
-    def __init__(self, pid: int, on_release: Callable[[int], None], max_bytes: int) -> None:
+    def __init__(
+        self,
+        pid: int,
+        on_release: Callable[[int], None],
+        max_bytes: int,
+        max_mapped: int = DEFAULT_POOL_BYTES,
+        copy: bool = False,
+    ) -> None:
         self._pid = pid
         self._on_release = on_release
         self._max_bytes = max_bytes
+        self._max_mapped = max_mapped
+        self._copy = copy
+        # Copy mode: private buffers by size, free for reuse (appended to by
+        # finalizers in any thread: only atomic list/dict operations).
+        self._spare: dict[int, list[mmap.mmap]] = {}
+        self._spare_bytes = 0  # allocated, free or in use
+        self._closed = False
+        self._mapped = 0  # bytes (whole pages) of the peer's segments mapped here
         self._maps: dict[int, tuple[int, mmap.mmap]] = {}  # id -> (size, mapping)
         # Changed by finalizers too, which may run in any thread or in the middle
         # of this object's own code (a collection): only atomic set operations.
@@ -216,6 +248,11 @@ class ShmReceiver:
     def leased(self) -> int:
         """Segments whose views are still in use here."""
         return len(self._leased)
+
+    @property
+    def mapped(self) -> int:
+        """Bytes of the peer's segments mapped here."""
+        return self._mapped
 
     def take(self, buffers: list[memoryview]) -> list[memoryview]:
         """Resolve a frame's placement table (its last buffer) into views.
@@ -237,7 +274,7 @@ class ShmReceiver:
             if (
                 index >= len(out)
                 or len(out[index])
-                or nbytes > size
+                or not 0 < nbytes <= size
                 or total > self._max_bytes
                 or seg_id in self._leased
                 or any(p[0] == index or p[1] == seg_id for p in placed)
@@ -245,22 +282,64 @@ class ShmReceiver:
                 raise ProtocolError("bad shared-memory placement")
             placed.append(entry)
         for index, seg_id, fd, size, nbytes in placed:
-            arr = np.frombuffer(self._map(seg_id, fd, size), dtype=np.uint8, count=nbytes)
+            arr = np.frombuffer(self._map(seg_id, fd, size, nbytes), dtype=np.uint8, count=nbytes)
+            if self._copy:
+                # Private bytes: what the sender writes from now on is not seen.
+                out[index] = self._copied(arr)
+                del arr
+                self._on_release(seg_id)
+                continue
             self._leased.add(seg_id)
             weakref.finalize(arr, self._released, seg_id).atexit = False
             out[index] = memoryview(arr)  # type: ignore[arg-type]
         return out
 
+    def _copied(self, src: np.ndarray) -> memoryview:
+        """A private copy of ``src``, in a reused buffer when one is free."""
+        nbytes = len(src)
+        size = _segment_size(nbytes)
+        free = self._spare.get(size)
+        buf = None
+        if free:
+            with contextlib.suppress(IndexError):  # a finalizer may race us
+                buf = free.pop()
+        if buf is None:
+            if self._spare_bytes + size > _COPY_POOL_BYTES:
+                return memoryview(src.copy())  # type: ignore[arg-type]
+            buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._spare_bytes += size
+        dst = np.frombuffer(buf, dtype=np.uint8, count=nbytes)
+        np.copyto(dst, src)
+        weakref.finalize(dst, self._spare_back, size, buf).atexit = False
+        return memoryview(dst)  # type: ignore[arg-type]
+
+    def _spare_back(self, size: int, buf: mmap.mmap) -> None:
+        if not self._closed:
+            self._spare.setdefault(size, []).append(buf)
+
     def _released(self, seg_id: int) -> None:
         self._leased.discard(seg_id)
         self._on_release(seg_id)
 
-    def _map(self, seg_id: int, fd: int, size: int) -> mmap.mmap:
+    def _map(self, seg_id: int, fd: int, size: int, nbytes: int) -> mmap.mmap:
+        """The mapping of segment ``seg_id`` covering at least its first
+        ``nbytes`` (mapped anew, larger, when a later frame places more)."""
         known = self._maps.get(seg_id)
+        old = 0
         if known is not None:
             if known[0] != size:
                 raise ProtocolError(f"shared segment {seg_id} changed size")
-            return known[1]
+            if len(known[1]) >= nbytes:
+                return known[1]
+            # Placed again with more bytes: its views are released (leases are
+            # exclusive), so the smaller mapping can go.
+            old = _pages(len(known[1]))
+        need = self._mapped - old + _pages(nbytes)
+        if need > self._max_mapped:
+            raise ProtocolError(
+                f"shared segments of the peer would take {need} bytes mapped, "
+                f"over the limit of {self._max_mapped}"
+            )
         try:
             local = os.open(f"/proc/{self._pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
@@ -269,14 +348,24 @@ class ShmReceiver:
             seals = fcntl.fcntl(local, fcntl.F_GET_SEALS)
             if not seals & fcntl.F_SEAL_SHRINK or os.fstat(local).st_size < size:
                 raise ProtocolError(f"shared segment {seg_id} is not sealed or too small")
-            mapping = mmap.mmap(local, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            # Only the placed bytes are mapped and prefaulted: the segment's
+            # claimed size (a sparse file, say) costs nothing here.
+            mapping = mmap.mmap(local, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except OSError as exc:
             raise ProtocolError(f"cannot map shared segment {seg_id}: {exc}") from exc
         finally:
             os.close(local)
         self._maps[seg_id] = (size, mapping)
+        self._mapped = need
         return mapping
 
     def close(self) -> None:
         """Forget the mappings (each is unmapped once its last view is gone)."""
+        self._closed = True
         self._maps.clear()
+        self._mapped = 0
+        self._spare.clear()
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE

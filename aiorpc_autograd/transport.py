@@ -7,11 +7,20 @@ large ones), and frames are written with one ``writelines`` call of the header
 bytes and the tensors' memoryviews. This layer only moves frames; it knows
 nothing of messages.
 
-Between processes on one host (a Unix socket), each side offers the other
-shared memory once the connection is up (a control frame); after the offer,
-buffers of at least ``shm_threshold`` bytes are sent through
-:mod:`~aiorpc_autograd.shm` segments and the socket carries the rest of the
-frame. Control frames (the offer, segment releases) never leave this layer.
+A connection starts *unadmitted*: its reader accepts one small frame (at most
+``HELLO_LIMITS``: a few KiB of header, no buffers, no control or shared-memory
+flags), hands it to the owner and reads nothing more until the owner calls
+:meth:`Connection.admit` (it said a valid Hello) or drops it. A peer that has
+not said who it is thus costs a few KiB, whatever lengths it claims.
+
+Between processes on one host (a Unix socket whose peer runs as the same
+user, by ``SO_PEERCRED``), each side offers the other shared memory once the
+connection is admitted (a control frame carrying the most bytes of segments
+it will map); after the offer, buffers of at least ``shm_threshold`` bytes
+are sent through :mod:`~aiorpc_autograd.shm` segments and the socket carries
+the rest of the frame. An offer or a shared-memory frame on any other
+connection, or before admission, is a protocol error. Control frames (the
+offer, segment releases) never leave this layer.
 
 uvloop is used when installed (:func:`new_event_loop`); the stdlib loop works too.
 """
@@ -22,6 +31,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
 import socket
 import ssl as _ssl
 import struct
@@ -31,10 +41,17 @@ from typing import Any, cast
 
 from .errors import AuthenticationError, ConnectionLostError, ProtocolError
 from .handshake import ClientHandshake, ServerHandshake
-from .shm import ShmReceiver, ShmSender, peer_readable
+from .shm import DEFAULT_POOL_BYTES, ShmReceiver, ShmSender, peer_readable
 from .wire import Frame, FrameReader, Limits, encode_frame
 
-__all__ = ["Connection", "connect", "new_event_loop", "serve_tcp", "serve_unix"]
+__all__ = [
+    "HELLO_LIMITS",
+    "Connection",
+    "connect",
+    "new_event_loop",
+    "serve_tcp",
+    "serve_unix",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +64,14 @@ _DIRECT_THRESHOLD = 64 * 1024
 # its data); never passed on.
 FLAG_SHM = 0x01
 FLAG_CONTROL = 0x02
-_CTRL_SHM_OFFER = b"O"  # "you may send me buffers in shared memory"
+_CTRL_SHM_OFFER = b"O"  # + u64 most bytes mapped: "you may send me buffers in shared memory"
 _CTRL_SHM_RELEASE = b"R"  # + u32 segment ids: "I no longer use these"
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+#: What an unadmitted connection may send: one frame of a small header (a
+#: Hello) and no buffers.
+HELLO_LIMITS = Limits(max_message_size=4096, max_header_size=4096, max_buffers=0)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -78,6 +100,9 @@ class Connection(asyncio.BufferedProtocol):
         client: this side opened the connection.
         shm_threshold: on a Unix socket, send buffers of at least this many
             bytes through shared memory once the peer offers it (0: never).
+        shm_copy: copy buffers received through shared memory out of the
+            peer's segments at once (safe mode: the peer cannot change them
+            afterwards).
         write_limit: flow control for the side that answers requests: while
             more than this many bytes wait in the transport's write buffer
             (the peer does not read), no further frame is read or delivered,
@@ -92,6 +117,7 @@ class Connection(asyncio.BufferedProtocol):
         auth_token: str | None = None,
         client: bool = False,
         shm_threshold: int = 0,
+        shm_copy: bool = False,
         write_limit: int = 0,
     ) -> None:
         self.client = client
@@ -103,13 +129,20 @@ class Connection(asyncio.BufferedProtocol):
         # and the frames of the last read that arrived meanwhile.
         self._read_pauses: set[str] = set()
         self._held: collections.deque[Frame] = collections.deque()
-        self._reading_paused = False
         self._resume_scheduled = False
         # Requests from this peer being served; kept by the owner (the agent).
         self.serving = 0
-        self._reader = FrameReader(limits, direct_threshold=_DIRECT_THRESHOLD)
+        self._reader = FrameReader(limits, direct_threshold=_DIRECT_THRESHOLD, gate=HELLO_LIMITS)
         self._limits = limits
+        self._admitted = False
+        # The transport reads nothing while a pause reason holds or the reader
+        # holds an unadmitted peer's first frame (see _update_reading).
+        self._reading_paused = False
+        self._gate_hold = False
         self._shm_threshold = shm_threshold
+        self._shm_copy = shm_copy
+        # Most bytes of the peer's segments this side maps (announced in its offer).
+        self._shm_cap = min(DEFAULT_POOL_BYTES, limits.max_message_size)
         self._shm_tx: ShmSender | None = None
         self._shm_rx: ShmReceiver | None = None
         # Segment ids to report released: appended by finalizers, from any thread.
@@ -154,18 +187,61 @@ class Connection(asyncio.BufferedProtocol):
             self._flush_handshake()
 
     def _up(self) -> None:
-        """Connected (and authenticated): offer shared memory to a same-host peer."""
+        """Connected (and authenticated)."""
         self.made.set_result(None)
+
+    def _same_user_peer(self) -> int:
+        """The peer's pid if it is a process of this user on a Unix socket
+        (``SO_PEERCRED``, taken when it connected), else 0."""
         sock = self._transport.get_extra_info("socket") if self._transport else None
-        if self._shm_threshold <= 0 or sock is None or sock.family != socket.AF_UNIX:
+        if sock is None or sock.family != socket.AF_UNIX:
+            return 0
+        try:
+            pid, uid, _ = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            )
+        except OSError:
+            return 0
+        return pid if pid > 0 and uid == os.geteuid() else 0
+
+    @property
+    def admitted(self) -> bool:
+        """True once the owner accepted the peer (:meth:`admit`)."""
+        return self._admitted
+
+    def admit(self) -> None:
+        """Accept the peer (it said a valid Hello): from now on the full limits
+        apply, control frames are accepted, and shared memory is offered to a
+        same-user peer on a Unix socket. Frames the peer sent after its first
+        one are delivered from the next loop iteration on, in order."""
+        if self._admitted or self._closed:
+            return
+        self._admitted = True
+        if self._shm_threshold > 0:
+            pid = self._same_user_peer()
+            if pid and peer_readable(pid):
+                self._shm_rx = ShmReceiver(
+                    pid,
+                    self._segment_released,
+                    self._limits.max_message_size,
+                    max_mapped=self._shm_cap,
+                    copy=self._shm_copy,
+                )
+                self.send(_CTRL_SHM_OFFER + _U64.pack(self._shm_cap), [], FLAG_CONTROL)
+        self._loop.call_soon(self._open_reader)
+
+    def _open_reader(self) -> None:
+        if self._closed:
             return
         try:
-            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-        except OSError:
+            frames = self._reader.open()
+        except ProtocolError as exc:
+            log.warning("dropping connection from %s: %s", self.peer_label, exc)
+            self.abort(exc)
             return
-        if pid > 0 and peer_readable(pid):
-            self._shm_rx = ShmReceiver(pid, self._segment_released, self._limits.max_message_size)
-            self.send(_CTRL_SHM_OFFER, [], FLAG_CONTROL)
+        self._gate_hold = False
+        self._update_reading()
+        self._deliver(frames)
 
     def _flush_handshake(self) -> None:
         hs = self._handshake
@@ -228,17 +304,27 @@ class Connection(asyncio.BufferedProtocol):
             log.warning("dropping connection from %s: %s", self.peer_label, exc)
             self.abort(exc)
             return
+        if self._reader.holding:
+            # Unadmitted and its one frame is in: read nothing more until the
+            # owner admits (or drops) the peer.
+            self._gate_hold = True
+            self._update_reading()
+        self._deliver(frames)
+
+    def _deliver(self, frames: list[Frame]) -> None:
         for frame in frames:
             if self._closed:
                 return
             if self._read_pauses or self._held:  # paused by an earlier frame
                 self._held.append(frame)
             else:
-                self._deliver(frame)
+                self._deliver_one(frame)
 
-    def _deliver(self, frame: Frame) -> None:
+    def _deliver_one(self, frame: Frame) -> None:
         if frame.flags:
             try:
+                if not self._admitted:
+                    raise ProtocolError(f"frame flags {frame.flags:#x} before the Hello")
                 if frame.flags == FLAG_CONTROL:
                     self._control(frame.header)
                     return
@@ -257,9 +343,7 @@ class Connection(asyncio.BufferedProtocol):
         """
         if hold:
             self._read_pauses.add(reason)
-            if not self._reading_paused and self._transport is not None and not self.closed:
-                self._reading_paused = True
-                self._transport.pause_reading()
+            self._update_reading()
             return
         if reason not in self._read_pauses:
             return
@@ -271,11 +355,20 @@ class Connection(asyncio.BufferedProtocol):
     def _deliver_held(self) -> None:
         self._resume_scheduled = False
         while self._held and not self._read_pauses and not self._closed:
-            self._deliver(self._held.popleft())
-        if self._read_pauses or self._closed or not self._reading_paused:
+            self._deliver_one(self._held.popleft())
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause or resume the transport's reads as the holds say."""
+        want = bool(self._read_pauses) or self._gate_hold
+        if want == self._reading_paused or self._closed or self._transport is None:
             return
-        self._reading_paused = False
-        if self._transport is not None and not self._transport.is_closing():
+        if self._transport.is_closing():
+            return
+        self._reading_paused = want
+        if want:
+            self._transport.pause_reading()
+        else:
             self._transport.resume_reading()
 
     def _unplace(self, frame: Frame) -> Frame:
@@ -287,9 +380,14 @@ class Connection(asyncio.BufferedProtocol):
 
     def _control(self, header: bytes) -> None:
         kind, data = header[:1], header[1:]
-        if kind == _CTRL_SHM_OFFER and not data:
+        if kind == _CTRL_SHM_OFFER and len(data) == _U64.size:
+            # A peer that is not a same-user process on a Unix socket never
+            # offers: it cannot open our segments (and must not make us fill them).
+            if not self._same_user_peer():
+                raise ProtocolError("shared-memory offer on a connection that cannot use it")
             if self._shm_tx is None and self._shm_threshold > 0:  # else: declined
-                self._shm_tx = ShmSender(self._shm_threshold)
+                (cap,) = _U64.unpack(data)
+                self._shm_tx = ShmSender(self._shm_threshold, min(DEFAULT_POOL_BYTES, cap))
         elif kind == _CTRL_SHM_RELEASE and len(data) % 4 == 0 and self._shm_tx is not None:
             self._shm_tx.release([i for (i,) in _U32.iter_unpack(data)])
         else:
@@ -396,9 +494,23 @@ class Connection(asyncio.BufferedProtocol):
     def abort(self, error: BaseException | None = None) -> None:
         """Close at once, discarding buffered writes."""
         if error is not None and self._error is None:
-            self._error = error
+            self._error = _detached(error)
         if self._transport is not None:
             self._transport.abort()
+
+
+def _detached(error: BaseException) -> BaseException:
+    """``error`` without its tracebacks (and its causes'): kept by the
+    connection, a traceback would hold the frames that handled the bad frame
+    -- this connection among them (a cycle only the cyclic collector breaks)
+    and the hostile frame's bytes."""
+    seen: set[int] = set()
+    exc: BaseException | None = error
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+    return error
 
 
 def _retrieved(fut: asyncio.Future[None]) -> None:

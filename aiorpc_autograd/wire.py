@@ -16,6 +16,18 @@ known, *before* it allocates anything, and raises :class:`ProtocolError` on a
 bad magic, an unknown version, a reserved field that is not zero, inconsistent
 lengths or a frame over the limits. After an error the reader stays failed.
 
+What a connection costs in memory follows the bytes it delivered, never the
+lengths it claims: the scratch buffer starts small and grows (doubling) only
+as bytes arrive, up to what the frame being read needs; a body of at most
+``EAGER_BODY`` bytes is allocated when its prefix is in (a bounded cost), a
+larger one is an anonymous mapping the kernel backs page by page as the bytes
+land in it (no zero-fill, no copy: the same single receive into the buffer).
+
+A reader can be *gated* (``gate=``): until :meth:`FrameReader.open` it
+applies the gate's (small) limits, returns at most one frame and then holds
+the rest unparsed. Connections use it so a peer that has not yet said who it
+is can only send one small frame (its Hello) and nothing that costs memory.
+
 Bytes can be pushed two ways: :meth:`FrameReader.feed` (any chunking), or the
 zero-copy pair :meth:`FrameReader.get_buffer` / :meth:`FrameReader.buffer_updated`
 used by ``asyncio.BufferedProtocol``. Small frames are parsed out of a reusable
@@ -27,7 +39,9 @@ This module does no I/O and imports no asyncio.
 
 from __future__ import annotations
 
+import mmap
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,6 +49,7 @@ from .errors import ProtocolError
 
 __all__ = [
     "ALIGN",
+    "EAGER_BODY",
     "MAGIC",
     "PREFIX_SIZE",
     "VERSION",
@@ -51,6 +66,15 @@ _PREFIX = struct.Struct("<4sBBHIIQ")
 PREFIX_SIZE = _PREFIX.size  # 24
 _U64 = struct.Struct("<Q")
 _ZEROS = bytes(ALIGN)
+#: A frame body of at most this many bytes is allocated whole as soon as its
+#: prefix is in; a larger one is backed by memory only as its bytes arrive.
+EAGER_BODY = 1 << 20
+# The scratch buffer's first size: small, so an idle or unauthenticated
+# connection costs a few KiB; it grows as bytes arrive.
+_FIRST_SCRATCH = 4096
+# Linux's MAP_NORESERVE (not exported by Python < 3.13's mmap module): a large
+# body's mapping is not charged against the commit limit up front.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
 
 
 def _aligned(n: int) -> int:
@@ -124,9 +148,13 @@ class FrameReader:
 
     Args:
         limits: size limits.
-        scratch_size: size of the reusable buffer small frames are read into.
+        scratch_size: size the reusable buffer small frames are read into
+            grows to while bytes keep arriving (it starts at a few KiB; a frame
+            larger than this grows it further while it is read).
         direct_threshold: a frame body at least this large, if not already
             complete in the scratch buffer, is read straight into its own buffer.
+        gate: limits applied until :meth:`open` is called; while gated the
+            reader returns at most one frame and then holds what follows.
     """
 
     def __init__(
@@ -134,19 +162,51 @@ class FrameReader:
         limits: Limits | None = None,
         scratch_size: int = 256 * 1024,
         direct_threshold: int = 0,
+        gate: Limits | None = None,
     ) -> None:
         self._limits = limits or Limits()
-        self._scratch = bytearray(max(scratch_size, PREFIX_SIZE))
+        self._gate = gate
+        self._holding = False
+        self._scratch_size = max(scratch_size, PREFIX_SIZE)
+        self._scratch = bytearray(min(self._scratch_size, _FIRST_SCRATCH))
         self._start = 0
         self._end = 0
+        # Bytes (from _start) the frame being read needs in the scratch buffer.
+        self._want = PREFIX_SIZE
+        self._offered = 0  # size of the last scratch view handed out
+        self._grow = False  # the last read filled it: more is coming, grow
         self._direct_threshold = direct_threshold
         # Direct-body state: a frame whose body is being read into its own buffer.
-        self._body: bytearray | None = None
+        self._body: bytearray | mmap.mmap | None = None
         self._body_view: memoryview | None = None
         self._filled = 0
         self._pending: tuple[int, bytes, list[int]] | None = None
         self._pending_meta = 0  # prefix, lengths and header of that frame
         self._failed: ProtocolError | None = None
+
+    @property
+    def gated(self) -> bool:
+        """True until :meth:`open`: the gate's limits apply, one frame at most."""
+        return self._gate is not None
+
+    @property
+    def holding(self) -> bool:
+        """True once a gated reader returned its frame: nothing more is parsed
+        until :meth:`open`."""
+        return self._holding
+
+    def open(self) -> list[Frame]:
+        """Lift the gate: the full limits apply from the next frame on.
+
+        Returns:
+            The frames already received after the gated one.
+
+        Raises:
+            ProtocolError: those bytes are malformed or over the limits.
+        """
+        self._gate = None
+        self._holding = False
+        return self.buffer_updated(0)
 
     @property
     def buffered(self) -> int:
@@ -171,9 +231,27 @@ class FrameReader:
             raise self._failed
         if self._body_view is not None:
             return self._body_view[self._filled :]
-        if self._end == len(self._scratch):
-            self._compact()
-        return memoryview(self._scratch)[self._end :]
+        if self._grow or self._end == len(self._scratch):
+            self._make_room()
+        view = memoryview(self._scratch)[self._end :]
+        self._offered = len(view)
+        return view
+
+    def _make_room(self) -> None:
+        """Compact the scratch buffer, and grow it (doubling) when it is more
+        than half full or the last read filled it: bytes that arrived, never a
+        claimed length, decide its size."""
+        grow, self._grow = self._grow, False
+        self._compact()
+        size = len(self._scratch)
+        cap = max(self._scratch_size, self._want)
+        if self._holding:
+            # Held bytes wait for open(); the owner stops reading meanwhile.
+            cap = max(cap, 2 * size)
+        if size < cap and (grow or 2 * self._end > size):
+            grown = bytearray(min(2 * size, cap))
+            grown[: self._end] = self._scratch[: self._end]
+            self._scratch = grown
 
     def buffer_updated(self, nbytes: int) -> list[Frame]:
         """Record that ``nbytes`` were written into the last :meth:`get_buffer`.
@@ -195,8 +273,15 @@ class FrameReader:
             frame = Frame(flags, header, _split(self._body, lengths))
             self._body = self._body_view = self._pending = None
             self._filled = self._pending_meta = 0
+            if self._gate is not None:
+                self._holding = True
             return [frame]
+        if nbytes and nbytes == self._offered and len(self._scratch) < self._scratch_size:
+            self._grow = True
+        self._offered = 0
         self._end += nbytes
+        if self._holding:
+            return []
         try:
             return self._parse()
         except ProtocolError as exc:
@@ -209,19 +294,15 @@ class FrameReader:
             self._scratch[:n] = self._scratch[self._start : self._end]
             self._start, self._end = 0, n
 
-    def _reserve(self, needed: int) -> None:
-        """Make room for a frame prefix + lengths + header of ``needed`` bytes."""
-        self._compact()
-        if needed > len(self._scratch):
-            grown = bytearray(needed)
-            grown[: self._end] = self._scratch[: self._end]
-            self._scratch = grown
-
     def _parse(self) -> list[Frame]:
         frames: list[Frame] = []
-        lim = self._limits
+        lim = self._gate or self._limits
         scratch = self._scratch
+        self._want = PREFIX_SIZE
         while self._end - self._start >= PREFIX_SIZE:
+            if self._gate is not None and frames:
+                self._holding = True  # one frame while gated
+                break
             start = self._start
             magic, version, flags, reserved, header_len, nbuf, body_len = _PREFIX.unpack_from(
                 scratch, start
@@ -246,8 +327,7 @@ class FrameReader:
             meta_len = PREFIX_SIZE + 8 * nbuf + header_len
             avail = self._end - start
             if avail < meta_len:
-                if meta_len > len(scratch) - start:
-                    self._reserve(meta_len)
+                self._want = meta_len  # the scratch buffer grows as it arrives
                 break
             pos = start + PREFIX_SIZE
             lengths = [_U64.unpack_from(scratch, pos + 8 * i)[0] for i in range(nbuf)]
@@ -266,24 +346,49 @@ class FrameReader:
                 frames.append(Frame(flags, header, _split(body, lengths)))
                 continue
             if body_len < self._direct_threshold:
-                # Wait for the rest in the scratch buffer (grown if needed).
-                if PREFIX_SIZE + total > len(scratch) - start:
-                    self._reserve(PREFIX_SIZE + total)
+                # Wait for the rest in the scratch buffer (grown as it arrives).
+                self._want = PREFIX_SIZE + total
                 break
-            body = bytearray(body_len)
-            body[:have] = scratch[pos : pos + have]
+            direct = _new_body(body_len)
+            direct[:have] = scratch[pos : pos + have]
             self._start = self._end = 0
-            self._body, self._body_view = body, memoryview(body)
+            self._shrink()
+            self._body, self._body_view = direct, memoryview(direct)
             self._filled = have
             self._pending = (flags, header, lengths)
             self._pending_meta = meta_len
             break
+        if self._gate is not None and frames:
+            self._holding = True
         if self._start == self._end:
             self._start = self._end = 0
+            self._shrink()
         return frames
 
+    def _shrink(self) -> None:
+        """An empty scratch buffer grown past its size for one large frame
+        goes back to its size."""
+        if self._start == self._end and len(self._scratch) > self._scratch_size:
+            self._scratch = bytearray(self._scratch_size)
 
-def _split(body: bytearray, lengths: list[int]) -> list[memoryview]:
+
+def _new_body(size: int) -> bytearray | mmap.mmap:
+    """A writable buffer for a frame body of ``size`` bytes.
+
+    Up to :data:`EAGER_BODY` a ``bytearray`` (a bounded cost); beyond, an
+    anonymous private mapping: the kernel backs a page with memory when the
+    received bytes are first written to it, so a claimed length costs address
+    space, not memory, and nothing is zero-filled in advance.
+    """
+    if size <= EAGER_BODY:
+        return bytearray(size)
+    try:
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    except OSError as exc:
+        raise ProtocolError(f"cannot reserve {size} bytes for a frame body: {exc}") from exc
+
+
+def _split(body: bytearray | mmap.mmap, lengths: list[int]) -> list[memoryview]:
     view = memoryview(body)
     out = []
     pos = 0

@@ -1,8 +1,8 @@
 """Side-by-side benchmarks: aiorpc_autograd against torch.distributed.rpc.
 
 Run ``python -m bench.run [--quick] [--only NAME[,NAME]] [--launches N] ...``
-(``--help`` for the rest): one command for all six benchmarks (noop,
-throughput, echo, autograd, codec, scale), writing ``results/<date>.json``,
+(``--help`` for the rest): one command for all seven benchmarks (noop,
+throughput, echo, autograd, autograd_scaling, codec, scale), writing ``results/<date>.json``,
 ``results/<date>.md`` and a PNG per benchmark.
 
 A run is made of phases (see :data:`bench.specs.PHASES`): "scale" launches

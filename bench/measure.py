@@ -268,3 +268,53 @@ def scale_metrics(world_size: int, info: Mapping[str, Any], all_pairs_s: float) 
         f"w{world_size}_init_rpc_s": info["init_rpc_s"],
         f"w{world_size}_all_pairs_s": all_pairs_s,
     }
+
+
+# --------------------------------------------------------------------------- autograd scaling
+
+
+def scaling_cases(params: Params) -> list[tuple[str, int, int]]:
+    """``(metric prefix, depth, micro-batches)`` of the scaling benchmark: the
+    remote MLP deepening at one call per step, then the calls per step growing
+    at depth 1."""
+    cases = [(f"depth{d}", d, 1) for d in params["depths"]]
+    cases += [(f"mb{m}", 1, m) for m in params["microbatches"] if m != 1]
+    return cases
+
+
+def scaling_batch(params: Params) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(params["batch"], params["dim"], generator=gen)
+
+
+def local_scaling_step_ms(params: Params, depth: int, microbatches: int) -> float:
+    """The same step in this process alone (median ms): forward of every
+    micro-batch, the summed loss, backward, SGD step."""
+    model = workloads.make_mlp(depth, params["dim"])
+    opt = torch.optim.SGD(model.parameters(), lr=params["lr"])
+    chunks = scaling_batch(params).chunk(microbatches)
+    times = []
+    for _ in range(params["warmup"] + params["steps"]):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss = sum(model(x).sum() for x in chunks)
+        loss.backward()  # type: ignore[union-attr]
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[params["warmup"] :]) * 1e3
+
+
+def scaling_metrics(params: Params, step_ms: Mapping[str, float]) -> dict[str, Any]:
+    """Overheads (step - local, ms) per case, and how they grow: the largest
+    depth's (call count's) overhead over the smallest's."""
+    out: dict[str, Any] = {}
+    for prefix, depth, mb in scaling_cases(params):
+        local = local_scaling_step_ms(params, depth, mb)
+        out[f"{prefix}_step_ms"] = step_ms[prefix]
+        out[f"{prefix}_local_ms"] = local
+        out[f"{prefix}_overhead_ms"] = max(step_ms[prefix] - local, 1e-3)
+    d, m = params["depths"], params["microbatches"]
+    out["depth_growth"] = out[f"depth{max(d)}_overhead_ms"] / out[f"depth{min(d)}_overhead_ms"]
+    first = f"mb{min(m)}" if min(m) != 1 else f"depth{min(d)}"
+    out["mb_growth"] = out[f"mb{max(m)}_overhead_ms"] / out[f"{first}_overhead_ms"]
+    return out

@@ -14,6 +14,7 @@ which works because our rendezvous passes it to torch's.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -32,6 +33,9 @@ from bench.measure import (
     echo_metrics,
     echo_tensor,
     scale_metrics,
+    scaling_batch,
+    scaling_cases,
+    scaling_metrics,
     throughput_metrics,
 )
 from bench.stats import latency_summary_us
@@ -141,6 +145,37 @@ async def autograd_step(
     )
 
 
+async def autograd_scaling(
+    rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]
+) -> dict[str, Any]:
+    """Step overhead as the remote MLP deepens and as the calls per step grow."""
+    from aiorpc_autograd import dist_autograd
+    from aiorpc_autograd.optim import DistributedOptimizer
+
+    peer = ctx.peer
+    x = scaling_batch(params)
+    step_ms: dict[str, float] = {}
+    for prefix, depth, mb in scaling_cases(params):
+        model = rpc.remote(peer, workloads.make_mlp, args=(depth, params["dim"]))
+        await model.to_here()  # setup: the remote functions read local_value()
+        param_rrefs = await rpc.rpc_async(peer, workloads.mlp_param_rrefs, args=(model,))
+        opt = DistributedOptimizer(torch.optim.SGD, param_rrefs, lr=params["lr"])
+        chunks = x.chunk(mb)
+        times = []
+        for _ in range(params["warmup"] + params["steps"]):
+            t0 = time.perf_counter()
+            async with dist_autograd.context() as context_id:
+                ys = await asyncio.gather(
+                    *(rpc.rpc_async(peer, workloads.mlp_forward, args=(c, model)) for c in chunks)
+                )
+                await dist_autograd.backward(context_id, [sum(y.sum() for y in ys)])
+                await opt.step(context_id)
+            times.append(time.perf_counter() - t0)
+        step_ms[prefix] = statistics.median(times[params["warmup"] :]) * 1e3
+        del model, param_rrefs, opt
+    return scaling_metrics(params, step_ms)
+
+
 async def codec(rpc: ModuleType, ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
     """Our codec: message encode, framing, frame reader, decode, payload load."""
     from aiorpc_autograd import codec as wire_codec
@@ -176,6 +211,7 @@ BENCHES: dict[str, BenchFn] = {
     "throughput": throughput,
     "echo": tensor_echo,
     "autograd": autograd_step,
+    "autograd_scaling": autograd_scaling,
     "codec": codec,
     "scale": scale,
 }

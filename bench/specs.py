@@ -262,6 +262,29 @@ def _autograd_timeout(params: Params) -> float:
     return 60.0 + 0.02 * steps
 
 
+SCALING_DEPTHS = (1, 8, 32, 64)
+SCALING_MICROBATCHES = (1, 8, 32)
+
+
+def _scaling_params(quick: bool) -> Params:
+    # A small model (64-wide layers, a batch of 32 rows: 1 row per call at 32
+    # micro-batches), so that the overhead, not the compute, grows.
+    return {
+        "depths": list(SCALING_DEPTHS),
+        "microbatches": list(SCALING_MICROBATCHES),
+        "dim": 64,
+        "batch": 32,
+        "lr": 1e-3,
+        "steps": 20 if quick else 100,
+        "warmup": 5 if quick else 20,
+    }
+
+
+def _scaling_timeout(params: Params) -> float:
+    cases = len(params["depths"]) + len(params["microbatches"])
+    return 60.0 + cases * float(params["steps"] + params["warmup"]) * 0.1
+
+
 def _scale_params(quick: bool) -> Params:
     sizes = [n for n in SCALE_SIZES if not quick or n <= SCALE_QUICK_MAX]
     return {"world_sizes": sizes}
@@ -457,6 +480,57 @@ BENCHMARKS: dict[str, BenchSpec] = {
             ),
         ),
         BenchSpec(
+            name="autograd_scaling",
+            title=(
+                "autograd step overhead as the remote model deepens (an MLP of 1-64 layers, "
+                "one call per step) and as the calls per step grow (1-32 micro-batches "
+                "gathered into one loss, depth 1)"
+            ),
+            params=_scaling_params,
+            metrics=(
+                *(
+                    Metric(f"depth{d}_overhead_ms", f"overhead, depth {d}", "ms", False)
+                    for d in SCALING_DEPTHS
+                ),
+                *(
+                    Metric(f"mb{m}_overhead_ms", f"overhead, {m} calls", "ms", False)
+                    for m in SCALING_MICROBATCHES
+                    if m != 1
+                ),
+                Metric("depth_growth", "overhead depth 64 / depth 1", "x", False),
+                Metric("mb_growth", "overhead 32 calls / 1 call", "x", False),
+            ),
+            timeout_s=_scaling_timeout,
+            method=(
+                "For each case: a fresh remote MLP (Linear(64, 64) + ReLU per layer) held "
+                "in an RRef on the worker, a DistributedOptimizer(SGD) over its parameters; "
+                "a step = the forward RPCs of every micro-batch (gathered), the summed loss "
+                "on the caller, dist backward, optimizer step. Median of the timed steps "
+                "after warm-up; local = the same step in rank 0 alone (agents up); "
+                "overhead = step - local. Growth = largest case's overhead / smallest's: "
+                "ours growing no faster than torch's is growth ratio <= 1."
+            ),
+            plots=(
+                PlotSpec(
+                    xs=tuple(str(d) for d in SCALING_DEPTHS),
+                    keys=tuple(f"depth{d}_overhead_ms" for d in SCALING_DEPTHS),
+                    xlabel="layers of the remote MLP",
+                    ylabel="overhead (ms)",
+                    title="overhead vs depth (1 call per step)",
+                ),
+                PlotSpec(
+                    xs=tuple(str(m) for m in SCALING_MICROBATCHES),
+                    keys=tuple(
+                        "depth1_overhead_ms" if m == 1 else f"mb{m}_overhead_ms"
+                        for m in SCALING_MICROBATCHES
+                    ),
+                    xlabel="calls per step (micro-batches)",
+                    ylabel="overhead (ms)",
+                    title="overhead vs calls per step (depth 1)",
+                ),
+            ),
+        ),
+        BenchSpec(
             name="codec",
             title=(
                 "codec round trip (encode + decode, one process, no RPC) of a call "
@@ -548,6 +622,19 @@ TARGETS: tuple[Target, ...] = (
             ("rss_growth_mb", "over the steps"),
             ("rss_retained_mb", "after malloc_trim"),
         )
+        for pair in ("unpinned", "pinned")
+    ),
+    *(
+        Target(
+            f"autograd overhead grows with {what} no faster than torch's (growth ratio ≤ 1)",
+            "autograd_scaling",
+            key,
+            pair,
+            "max_ratio",
+            "x",
+            1.0,
+        )
+        for key, what in (("depth_growth", "depth"), ("mb_growth", "calls per step"))
         for pair in ("unpinned", "pinned")
     ),
     Target(

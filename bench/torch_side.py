@@ -7,6 +7,7 @@ every rank for ``all_ranks`` benchmarks) with the agent already up;
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 import warnings
@@ -27,6 +28,9 @@ from bench.measure import (
     echo_metrics,
     echo_tensor,
     scale_metrics,
+    scaling_batch,
+    scaling_cases,
+    scaling_metrics,
     throughput_metrics,
 )
 from bench.stats import latency_summary_us
@@ -144,6 +148,37 @@ def autograd_step(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def autograd_scaling(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Step overhead as the remote MLP deepens and as the calls per step grow."""
+    from torch.distributed import autograd as dist_autograd
+    from torch.distributed.optim import DistributedOptimizer
+
+    peer = ctx.peer
+    x = scaling_batch(params)
+    step_ms: dict[str, float] = {}
+    for prefix, depth, mb in scaling_cases(params):
+        model = rpc.remote(peer, workloads.make_mlp, args=(depth, params["dim"]))
+        model.to_here()  # setup: the remote functions read local_value()
+        param_rrefs = rpc.rpc_sync(peer, workloads.mlp_param_rrefs, args=(model,))
+        opt = DistributedOptimizer(  # type: ignore[no-untyped-call]
+            torch.optim.SGD, param_rrefs, lr=params["lr"]
+        )
+        chunks = x.chunk(mb)
+        times = []
+        for _ in range(params["warmup"] + params["steps"]):
+            t0 = time.perf_counter()
+            with dist_autograd.context() as context_id:
+                futs = [rpc.rpc_async(peer, workloads.mlp_forward, args=(c, model)) for c in chunks]
+                ys = [f.wait() for f in futs]
+                loss = sum(y.sum() for y in ys)
+                dist_autograd.backward(context_id, [loss])  # type: ignore[attr-defined]
+                opt.step(context_id)  # type: ignore[no-untyped-call]
+            times.append(time.perf_counter() - t0)
+        step_ms[prefix] = statistics.median(times[params["warmup"] :]) * 1e3
+        del model, param_rrefs, opt
+    return scaling_metrics(params, step_ms)
+
+
 def codec(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
     """torch's internal RPC pickler: ``serialize`` then ``deserialize``."""
     from torch.distributed.rpc.internal import _internal_rpc_pickler
@@ -171,6 +206,7 @@ BENCHES: dict[str, BenchFn] = {
     "throughput": throughput,
     "echo": tensor_echo,
     "autograd": autograd_step,
+    "autograd_scaling": autograd_scaling,
     "codec": codec,
     "scale": scale,
 }

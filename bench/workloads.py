@@ -54,3 +54,27 @@ def trimmed_rss_mb() -> float:
     """:func:`rss_mb` after glibc's ``malloc_trim(0)`` returned free heap to the OS."""
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     return rss_mb()
+
+
+def make_mlp(depth: int, dim: int) -> Any:
+    """The scaling benchmark's remote model: ``depth`` x (Linear(dim, dim), ReLU), seeded."""
+    import torch
+
+    torch.manual_seed(depth)
+    layers: list[Any] = []
+    for _ in range(depth):
+        layers += [torch.nn.Linear(dim, dim), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers)
+
+
+def mlp_forward(x: Tensor, module_rref: Any) -> Tensor:
+    """The remote model's forward on its owner."""
+    out: Tensor = module_rref.local_value()(x)
+    return out
+
+
+def mlp_param_rrefs(module_rref: Any) -> list[Any]:
+    """Owner RRefs to the remote model's parameters, of the caller's RRef type
+    (torch's or ours), for a DistributedOptimizer."""
+    rref_type = type(module_rref)
+    return [rref_type(p) for p in module_rref.local_value().parameters()]

@@ -20,6 +20,13 @@ Stage 1 keeps its output and hands stage 2 an RRef to it; stage 2's function
 is an ``async def`` that awaits ``h.to_here()`` on stage 2's event loop, so the
 activations go straight from stage 1 to stage 2, and a micro-batch waiting for
 its input blocks nothing (this replaces PyTorch's ``@rpc.functions.async_execution``).
+Its heavy part, the stage's forward, runs in the worker's thread pool with
+``await rpc.to_thread(stage, x)``, so the loop keeps serving the other
+micro-batches' messages meanwhile::
+
+    async def run_last_stage(module, h):
+        x = await h.to_here()                       # waits on the loop
+        return await rpc.to_thread(module.local_value(), x)   # computes off it
 All of it happens inside one ``dist_autograd.context()``, so one
 ``dist_autograd.backward`` from the loss trains both stages, and one
 ``DistributedOptimizer`` steps them where they live.
@@ -104,9 +111,10 @@ def run_stage(module: rpc.RRef[torch.nn.Module], x: torch.Tensor) -> torch.Tenso
 async def run_last_stage(
     module: rpc.RRef[torch.nn.Module], h: rpc.RRef[torch.Tensor]
 ) -> torch.Tensor:
-    """Stage 2: waits on its own event loop for stage 1's output, then runs."""
+    """Stage 2: waits on its own event loop for stage 1's output, then runs the
+    stage in the worker's thread pool (the loop keeps serving meanwhile)."""
     x = await h.to_here()
-    return module.local_value()(x)
+    return await rpc.to_thread(module.local_value(), x)
 
 
 # --------------------------------------------------------------------------- the driver (rank 0)

@@ -4,6 +4,7 @@ Layers, each importing only those above it::
 
     1. errors, options (and small id types)   no project imports
     2. wire (sans-I/O framing),                layer 1; no asyncio, no sockets
+       devices (device-map rules),
        handshake (sans-I/O authentication),
        shm (sans-I/O shared-memory segments)
     3. codec (messages <-> header + buffers)   layers 1-2; no asyncio
@@ -15,6 +16,8 @@ Layers, each importing only those above it::
     6. agent (and rref, autograd_service)     anything but the api layer
     7. api and the other public entry modules  ``__init__`` only re-exports
        (dist_autograd, optim, nn, testing)
+    8. sync (the synchronous facade)           anything; nothing else in the
+                                               package imports it
 
 To extend: add a row to ``RULES`` (a module path relative to the package, or
 a package prefix such as ``"autograd"``, which also covers ``autograd.*``). A
@@ -42,8 +45,9 @@ RULES: dict[str, frozenset[str] | None] = {
     "options": frozenset(),
     "wire": frozenset({"errors"}),
     "handshake": frozenset({"errors"}),
-    "codec": frozenset({"errors", "options", "wire"}),
-    "autograd": frozenset({"errors", "options", "wire", "codec", "autograd"}),
+    "devices": frozenset(),
+    "codec": frozenset({"errors", "options", "wire", "devices"}),
+    "autograd": frozenset({"errors", "options", "wire", "devices", "codec", "autograd"}),
     "shm": frozenset({"errors"}),
     "transport": frozenset({"errors", "options", "wire", "handshake", "shm"}),
     "rendezvous": frozenset({"errors", "options"}),
@@ -57,7 +61,10 @@ RULES: dict[str, frozenset[str] | None] = {
 # ``optim`` of API.md, ``nn`` for RemoteModule, ``testing`` for fault
 # injection), which are built on the public calls and find the current agent
 # through it. Nothing below the api layer may. A new public entry module goes here.
-API_IMPORTERS = frozenset({"__init__", "api", "dist_autograd", "optim", "nn", "testing"})
+API_IMPORTERS = frozenset({"__init__", "api", "dist_autograd", "optim", "nn", "sync", "testing"})
+
+# The synchronous facade sits above the api layer: only its own modules import it.
+TOP_LAYER = "sync"
 
 # Third-party / stdlib modules a module must not import.
 FORBIDDEN: dict[str, frozenset[str]] = {
@@ -69,6 +76,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "handshake": frozenset({"asyncio", "uvloop", "socket", "selectors", "torch", "msgpack"}),
     "shm": frozenset({"asyncio", "uvloop", "socket", "selectors", "msgpack"}),
     "codec": frozenset({"asyncio", "uvloop", "socket", "selectors", "ssl"}),
+    "devices": frozenset({"asyncio", "uvloop", "socket", "selectors", "ssl", "msgpack"}),
 }
 
 
@@ -160,6 +168,8 @@ def test_the_walk_sees_the_known_imports() -> None:
     assert {"torch", "msgpack"} <= external
     project, _ = imports(ROOT / "__init__.py")
     assert {"api", "errors", "options"} <= project
+    project, _ = imports(ROOT / "sync" / "rpc" / "api.py")
+    assert {"api", "rref", "sync._bridge"} <= project
     agent_project, agent_external = imports(ROOT / "agent.py")
     assert "codec" in agent_project and "asyncio" in agent_external
 
@@ -177,6 +187,10 @@ def test_module_imports_only_layers_above_it(path: Path) -> None:
     if top(name) not in API_IMPORTERS:
         assert "api" not in {top(m) for m in project}, (
             f"{name} imports the api module: only {sorted(API_IMPORTERS)} may"
+        )
+    if top(name) != TOP_LAYER:
+        assert TOP_LAYER not in {top(m) for m in project}, (
+            f"{name} imports the {TOP_LAYER} facade, which sits above every other module"
         )
 
 

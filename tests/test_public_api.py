@@ -31,7 +31,7 @@ from aiorpc_autograd.options import RpcOptions, WorkerInfo
 # (plus WorkerInfo and RRef, which they return).
 API_NAMES = {
     "Lifecycle": ["run", "init_rpc", "shutdown", "worker", "get_worker_info", "RpcOptions"],
-    "Calls": ["rpc_async", "rpc_sync", "remote", "register"],
+    "Calls": ["rpc_async", "rpc_sync", "remote", "register", "to_thread"],
     "Errors": [
         "RpcError",
         "RpcTimeoutError",
@@ -107,7 +107,7 @@ def test_error_classes_are_all_re_exported() -> None:
 
 
 def test_awaitable_calls_are_coroutine_functions() -> None:
-    for name in ("init_rpc", "shutdown"):
+    for name in ("init_rpc", "shutdown", "to_thread"):
         if defined_somewhere(name):
             assert inspect.iscoroutinefunction(getattr(rpc, name)), name
 

@@ -394,3 +394,51 @@ def test_random_frames_only_raise_protocol_error(header: bytes, buffers: list[by
     if payload is not None and payload.kind is codec.PayloadKind.MSGPACK:
         with contextlib.suppress(ProtocolError):
             codec.load_payload(payload, allow_pickle=False)
+
+
+# --------------------------------------------------------------------------- bounded decoding
+
+
+def _empty_arrays_header(n_arrays: int, per_array: int = 65535) -> bytes:
+    """[PythonCall, 1, [], then ``n_arrays`` arrays of ``per_array`` empty arrays]."""
+    inner = b"\xdc" + per_array.to_bytes(2, "big") + b"\x90" * per_array
+    head = b"\xdc" + (3 + n_arrays).to_bytes(2, "big")
+    return head + bytes([int(codec.MessageType.PYTHON_CALL)]) + b"\x01\x90" + inner * n_arrays
+
+
+def test_a_header_of_empty_arrays_is_refused_fast_and_small() -> None:
+    import time
+    import tracemalloc
+
+    data = _empty_arrays_header(128)  # 8 MiB
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ProtocolError, match="arrays and maps"):
+            codec.decode(frame(data))
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Unbounded: 8M lists, ~600 MB and seconds. Bounded: ~33k lists.
+    budget = codec.header_budget(len(data), 0, 65536)
+    assert budget < len(data) // 128
+    assert peak < 100 * budget + (1 << 20), peak
+    assert elapsed < 1.0, elapsed
+
+
+def test_one_long_array_is_refused_by_its_length() -> None:
+    data = b"\x94\x01\x00\x90\xdd" + (1 << 20).to_bytes(4, "big") + b"\xc0" * (1 << 20)
+    with pytest.raises(ProtocolError, match=r"max_array_len|exceeds"):
+        codec.decode(frame(data), max_tensors=16)
+
+
+def test_a_full_tensor_table_fits_the_budget() -> None:
+    tensors = [torch.full((2, 3), float(i)) for i in range(5000)]
+    header, buffers = codec.encode(codec.PythonRet(tensor_payload(tensors)), 3)
+    data = b"".join(bytes(c) for c in wire.encode_frame(header, buffers))
+    (f,) = wire.FrameReader().feed(data)
+    rid, message = codec.decode(f)
+    assert rid == 3
+    assert isinstance(message, codec.PythonRet)
+    assert [float(t[0, 0]) for t in message.value.tensors] == [float(i) for i in range(5000)]

@@ -23,7 +23,10 @@ child gets one duplex pipe to the test process and runs, on :func:`rpc.run`:
   lifecycle itself;
 * the **service** target (:func:`start_service`): a managed worker that runs
   commands sent by the test (``group.call(rank, func, *args)``) until stopped,
-  so one group can serve many tests.
+  so one group can serve many tests; ``start_service(..., sync=True)``
+  (mode ``"sync-service"``) starts its agent with the synchronous facade
+  (``aiorpc_autograd.sync.rpc.init_rpc``, on a loop thread of its own) instead,
+  while the commands still run on the process's main loop.
 
 Targets are module-level ``async def`` functions of a module under ``tests/``
 (they are pickled by reference). A child sends back ``("result", ok, value or
@@ -129,7 +132,7 @@ class _Spec:
     rank: int
     world_size: int
     init_method: str
-    mode: str  # "managed" | "raw" | "service"
+    mode: str  # "managed" | "raw" | "service" | "sync-service"
     target: Target | None
     args: tuple[Any, ...]
     options_kwargs: dict[str, Any] | None
@@ -236,6 +239,8 @@ async def _managed(spec: _Spec) -> Any:
     import aiorpc_autograd as rpc
 
     options = rpc.RpcOptions(**spec.options_kwargs) if spec.options_kwargs else None
+    if spec.mode == "sync-service":
+        return await _managed_sync(spec, options)
     await rpc.init_rpc(
         spec.name, spec.rank, spec.world_size, init_method=spec.init_method, options=options
     )
@@ -251,6 +256,30 @@ async def _managed(spec: _Spec) -> Any:
         await rpc.shutdown(graceful=False)
         raise
     await rpc.shutdown()
+    return result
+
+
+async def _managed_sync(spec: _Spec, options: Any) -> Any:
+    """A service worker whose agent the synchronous facade started."""
+    from aiorpc_autograd.sync import rpc as sync_rpc
+
+    def init() -> None:
+        opts = sync_rpc.TensorPipeRpcBackendOptions(
+            init_method=spec.init_method, **(vars(options) if options else {})
+        )
+        sync_rpc.init_rpc(
+            spec.name, rank=spec.rank, world_size=spec.world_size, rpc_backend_options=opts
+        )
+
+    await asyncio.to_thread(init)
+    try:
+        if spec.start_barrier:
+            await barrier()
+        result = await _serve(spec)
+    except BaseException:
+        await asyncio.to_thread(sync_rpc.shutdown, False)
+        raise
+    await asyncio.to_thread(sync_rpc.shutdown)
     return result
 
 
@@ -333,7 +362,8 @@ class WorkerGroup:
             service group).
         world_size: the number of workers.
         args: extra arguments for ``target``.
-        mode: ``"managed"``, ``"raw"`` or ``"service"`` (see the module docstring).
+        mode: ``"managed"``, ``"raw"``, ``"service"`` or ``"sync-service"`` (see
+            the module docstring).
         options_kwargs: keyword arguments of ``rpc.RpcOptions`` (managed/service).
         names: worker names by rank (managed/service); default ``worker{rank}``.
         env: environment variables set in each child before it starts, or a
@@ -356,7 +386,7 @@ class WorkerGroup:
         timeout: float = 60.0,
         start_barrier: bool = True,
     ) -> None:
-        if mode not in ("managed", "raw", "service"):
+        if mode not in ("managed", "raw", "service", "sync-service"):
             raise ValueError(f"unknown mode {mode!r}")
         if world_size < 1:
             raise ValueError("world_size must be >= 1")
@@ -376,7 +406,7 @@ class WorkerGroup:
         self._events: list[tuple[int, Any]] = []
         self._replies: dict[int, tuple[int, bool, Any]] = {}
         self._seq = itertools.count(1)
-        if mode == "service":
+        if mode in ("service", "sync-service"):
             _OPEN_SERVICES.add(self)
         try:
             for rank in range(world_size):
@@ -755,9 +785,10 @@ def start_service(
     *,
     options_kwargs: dict[str, Any] | None = None,
     timeout: float = 60.0,
+    sync: bool = False,
 ) -> WorkerGroup:
     """Start a service group: workers that run ``group.call(rank, func, *args)``
-    commands until ``group.stop()``."""
-    return WorkerGroup(
-        None, world_size, mode="service", options_kwargs=options_kwargs, timeout=timeout
-    )
+    commands until ``group.stop()`` (``sync``: agents started by the
+    synchronous facade)."""
+    mode = "sync-service" if sync else "service"
+    return WorkerGroup(None, world_size, mode=mode, options_kwargs=options_kwargs, timeout=timeout)

@@ -216,3 +216,94 @@ def test_read_only_and_bytes_sources() -> None:
     ro = memoryview(data)  # read-only: copied without torch (no warning)
     out = pair.send([ro, data])
     assert bytes(out[0]) == data and bytes(out[1]) == data
+
+
+def _sealed(size: int, data: bytes = b"") -> int:
+    import fcntl
+
+    fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if data:
+        os.pwrite(fd, data, 0)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+    return fd
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_a_sparse_segment_maps_only_the_placed_bytes() -> None:
+    # A peer names a 1 GiB (sparse) segment for a 4 KiB buffer: only 4 KiB
+    # are mapped and prefaulted here.
+    data = bytes(range(256)) * 16
+    fd = _sealed(1 << 30, data)
+    try:
+        rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30)
+        before = _rss()
+        views = [rx.take([memoryview(b""), _table((0, i, fd, 1 << 30, 4096))])[0] for i in (1, 2)]
+        assert all(bytes(v) == data for v in views)
+        assert rx.mapped == 2 * 4096
+        assert _rss() - before < 4 * MiB
+    finally:
+        os.close(fd)
+
+
+def test_mapped_bytes_per_connection_are_capped() -> None:
+    fd = _sealed(4 * MiB)
+    try:
+        rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30, max_mapped=3 * MiB)
+        first = rx.take([memoryview(b""), _table((0, 1, fd, 4 * MiB, 2 * MiB))])
+        with pytest.raises(ProtocolError, match="over the limit"):
+            rx.take([memoryview(b""), _table((0, 2, fd, 4 * MiB, 2 * MiB))])
+        assert rx.mapped == 2 * MiB
+        del first
+        gc.collect()
+        # The same segment placed again with more bytes is mapped anew, larger:
+        # the smaller mapping no longer counts.
+        rx.take([memoryview(b""), _table((0, 1, fd, 4 * MiB, 3 * MiB))])
+        assert rx.mapped == 3 * MiB
+    finally:
+        os.close(fd)
+
+
+def test_copy_mode_buffers_do_not_change_with_the_segment() -> None:
+    data = bytes(range(256)) * 4096  # 1 MiB
+    fd = _sealed(2 * MiB, data)
+    try:
+        released: list[int] = []
+        shared = ShmReceiver(os.getpid(), released.append, max_bytes=1 << 30)
+        copied = ShmReceiver(os.getpid(), released.append, max_bytes=1 << 30, copy=True)
+        (live,) = shared.take([memoryview(b""), _table((0, 1, fd, 2 * MiB, MiB))])
+        (own,) = copied.take([memoryview(b""), _table((0, 1, fd, 2 * MiB, MiB))])
+        assert released == [1]  # a copy releases its segment at once
+        assert copied.leased == 0 and shared.leased == 1
+        os.pwrite(fd, b"\xff" * 100, 0)
+        assert bytes(live[:100]) == b"\xff" * 100  # a shared view sees the sender's writes
+        assert bytes(own) == data  # the copy does not
+        assert not own.readonly
+    finally:
+        os.close(fd)
+
+
+def test_copy_buffers_are_reused_once_released_never_while_kept() -> None:
+    fd = _sealed(2 * MiB)
+    try:
+        rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30, copy=True)
+        table = _table((0, 1, fd, 2 * MiB, MiB))
+        os.pwrite(fd, b"\x01" * MiB, 0)
+        (kept,) = rx.take([memoryview(b""), table])
+        os.pwrite(fd, b"\x02" * MiB, 0)
+        (second,) = rx.take([memoryview(b""), table])
+        assert bytes(kept) == b"\x01" * MiB  # a kept copy is never reused
+        assert bytes(second) == b"\x02" * MiB
+        address = np.frombuffer(second, dtype=np.uint8).ctypes.data
+        del second
+        gc.collect()
+        os.pwrite(fd, b"\x03" * MiB, 0)
+        (third,) = rx.take([memoryview(b""), table])
+        assert np.frombuffer(third, dtype=np.uint8).ctypes.data == address  # reused
+        assert bytes(third) == b"\x03" * MiB and bytes(kept) == b"\x01" * MiB
+    finally:
+        os.close(fd)

@@ -529,3 +529,121 @@ def test_error_after_good_frames_in_a_byte_stream() -> None:
         for i in range(len(stream)):
             got += reader.feed(stream[i : i + 1])
     assert [as_spec(f) for f in got] == [SAMPLES[5], SAMPLES[1]]
+
+
+# ------------------------------------------------------------ memory follows the bytes
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_claimed_body_costs_only_the_bytes_delivered() -> None:
+    # 33 bytes claiming a 3.9 GiB body: nothing is allocated or zeroed for the
+    # claim; memory follows the bytes that actually arrive.
+    body_len = int(3.9 * (1 << 30))
+    claim = prefix(header_len=1, n_buffers=1, body_len=body_len) + struct.pack("<Q", body_len)
+    reader = FrameReader(direct_threshold=64 * 1024)
+    before = _rss()
+    t0 = time.perf_counter()
+    assert reader.feed(claim + b"h") == []
+    assert time.perf_counter() - t0 < 0.1
+    assert _rss() - before < 4 << 20
+    sent = 16 << 20
+    chunk = b"\x01" * (1 << 20)
+    for _ in range(sent >> 20):
+        assert reader.feed(chunk) == []
+    grown = _rss() - before
+    assert grown < sent + (4 << 20), grown
+    assert reader.buffered == 33 + sent
+    del reader
+
+
+def test_large_body_completes_in_its_lazily_backed_buffer() -> None:
+    payload = bytes(range(256)) * (12 * 1024)  # 3 MiB: past EAGER_BODY
+    data = frame_bytes(b"big", [payload]) + frame_bytes(b"next")
+    frames = FrameReader(direct_threshold=64 * 1024).feed(data)
+    assert [as_spec(f) for f in frames] == [(0, b"big", [payload]), (0, b"next", [])]
+    view = frames[0].buffers[0]
+    assert not view.readonly  # tensors are built on it without a copy
+    view[0] = 7
+    assert view[0] == 7
+
+
+def test_large_header_grows_the_scratch_only_as_bytes_arrive() -> None:
+    header = b"h" * (3 << 20)
+    data = frame_bytes(header, [b"tail"])
+    reader = FrameReader(scratch_size=4096, direct_threshold=1 << 30)
+    assert reader.feed(data[:100]) == []
+    # The whole header is claimed but only 100 bytes came: the buffer the
+    # reader offers stays small.
+    assert len(reader.get_buffer()) < 8192
+    step = 64 * 1024
+    got: list[Frame] = []
+    for i in range(100, len(data), step):
+        got += reader.feed(data[i : i + step])
+        assert len(reader._scratch) <= max(2 * (i + step), 8192)
+    assert [as_spec(f) for f in got] == [(0, header, [b"tail"])]
+    # Back to its size once the large frame is done.
+    assert len(reader._scratch) <= 4096
+
+
+def test_scratch_starts_small_and_grows_while_reads_fill_it() -> None:
+    reader = FrameReader(scratch_size=256 * 1024)
+    assert len(reader.get_buffer()) <= 4096
+    small = frame_bytes(b"x" * 10)
+    stream = small * 20_000
+    pos = 0
+    sizes = []
+    while pos < len(stream):
+        buf = reader.get_buffer()
+        n = min(len(buf), len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        pos += n
+        reader.buffer_updated(n)
+        sizes.append(len(buf))
+    assert max(sizes) > 128 * 1024  # full reads grew it...
+    assert len(reader._scratch) <= 256 * 1024  # ...up to its size
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+GATE = Limits(max_message_size=4096, max_header_size=4096, max_buffers=0)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (prefix(header_len=64 << 20), "header"),
+        (prefix(header_len=4097), "header"),
+        (prefix(n_buffers=1, body_len=1), "buffers"),
+    ],
+)
+def test_gated_reader_refuses_more_than_a_hello(data: bytes, match: str) -> None:
+    reader = FrameReader(gate=GATE)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=match):
+            reader.feed(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
+
+
+def test_gated_reader_returns_one_frame_then_holds_until_open() -> None:
+    big = b"B" * 100_000
+    data = frame_bytes(b"hello") + frame_bytes(b"second", [big]) + frame_bytes(b"third")
+    reader = FrameReader(gate=GATE, direct_threshold=1024)
+    assert reader.gated and not reader.holding
+    first = reader.feed(data[:3000])
+    assert [as_spec(f) for f in first] == [(0, b"hello", [])]
+    assert reader.holding
+    # Held bytes are not parsed (the second frame would be over the gate).
+    assert reader.feed(data[3000:4000]) == []
+    rest = reader.open()
+    assert not reader.gated and not reader.holding
+    rest += reader.feed(data[4000:])
+    assert [as_spec(f) for f in rest] == [(0, b"second", [big]), (0, b"third", [])]

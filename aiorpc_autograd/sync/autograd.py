@@ -1,0 +1,64 @@
+"""``torch.distributed.autograd``, name for name, with blocking ``backward``.
+
+``from aiorpc_autograd.sync import autograd as dist_autograd`` in place of
+``import torch.distributed.autograd as dist_autograd``::
+
+    with dist_autograd.context() as context_id:
+        loss = ...                                   # forward, RPCs included
+        dist_autograd.backward(context_id, [loss])   # blocks until done everywhere
+        grads = dist_autograd.get_gradients(context_id)
+
+The context is the async API's (it lives in a ``contextvars.ContextVar`` of
+the calling thread, and the facade's blocking calls carry it to the loop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import dist_autograd as _dist_autograd
+from ..dist_autograd import DistAutogradContext, context, get_gradients
+from ._bridge import wait_for
+
+__all__ = [
+    "DistAutogradContext",
+    "backward",
+    "context",
+    "get_gradients",
+    "is_available",
+    "retrieve_context",
+]
+
+
+def backward(
+    context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool = False
+) -> None:
+    """Run the distributed backward pass from the local scalar ``roots`` and
+    block until it is done on every worker (``dist_autograd.backward``).
+
+    Raises:
+        ValueError: invalid roots.
+        RuntimeError: unknown context id; or called on the RPC agent's loop
+            thread (await the async API's ``backward`` there).
+        RemoteError: the pass failed on some worker (named in the error).
+    """
+    wait_for(
+        lambda: _dist_autograd.backward(context_id, roots, retain_graph),
+        "dist_autograd.backward()",
+    )
+
+
+def retrieve_context(context_id: int) -> DistAutogradContext:
+    """The context object (torch's ``_retrieve_context``).
+
+    Raises:
+        RuntimeError: unknown context id.
+    """
+    return _dist_autograd.retrieve_context(context_id)
+
+
+def is_available() -> bool:
+    """True (torch's ``dist_autograd.is_available``)."""
+    return True

@@ -1,0 +1,58 @@
+"""``torch.distributed.rpc``, name for name, with torch's blocking semantics.
+
+``from aiorpc_autograd.sync import rpc`` in place of
+``import torch.distributed.rpc as rpc``: ``init_rpc`` starts this process's
+agent on a background event-loop thread and blocks until the group is up;
+``rpc_sync`` and ``RRef.to_here`` block; ``rpc_async`` returns a
+``torch.futures.Future``. Every call is the async API's (``aiorpc_autograd``)
+run on that loop. See the README, "Porting from torch.distributed.rpc".
+"""
+
+from __future__ import annotations
+
+from ...errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    ProtocolError,
+    RemoteError,
+    RpcError,
+    RpcTimeoutError,
+)
+from ...options import RpcOptions, WorkerInfo
+from .. import _bridge
+from . import functions
+from .api import RRef, get_worker_info, init_rpc, remote, rpc_async, rpc_sync, shutdown
+from .options import BackendType, TensorPipeRpcBackendOptions
+
+# torch.distributed.rpc names of the same things.
+Future = _bridge.Future
+RemoteException = RemoteError
+
+__all__ = [
+    "AuthenticationError",
+    "BackendType",
+    "ConnectionLostError",
+    "Future",
+    "ProtocolError",
+    "RRef",
+    "RemoteError",
+    "RemoteException",
+    "RpcError",
+    "RpcOptions",
+    "RpcTimeoutError",
+    "TensorPipeRpcBackendOptions",
+    "WorkerInfo",
+    "functions",
+    "get_worker_info",
+    "init_rpc",
+    "is_available",
+    "remote",
+    "rpc_async",
+    "rpc_sync",
+    "shutdown",
+]
+
+
+def is_available() -> bool:
+    """True: RPC is always available here (torch's ``rpc.is_available``)."""
+    return True

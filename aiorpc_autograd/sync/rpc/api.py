@@ -1,0 +1,273 @@
+"""The blocking calls of ``torch.distributed.rpc``, over the async API.
+
+Each function here is the async API's function run on the agent's loop
+(see :mod:`aiorpc_autograd.sync._bridge`); none re-implements a behaviour.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, cast
+
+from ... import api, codec
+from ...options import WorkerInfo
+from ...rref import RRef as _AsyncRRef
+from ...rref import RRefService, _dump, _load
+from .._bridge import Future, LoopThread, agent, on_agent_loop, submit, timeout_of, wait_for
+from .options import BackendType, resolve_options
+
+__all__ = [
+    "RRef",
+    "get_worker_info",
+    "init_rpc",
+    "remote",
+    "rpc_async",
+    "rpc_sync",
+    "shutdown",
+]
+
+T = TypeVar("T")
+WorkerRef = str | int | WorkerInfo
+
+# The loop thread of a process started with this facade's init_rpc.
+_loop_thread: LoopThread | None = None
+_lifecycle = threading.Lock()
+
+
+def init_rpc(
+    name: str,
+    backend: Any = None,
+    rank: int = -1,
+    world_size: int | None = None,
+    rpc_backend_options: Any = None,
+) -> None:
+    """Start this process's agent on a background event-loop thread and join
+    the group; returns once every worker is known (torch's ``init_rpc``).
+
+    Args:
+        name: this worker's unique name.
+        backend: None or ``BackendType.TENSORPIPE`` (torch's enum is accepted).
+        rank: this worker's rank; -1 reads ``RANK`` (env://).
+        world_size: the number of workers; None reads ``WORLD_SIZE`` (env://).
+        rpc_backend_options: a :class:`TensorPipeRpcBackendOptions` (ours or
+            torch's) or an :class:`aiorpc_autograd.RpcOptions`; its
+            ``init_method`` (default ``env://``) says where to meet.
+
+    Raises:
+        RuntimeError: RPC is already initialised in this process.
+        ValueError: an unknown backend, bad arguments, a duplicate name.
+        RpcTimeoutError: the group did not assemble in time.
+    """
+    global _loop_thread
+    if backend is not None and getattr(backend, "name", None) != BackendType.TENSORPIPE.name:
+        raise ValueError(f"unsupported backend {backend!r}: only BackendType.TENSORPIPE")
+    options, init_method = resolve_options(rpc_backend_options)
+    with _lifecycle:
+        if _loop_thread is not None:
+            raise RuntimeError("RPC is already initialised in this process")
+        thread = LoopThread(f"aiorpc-loop-{name}")
+        # Every RRef of this process is a facade RRef (blocking to_here...),
+        # also those of the requests served as soon as the agent is up.
+        RRefService.rref_class = RRef
+        try:
+            thread.run(
+                api.init_rpc(
+                    name,
+                    None if rank is None or rank < 0 else rank,
+                    world_size,
+                    init_method=init_method,
+                    options=options,
+                )
+            )
+        except BaseException:
+            RRefService.rref_class = _AsyncRRef
+            thread.stop()
+            raise
+        _loop_thread = thread
+
+
+def shutdown(graceful: bool = True, timeout: float = 0) -> None:
+    """Stop this process's agent (torch's ``shutdown``).
+
+    Graceful: keeps serving until every worker called shutdown and the group is
+    quiescent; ``timeout`` bounds that wait in seconds, 0 (the default, as in
+    torch) for no limit. Then stops the background loop started by ``init_rpc``.
+
+    Raises:
+        RpcTimeoutError: the graceful wait timed out (the agent is closed anyway).
+        RuntimeError: called on the RPC agent's loop thread.
+    """
+    global _loop_thread
+    with _lifecycle:
+        thread = _loop_thread
+        try:
+            if api._agent is not None:
+                limit = timeout if timeout and timeout > 0 else 0
+                wait_for(lambda: api.shutdown(graceful, limit), "shutdown()")
+        finally:
+            if thread is not None:
+                _loop_thread = None
+                RRefService.rref_class = _AsyncRRef
+                thread.stop()
+
+
+def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
+    """The :class:`WorkerInfo` of ``worker_name`` (this worker when None)."""
+    return api.get_worker_info(worker_name)
+
+
+def _args(args: Any) -> tuple[Any, ...]:
+    return tuple(args) if args is not None else ()
+
+
+def rpc_sync(
+    to: WorkerRef,
+    func: Callable[..., Any] | str,
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = -1.0,
+) -> Any:
+    """Call ``func(*args, **kwargs)`` on ``to`` and block for its result.
+
+    ``timeout``: seconds; negative (the default) for the options'
+    ``rpc_timeout``; 0 for none.
+
+    Raises:
+        RemoteError: the callee raised (also an instance of a built-in type).
+        RpcTimeoutError, ConnectionLostError: as the async API.
+        RuntimeError: called on the RPC agent's loop thread.
+    """
+    if on_agent_loop():
+        raise RuntimeError(
+            "rpc_sync blocks, and this thread runs the RPC agent's event loop: "
+            "await rpc_async(...) here"
+        )
+    return api.rpc_sync(to, func, _args(args), kwargs, timeout_of(timeout))
+
+
+def rpc_async(
+    to: WorkerRef,
+    func: Callable[..., Any] | str,
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = -1.0,
+) -> Future[Any]:
+    """Send the call and return a torch future of its result at once.
+
+    The future works with ``wait()``, ``then()``, ``add_done_callback()``,
+    ``torch.futures.wait_all`` / ``collect_all``, and ``await``.
+
+    Raises:
+        ValueError: unknown worker (at once); encoding errors and the call's
+            own errors arrive through the future.
+    """
+    rpc_agent = agent()
+    info = rpc_agent.worker_info(to)
+    call_args, limit = _args(args), timeout_of(timeout)
+    return submit(lambda: rpc_agent.call(info, func, call_args, kwargs, limit))
+
+
+def remote(
+    to: WorkerRef,
+    func: Callable[..., Any] | str,
+    args: tuple[Any, ...] | list[Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
+    timeout: float = -1.0,
+) -> RRef[Any]:
+    """Run ``func(*args, **kwargs)`` on ``to``, which owns the result; an
+    :class:`RRef` to it at once."""
+    rref = api.remote(to, func, _args(args), kwargs, timeout_of(timeout))
+    # A facade RRef in a process started with init_rpc above (the async API's
+    # in one started with the async API, whose code awaits its RRefs).
+    return cast("RRef[Any]", rref)
+
+
+class RRef(_AsyncRRef[T], Generic[T]):
+    """torch's ``RRef``: ``RRef(value)`` wraps a local value; RRefs from
+    ``remote`` and received in arguments are of this type in a process started
+    with the facade.
+
+    Calls that talk to the owner block (torch's semantics), except on the
+    agent's loop thread, where they return an awaitable, so that
+    ``await rref.to_here()`` keeps working in ``async def`` remote functions
+    and in the library's own code.
+    """
+
+    __slots__ = ()
+
+    def to_here(self, timeout: float | None = -1.0) -> Any:  # type: ignore[override]
+        """A copy of the value (the value itself on the owner); blocks.
+
+        Raises:
+            RemoteError: creating the value failed on the owner.
+            RpcTimeoutError: creation or fetch timed out.
+        """
+        limit = timeout_of(timeout)
+        base = super().to_here
+        if on_agent_loop():
+            return base(limit)
+        return wait_for(lambda: base(limit), "RRef.to_here()")
+
+    def local_value(self) -> T:
+        """The value, on the owner only; off the agent's loop thread it waits
+        for a value still being created by ``remote`` (as torch's does).
+
+        Raises:
+            RuntimeError: not the owner; or on the loop thread, not created yet.
+            RemoteError: creating the value failed.
+        """
+        if not self.is_owner() or on_agent_loop():
+            return super().local_value()
+        entry = self._service.owner_entry(self._rref_id, create=False)
+        if entry is not None and entry.value.done():
+            return super().local_value()
+        value: T = self.to_here()
+        return value
+
+    def backward(  # type: ignore[override]
+        self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False
+    ) -> Any:
+        """Run backward from the referenced scalar on its owner; blocks.
+
+        ``dist_autograd_ctx_id`` -1 runs local autograd on the owner."""
+        base = super().backward
+        if on_agent_loop():
+            return base(dist_autograd_ctx_id, retain_graph)
+        return wait_for(lambda: base(dist_autograd_ctx_id, retain_graph), "RRef.backward()")
+
+    def rpc_async(self, timeout: float | None = -1.0) -> Any:
+        """A proxy: ``rref.rpc_async().method(*args)`` calls ``method`` of the
+        owner's value and returns a torch future of the result."""
+        return _AsyncProxy(super().rpc_async(timeout_of(timeout)))
+
+    def rpc_sync(self, timeout: float | None = -1.0) -> Any:
+        """A proxy whose method calls block for the result."""
+        return super().rpc_sync(timeout_of(timeout))
+
+    def remote(self, timeout: float | None = -1.0) -> Any:
+        """A proxy whose method calls return an :class:`RRef` to the result."""
+        return super().remote(timeout_of(timeout))
+
+
+class _AsyncProxy:
+    """Wraps the async API's proxy: its calls' asyncio futures become torch futures."""
+
+    __slots__ = ("_proxy",)
+
+    def __init__(self, proxy: Any) -> None:
+        self._proxy = proxy
+
+    def __getattr__(self, name: str) -> Callable[..., Future[Any]]:
+        proxy = self._proxy
+
+        def method(*args: Any, **kwargs: Any) -> Future[Any]:
+            start = getattr(proxy, name)
+            return submit(lambda: start(*args, **kwargs))
+
+        method.__name__ = name
+        return method
+
+
+# Facade RRefs travel exactly as the async API's do.
+codec.register_persistent(RRef, "RRef", _dump, _load)

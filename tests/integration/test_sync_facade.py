@@ -1,0 +1,655 @@
+"""The synchronous facade (``aiorpc_autograd.sync``) between real workers, and
+``rpc.to_thread`` (heavy parts of async remote functions off the loop).
+
+Two module-wide groups of three service workers: one started with the async
+API (``conftest.service``), one with the facade (``start_service(sync=True)``:
+its agents run on the facade's background loop thread). The scenarios of
+``SCENARIOS`` are written once against a small adapter (:class:`AsyncApi`,
+:class:`SyncApi`) and run through both APIs: the same calls, RRefs,
+distributed autograd and optimizer behaviour whichever API drives them. The
+facade's own shapes (torch futures, ``async_execution``, blocking calls on the
+loop thread, ``RemoteModule``) run on the facade group.
+
+A check runs on ``worker0`` as a module-level ``async def check_*(rank,
+world_size, ...)``; for the facade group it runs on the process's main loop,
+which is *not* the agent's loop, so each blocking facade call is made in a
+thread (``asyncio.to_thread``), as a plain user thread would make it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import aiorpc_autograd as rpc
+from aiorpc_autograd import api, dist_autograd
+from aiorpc_autograd.optim import DistributedOptimizer
+from aiorpc_autograd.rref import RRefService
+from aiorpc_autograd.sync import autograd as sync_autograd
+from aiorpc_autograd.sync import nn as sync_nn
+from aiorpc_autograd.sync import optim as sync_optim
+from aiorpc_autograd.sync import rpc as sync_rpc
+from tests.integration.conftest import _LIVE, close_shared_group
+from tests.integration.harness import WorkerGroup, start_service
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# --------------------------------------------------------------------- the facade group
+
+
+@pytest.fixture(scope="module")
+def _sync_holder() -> Iterator[dict[str, WorkerGroup]]:
+    holder: dict[str, WorkerGroup] = {}
+    yield holder
+    close_shared_group(holder)
+
+
+def _sync_group(holder: dict[str, WorkerGroup]) -> WorkerGroup:
+    group = holder.get("group")
+    if group is not None and group.broken:
+        group.close()
+        _LIVE.remove(group)
+        group = None
+    if group is None:
+        group = start_service(3, sync=True, options_kwargs={"num_worker_threads": 2})
+        holder["group"] = group
+        _LIVE.append(group)
+    return group
+
+
+@pytest.fixture
+def sync_service(_sync_holder: dict[str, WorkerGroup]) -> WorkerGroup:
+    """Three workers started by the facade (2 pool threads each: a pool thread
+    held where none should be shows up as a hang)."""
+    return _sync_group(_sync_holder)
+
+
+@pytest.fixture(params=["async", "sync"])
+def either(
+    request: pytest.FixtureRequest, service: WorkerGroup, _sync_holder: dict[str, WorkerGroup]
+) -> tuple[str, WorkerGroup]:
+    """(API name, its group): a scenario runs through both APIs."""
+    if request.param == "async":
+        return "async", service
+    return "sync", _sync_group(_sync_holder)
+
+
+# --------------------------------------------------------------------- remote functions
+
+
+class SlowCounter:
+    """Takes a moment to build: a call right after ``remote()`` finds it not ready."""
+
+    def __init__(self, start: int) -> None:
+        time.sleep(0.3)
+        self.n = start
+
+    def add(self, k: int) -> int:
+        self.n += k
+        return self.n
+
+
+def call_method(method: Callable[..., Any], rref: Any, *args: Any, **kwargs: Any) -> Any:
+    """torch's tutorial helper: on the owner, in a pool thread; local_value waits
+    for a value still being created (facade)."""
+    return method(rref.local_value(), *args, **kwargs)
+
+
+async def call_method_async(method: Callable[..., Any], rref: Any, *args: Any) -> Any:
+    """The async API's form of the helper (awaits the value on the owner's loop)."""
+    return method(await rref.to_here(), *args)
+
+
+def relay(api_name: str, to: str, x: torch.Tensor) -> torch.Tensor:
+    """A plain function (pool thread) making a blocking nested call."""
+    caller = sync_rpc.rpc_sync if api_name == "sync" else rpc.rpc_sync
+    y: torch.Tensor = caller(to, torch.mul, (x, 3))
+    return y + 1
+
+
+def fetch_n(rref: Any) -> int:
+    """A plain function: ``rref.to_here()`` blocks here (facade RRef)."""
+    return int(rref.to_here().n)
+
+
+async def fetch_n_async(rref: Any) -> int:
+    return int((await rref.to_here()).n)
+
+
+def make_leaf(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values, requires_grad=True)
+
+
+def scale_by(rref: Any, x: torch.Tensor) -> torch.Tensor:
+    result: torch.Tensor = rref.local_value() * x
+    return result
+
+
+def echo(value: Any) -> Any:
+    return value
+
+
+async def echo_async(value: Any) -> Any:
+    return value
+
+
+def blocking_sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+# --------------------------------------------------------------------- the two APIs
+
+
+class AsyncApi:
+    """The async API: awaited on the agent's own loop (worker0's main loop)."""
+
+    name = "async"
+    call_method = staticmethod(call_method_async)
+    fetch_n = staticmethod(fetch_n_async)
+
+    async def call(
+        self, to: Any, func: Any, args: tuple[Any, ...] = (), timeout: Any = None
+    ) -> Any:
+        return await rpc.rpc_async(to, func, args, timeout=timeout)
+
+    async def gather(self, calls: list[tuple[Any, Any, tuple[Any, ...]]]) -> list[Any]:
+        return list(await asyncio.gather(*(rpc.rpc_async(*c) for c in calls)))
+
+    def remote(self, to: Any, func: Any, args: tuple[Any, ...] = ()) -> Any:
+        return rpc.remote(to, func, args)
+
+    async def to_here(self, rref: Any) -> Any:
+        return await rref.to_here()
+
+    async def proxy(self, rref: Any, how: str, method: str, *args: Any) -> Any:
+        if how == "rpc_sync":  # the blocking proxy, from a thread off the loop
+            return await asyncio.to_thread(lambda: getattr(rref.rpc_sync(), method)(*args))
+        result = getattr(getattr(rref, how)(), method)(*args)
+        if how == "remote":
+            return await result.to_here()
+        return await result
+
+    def context(self) -> Any:
+        return dist_autograd.context()
+
+    async def backward(self, cid: int, roots: list[torch.Tensor]) -> None:
+        await dist_autograd.backward(cid, roots)
+
+    def gradients(self, cid: int) -> dict[torch.Tensor, torch.Tensor]:
+        return dist_autograd.get_gradients(cid)
+
+    async def step(self, params: list[Any], cid: int, lr: float) -> None:
+        await DistributedOptimizer(torch.optim.SGD, params, lr=lr).step(cid)
+
+
+class SyncApi:
+    """The facade, called from a plain thread as torch code would be."""
+
+    name = "sync"
+    call_method = staticmethod(call_method)
+    fetch_n = staticmethod(fetch_n)
+
+    async def call(self, to: Any, func: Any, args: tuple[Any, ...] = (), timeout: Any = -1) -> Any:
+        limit = -1 if timeout is None else timeout
+        return await asyncio.to_thread(sync_rpc.rpc_sync, to, func, args, None, limit)
+
+    async def gather(self, calls: list[tuple[Any, Any, tuple[Any, ...]]]) -> list[Any]:
+        def run() -> list[Any]:
+            futures = [sync_rpc.rpc_async(*c) for c in calls]
+            return list(torch.futures.wait_all(futures))
+
+        return await asyncio.to_thread(run)
+
+    def remote(self, to: Any, func: Any, args: tuple[Any, ...] = ()) -> Any:
+        return sync_rpc.remote(to, func, args)
+
+    async def to_here(self, rref: Any) -> Any:
+        return await asyncio.to_thread(rref.to_here)
+
+    async def proxy(self, rref: Any, how: str, method: str, *args: Any) -> Any:
+        def run() -> Any:
+            result = getattr(getattr(rref, how)(), method)(*args)
+            if how == "rpc_async":
+                return result.wait()
+            if how == "remote":
+                return result.to_here()
+            return result
+
+        return await asyncio.to_thread(run)
+
+    def context(self) -> Any:
+        return sync_autograd.context()
+
+    async def backward(self, cid: int, roots: list[torch.Tensor]) -> None:
+        await asyncio.to_thread(sync_autograd.backward, cid, roots)
+
+    def gradients(self, cid: int) -> dict[torch.Tensor, torch.Tensor]:
+        return sync_autograd.get_gradients(cid)
+
+    async def step(self, params: list[Any], cid: int, lr: float) -> None:
+        def run() -> None:
+            sync_optim.DistributedOptimizer(torch.optim.SGD, params, lr=lr).step(cid)
+
+        await asyncio.to_thread(run)
+
+
+def api_named(name: str) -> AsyncApi | SyncApi:
+    return AsyncApi() if name == "async" else SyncApi()
+
+
+# --------------------------------------------------------------------- scenarios (both APIs)
+
+
+async def scenario_calls(a: AsyncApi | SyncApi) -> dict[str, Any]:
+    value = (1, "a", {2: 3}, [torch.arange(4)])
+    back = await a.call("worker1", echo, (value,))
+    assert back[:3] == value[:3] and torch.equal(back[3][0], value[3][0])
+    assert await a.call(1, echo_async, ("x",)) == "x"
+    sums = await a.gather([(f"worker{1 + i % 2}", torch.add, (torch.ones(2), i)) for i in range(6)])
+    assert [s.tolist() for s in sums] == [[1.0 + i] * 2 for i in range(6)]
+    with pytest.raises(ValueError, match="invalid literal") as info:
+        await a.call("worker1", int, ("x",))
+    assert isinstance(info.value, rpc.RemoteError) and info.value.worker == "worker1"
+    nested = await a.call("worker1", relay, (a.name, "worker2", torch.ones(2)))
+    assert nested.tolist() == [4.0, 4.0]
+    with pytest.raises(rpc.RpcTimeoutError):
+        await a.call("worker2", blocking_sleep, (2.0,), timeout=0.3)
+    return {"ok": True}
+
+
+async def scenario_rrefs(a: AsyncApi | SyncApi) -> dict[str, Any]:
+    rref = a.remote("worker1", SlowCounter, (5,))
+    # Right after remote(): the owner's helper waits for the value being built.
+    assert await a.call("worker1", a.call_method, (SlowCounter.add, rref, 2)) == 7
+    assert (await a.to_here(rref)).n == 7
+    assert rref.owner() == rpc.WorkerInfo("worker1", 1) and rref.owner_name() == "worker1"
+    assert not rref.is_owner()
+    assert await a.proxy(rref, "rpc_sync", "add", 1) == 8
+    assert await a.proxy(rref, "rpc_async", "add", 1) == 9
+    assert await a.proxy(rref, "remote", "add", 1) == 10
+    # Passed on to a third worker, which fetches it (a plain function there).
+    assert await a.call("worker2", a.fetch_n, (rref,)) == 10
+    deadline = time.monotonic() + 10
+    while not rref.confirmed_by_owner():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    local = rpc.RRef(torch.ones(2)) if a.name == "async" else sync_rpc.RRef(torch.ones(2))
+    assert local.is_owner() and torch.equal(local.local_value(), torch.ones(2))
+    broken = a.remote("worker2", int, ("x",))
+    with pytest.raises(ValueError, match="invalid literal"):
+        await a.to_here(broken)
+    return {"rref_type": type(rref).__module__ + "." + type(rref).__qualname__}
+
+
+async def scenario_autograd(a: AsyncApi | SyncApi) -> dict[str, Any]:
+    w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    with a.context() as cid:
+        y = await a.call("worker1", torch.mul, (w, 2.0))
+        z = await a.call("worker2", torch.add, (y, w))
+        loss = (z * z).sum()
+        await a.backward(cid, [loss])
+        grads = a.gradients(cid)
+    w_local = w.detach().clone().requires_grad_()
+    ((w_local * 2.0 + w_local) ** 2).sum().backward()
+    assert list(grads) == [w]
+    assert torch.allclose(grads[w], w_local.grad)  # type: ignore[arg-type]
+    assert w.grad is None
+    return {"grad": grads[w].tolist()}
+
+
+async def scenario_optimizer(a: AsyncApi | SyncApi) -> dict[str, Any]:
+    param = a.remote("worker1", make_leaf, ([1.0, 2.0, 3.0],))
+    before = (await a.to_here(param)).detach().clone()
+    x = torch.tensor([1.0, -1.0, 0.5])
+    with a.context() as cid:
+        y = await a.call("worker1", scale_by, (param, x))
+        await a.backward(cid, [y.sum()])
+        await a.step([param], cid, lr=0.5)
+    after = await a.to_here(param)
+    assert torch.allclose(after, before - 0.5 * x)
+    return {"after": after.tolist()}
+
+
+SCENARIOS = {
+    "calls": scenario_calls,
+    "rrefs": scenario_rrefs,
+    "autograd": scenario_autograd,
+    "optimizer": scenario_optimizer,
+}
+
+
+async def check_scenario(rank: int, world_size: int, api_name: str, scenario: str) -> Any:
+    return await SCENARIOS[scenario](api_named(api_name))
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_scenario_through_both_apis(either: tuple[str, WorkerGroup], scenario: str) -> None:
+    api_name, group = either
+    got = group.call(0, check_scenario, api_name, scenario, timeout=60)
+    if scenario == "rrefs":
+        expected = "RRef" if api_name == "async" else "aiorpc_autograd.sync.rpc.api.RRef"
+        assert got["rref_type"].endswith(expected)
+        if api_name == "async":
+            assert got["rref_type"] == "aiorpc_autograd.rref.RRef"
+
+
+# --------------------------------------------------------------------- facade-only shapes
+
+
+async def check_futures(rank: int, world_size: int) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        fut = sync_rpc.rpc_async("worker1", torch.add, args=(torch.ones(2), 1))
+        assert isinstance(fut, torch.futures.Future)
+        out["wait"] = fut.wait().tolist()
+        out["value"] = fut.value().tolist()
+        out["done"] = fut.done()
+        seen: list[Any] = []
+        fut2 = sync_rpc.rpc_async("worker2", echo, args=(3,))
+        chained = fut2.then(lambda f: f.wait() * 10)
+        event = threading.Event()
+        fut2.add_done_callback(lambda f: (seen.append(f.value()), event.set()))
+        out["then"] = chained.wait()
+        assert event.wait(10)
+        out["callback"] = seen
+        futures = [sync_rpc.rpc_async(f"worker{1 + i % 2}", echo, args=(i,)) for i in range(8)]
+        out["wait_all"] = torch.futures.wait_all(futures)
+        collected = torch.futures.collect_all(
+            [sync_rpc.rpc_async("worker1", echo, args=(i,)) for i in range(3)]
+        ).wait()
+        out["collect_all"] = [f.value() for f in collected]
+        failing = sync_rpc.rpc_async("worker1", int, args=("x",))
+        with pytest.raises(ValueError, match="invalid literal"):
+            failing.wait()
+        with pytest.raises(ValueError, match="unknown worker"):
+            sync_rpc.rpc_async("nobody", echo, args=(1,))
+        slow = sync_rpc.rpc_async("worker1", blocking_sleep, args=(2.0,), timeout=0.3)
+        with pytest.raises(rpc.RpcTimeoutError):
+            slow.wait()
+        # torch's keyword forms; args as a list
+        out["kwargs"] = sync_rpc.rpc_sync(to="worker2", func=echo, args=[5], timeout=0)
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_rpc_async_returns_a_torch_future(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(0, check_futures)
+    assert got["wait"] == [2.0, 2.0] and got["value"] == [2.0, 2.0] and got["done"] is True
+    assert got["then"] == 30 and got["callback"] == [3]
+    assert got["wait_all"] == list(range(8))
+    assert got["collect_all"] == [0, 1, 2]
+    assert got["kwargs"] == 5
+
+
+# async_execution: futures parked on the callee until another call releases them.
+_PARKED: dict[str, torch.futures.Future[Any]] = {}
+
+
+@sync_rpc.functions.async_execution
+def park(key: str) -> torch.futures.Future[Any]:
+    fut: torch.futures.Future[Any] = torch.futures.Future()
+    _PARKED[key] = fut
+    return fut
+
+
+def release(value: int) -> list[str]:
+    keys = sorted(_PARKED)
+    for i, key in enumerate(keys):
+        _PARKED.pop(key).set_result(value + i)
+    return keys
+
+
+@sync_rpc.functions.async_execution
+def add_later(to: str, x: torch.Tensor) -> torch.futures.Future[Any]:
+    """torch's tutorial shape: chain on another call's future."""
+    return sync_rpc.rpc_async(to, torch.add, args=(x, 1)).then(lambda f: f.wait() * 2)
+
+
+@sync_rpc.functions.async_execution
+def awaitable_result(x: int) -> Any:
+    return echo_async(x + 1)  # a coroutine: awaited on the callee's loop
+
+
+class Service:
+    @staticmethod
+    @sync_rpc.functions.async_execution
+    def static_add_later(to: str, x: torch.Tensor) -> torch.futures.Future[Any]:
+        return sync_rpc.rpc_async(to, torch.add, args=(x, 2))
+
+
+async def check_async_execution(rank: int, world_size: int) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        # worker1 has 2 pool threads: 5 parked calls would hold them all if a
+        # thread waited for its future, and `release` could never run.
+        parked = [sync_rpc.rpc_async("worker1", park, args=(f"k{i}",)) for i in range(5)]
+        deadline = time.monotonic() + 20
+        released: list[str] = []
+        while len(released) < 5:
+            assert time.monotonic() < deadline, released
+            released += sync_rpc.rpc_sync("worker1", release, args=(100,))
+            time.sleep(0.02)
+        values = sorted(f.wait() for f in parked)
+        chained = sync_rpc.rpc_sync("worker1", add_later, args=("worker2", torch.ones(2)))
+        static = sync_rpc.rpc_sync(
+            "worker1", Service.static_add_later, args=("worker2", torch.ones(1))
+        )
+        awaited = sync_rpc.rpc_sync("worker2", awaitable_result, args=(41,))
+        return {
+            "released": sorted(released),
+            "parked_values": values,
+            "chained": chained.tolist(),
+            "static": static.tolist(),
+            "awaited": awaited,
+        }
+
+    return await asyncio.to_thread(run)
+
+
+def test_async_execution_replies_when_the_future_completes(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(0, check_async_execution)
+    assert got["released"] == [f"k{i}" for i in range(5)]
+    assert len(got["parked_values"]) == 5 and all(v >= 100 for v in got["parked_values"])
+    assert got["chained"] == [4.0, 4.0]
+    assert got["static"] == [3.0]
+    assert got["awaited"] == 42
+
+
+async def blocking_calls_on_the_loop(to: str) -> dict[str, str]:
+    """An async remote function: the facade's blocking calls refuse to block its loop."""
+    out: dict[str, str] = {}
+    with pytest.raises(RuntimeError) as info:
+        sync_rpc.rpc_sync(to, echo, args=(1,))
+    out["rpc_sync"] = str(info.value)
+    fut = sync_rpc.rpc_async(to, blocking_sleep, args=(0.2,))  # non-blocking: fine here
+    with pytest.raises(RuntimeError) as info:
+        fut.wait()
+    out["wait"] = str(info.value)
+    out["awaited"] = str(await fut)
+    rref = sync_rpc.remote(to, echo, args=(7,))
+    out["to_here"] = str(await rref.to_here())  # on a loop: the awaitable form
+    return out
+
+
+def pool_thread_calls(to: str) -> int:
+    """A plain remote function: the facade's blocking calls work in pool threads."""
+    rref = sync_rpc.remote(to, echo, args=(20,))
+    value: int = rref.to_here() + sync_rpc.rpc_async(to, echo, args=(1,)).wait()
+    return value + sync_rpc.rpc_sync(to, echo, args=(1,))
+
+
+def test_blocking_calls_on_the_loop_thread_raise_and_work_in_pool_threads(
+    sync_service: WorkerGroup,
+) -> None:
+    got = sync_service.call(0, check_blocking_on_loop)
+    assert "event loop" in got["rpc_sync"] and "rpc_async" in got["rpc_sync"]
+    assert "event loop" in got["wait"]
+    assert got["awaited"] == "0.2" and got["to_here"] == "7"
+    assert got["pool"] == 22
+
+
+async def check_blocking_on_loop(rank: int, world_size: int) -> dict[str, Any]:
+    out: dict[str, Any] = await asyncio.to_thread(
+        sync_rpc.rpc_sync, "worker1", blocking_calls_on_the_loop, ("worker2",)
+    )
+    out["pool"] = await asyncio.to_thread(
+        sync_rpc.rpc_sync, "worker1", pool_thread_calls, ("worker2",)
+    )
+    return out
+
+
+async def check_remote_module(rank: int, world_size: int) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        torch.manual_seed(0)
+        local = torch.nn.Linear(3, 2)
+        net = sync_nn.RemoteModule("rank:1/cpu", torch.nn.Linear, args=(3, 2))  # torch spelling
+        # the same weights on both sides
+        for p_remote, p_local in zip(net.remote_parameters(), local.parameters(), strict=True):
+            sync_rpc.rpc_sync("worker1", copy_into, args=(p_remote, p_local.detach()))
+        x = torch.tensor([[1.0, 2.0, -1.0], [0.5, 0.0, 1.0]])
+        assert net.get_module_rref().owner_name() == "worker1"
+        opt = sync_optim.DistributedOptimizer(torch.optim.SGD, net.remote_parameters(), lr=0.1)
+        local_opt = torch.optim.SGD(local.parameters(), lr=0.1)
+        for _ in range(3):
+            with sync_autograd.context() as cid:
+                out = net(x) + net.forward_async(x).wait()
+                loss = (out**2).sum()
+                sync_autograd.backward(cid, [loss])
+                opt.step(cid)
+            local_opt.zero_grad()
+            ((local(x) + local(x)) ** 2).sum().backward()
+            local_opt.step()
+        net.eval()
+        remote_out = net(x)
+        return {"same": bool(torch.allclose(remote_out, local(x), atol=1e-6))}
+
+    return await asyncio.to_thread(run)
+
+
+def copy_into(rref: Any, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        rref.local_value().copy_(value)
+
+
+def test_remote_module_and_optimizer_match_local_training(sync_service: WorkerGroup) -> None:
+    assert sync_service.call(0, check_remote_module) == {"same": True}
+
+
+async def check_facade_options(rank: int, world_size: int) -> dict[str, Any]:
+    opts = api.current_agent().options
+    return {
+        "threads": opts.num_worker_threads,
+        "facade_rrefs": RRefService.current().rref_class is sync_rpc.RRef,
+        "loop_thread": api.current_agent().loop is not asyncio.get_running_loop(),
+    }
+
+
+def test_facade_service_runs_with_mapped_options(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(1, check_facade_options)
+    assert got == {"threads": 2, "facade_rrefs": True, "loop_thread": True}
+
+
+def facade_in_async_process(to: str) -> int:
+    """A plain function in a process started with the async API: the facade's
+    calls work there too (its RRefs are the async API's)."""
+    a: int = sync_rpc.rpc_sync(to, echo, args=(1,))
+    b: int = sync_rpc.rpc_async(to, echo, args=(2,)).wait()
+    rref = sync_rpc.remote(to, echo, args=(3,))
+    assert type(rref) is rpc.RRef
+    return a + b + rpc.rpc_sync(to, fetch_value, (rref,))
+
+
+async def fetch_value(rref: Any) -> Any:
+    return await rref.to_here()
+
+
+async def check_facade_in_async_process(rank: int, world_size: int) -> int:
+    result: int = await rpc.rpc_async("worker1", facade_in_async_process, ("worker2",))
+    return result
+
+
+def test_facade_calls_in_a_process_started_with_the_async_api(service: WorkerGroup) -> None:
+    assert service.call(0, check_facade_in_async_process) == 6
+
+
+# --------------------------------------------------------------------- rpc.to_thread
+
+
+def spin(seconds: float) -> int:
+    """CPU work that releases the GIL (torch kernels), for ``seconds``."""
+    a = torch.randn(128, 128)
+    n = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        a = torch.tanh(a @ a)
+        n += 1
+    return n
+
+
+async def heavy(seconds: float) -> int:
+    return await rpc.to_thread(spin, seconds)
+
+
+async def check_to_thread_keeps_serving(rank: int, world_size: int) -> dict[str, Any]:
+    started = time.monotonic()
+    job = rpc.rpc_async("worker1", heavy, (1.5,))
+    await asyncio.sleep(0.2)  # the heavy call has started
+    latencies = []
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert await rpc.rpc_async("worker1", echo_async, (1,)) == 1
+        latencies.append(time.monotonic() - t0)
+    answered_at = time.monotonic() - started
+    iterations = await job
+    return {
+        "max_latency": max(latencies),
+        "answered_at": answered_at,
+        "heavy_done_at": time.monotonic() - started,
+        "iterations": iterations,
+    }
+
+
+def test_to_thread_keeps_the_loop_serving(service: WorkerGroup) -> None:
+    got = service.call(0, check_to_thread_keeps_serving)
+    assert got["iterations"] > 0
+    # Answered while the heavy part ran (it ends at about 1.5 s).
+    assert got["answered_at"] < got["heavy_done_at"]
+    assert got["max_latency"] < 0.5, got
+
+
+def affine_then_remote(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Runs in worker1's pool (to_thread): local ops, then a nested blocking
+    call, which must see the caller's autograd context to be recorded."""
+    h = torch.tanh(w * x)
+    return rpc.rpc_sync("worker2", torch.mul, (h, h)) + w
+
+
+async def stage_to_thread(w: torch.Tensor, x: torch.Tensor) -> Any:
+    return await rpc.to_thread(affine_then_remote, w, x)
+
+
+async def check_to_thread_gradients(rank: int, world_size: int) -> dict[str, Any]:
+    w = torch.tensor([0.3, -0.7, 1.1], requires_grad=True)
+    x = torch.tensor([2.0, 1.0, -0.5])
+    async with dist_autograd.context() as cid:
+        y = await rpc.rpc_async("worker1", stage_to_thread, (w, x))
+        await dist_autograd.backward(cid, [y.sum()])
+        grad = dist_autograd.get_gradients(cid)[w]
+    wl = w.detach().clone().requires_grad_()
+    h = torch.tanh(wl * x)
+    (h * h + wl).sum().backward()
+    assert wl.grad is not None
+    return {"grad": grad.tolist(), "expected": wl.grad.tolist()}
+
+
+def test_to_thread_records_gradients_in_the_callers_context(service: WorkerGroup) -> None:
+    got = service.call(0, check_to_thread_gradients)
+    assert got["grad"] == pytest.approx(got["expected"], abs=1e-6)
