@@ -25,6 +25,7 @@ from .errors import (
     ConnectionLostError,
     ProtocolError,
     RemoteError,
+    ResourceLimitError,
     RpcError,
     RpcTimeoutError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "ConnectionLostError",
     "ProtocolError",
     "RemoteError",
+    "ResourceLimitError",
     "RpcError",
     "RpcOptions",
     "RRef",

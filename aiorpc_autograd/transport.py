@@ -140,6 +140,10 @@ class Connection(asyncio.BufferedProtocol):
         gate: for an accepted connection, the listener's pre-auth bounds:
             the connection is closed at once over its limit, and at its
             deadline unless :meth:`admit` was called by then.
+        write_limit: flow control for the side that answers requests: while
+            more than this many bytes wait in the transport's write buffer
+            (the peer does not read), no further frame is read or delivered,
+            until the buffer drained to a quarter of it; 0: off.
     """
 
     def __init__(
@@ -152,7 +156,20 @@ class Connection(asyncio.BufferedProtocol):
         shm_threshold: int = 0,
         shm_copy: bool = False,
         gate: PreAuthGate | None = None,
+        write_limit: int = 0,
     ) -> None:
+        self.client = client
+        # Flow control (see pause_writing): above this many buffered bytes the
+        # connection stops delivering frames; 0: the transport's default limits
+        # and no read pause.
+        self._write_limit = write_limit
+        # Why frames are not delivered now ("writes", or the owner's reasons),
+        # and the frames of the last read that arrived meanwhile.
+        self._read_pauses: set[str] = set()
+        self._held: collections.deque[Frame] = collections.deque()
+        self._resume_scheduled = False
+        # Requests from this peer being served; kept by the owner (the agent).
+        self.serving = 0
         self._limits = limits
         # Made after the handshake (with auth); gated to one Hello-sized frame
         # until admit(): a stranger costs a few KiB.
@@ -161,7 +178,10 @@ class Connection(asyncio.BufferedProtocol):
         self._gate = gate
         self._deadline: asyncio.TimerHandle | None = None
         self._admitted = False
+        # The transport reads nothing while a pause reason holds or the reader
+        # holds an unadmitted peer's first frame (see _update_reading).
         self._reading_paused = False
+        self._gate_hold = False
         self._shm_threshold = shm_threshold
         self._shm_copy = shm_copy
         # Most bytes of the peer's segments this side maps (announced in its offer).
@@ -216,6 +236,8 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.last_received = time.monotonic()
+        if self._write_limit > 0:
+            self._transport.set_write_buffer_limits(high=self._write_limit)
         if self._handshake is None:
             self._up()
         else:
@@ -299,9 +321,8 @@ class Connection(asyncio.BufferedProtocol):
             log.warning("dropping connection from %s: %s", self.peer_label, exc)
             self.abort(exc)
             return
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            self._transport.resume_reading()
+        self._gate_hold = False
+        self._update_reading()
         self._deliver(frames)
 
     def _flush_handshake(self) -> None:
@@ -314,6 +335,7 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._leave_gate()
+        self._held.clear()
         error = self._error or exc
         if self._shm_tx is not None:
             self._shm_tx.close()
@@ -333,9 +355,15 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        if self._write_limit > 0:
+            # The peer does not read what we write: read nothing new from it
+            # either, so what it can make us buffer stays bounded.
+            self.hold_reading("writes", True)
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._write_limit > 0:
+            self.hold_reading("writes", False)
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -361,31 +389,72 @@ class Connection(asyncio.BufferedProtocol):
             log.warning("dropping connection from %s: %s", self.peer_label, exc)
             self.abort(exc)
             return
-        reader = self._reader
-        if reader is not None and reader.holding and not self._reading_paused and self._transport:
+        if self._reader is not None and self._reader.holding:
             # Unadmitted and its one frame is in: read nothing more until the
             # owner admits (or drops) the peer.
-            self._reading_paused = True
-            self._transport.pause_reading()
+            self._gate_hold = True
+            self._update_reading()
         self._deliver(frames)
 
     def _deliver(self, frames: list[Frame]) -> None:
         for frame in frames:
             if self._closed:
                 return
-            if frame.flags:
-                try:
-                    if not self._admitted:
-                        raise ProtocolError(f"frame flags {frame.flags:#x} before the Hello")
-                    if frame.flags == FLAG_CONTROL:
-                        self._control(frame.header)
-                        continue
-                    frame = self._unplace(frame)
-                except ProtocolError as exc:
-                    log.warning("dropping connection from %s: %s", self.peer_label, exc)
-                    self.abort(exc)
+            if self._read_pauses or self._held:  # paused by an earlier frame
+                self._held.append(frame)
+            else:
+                self._deliver_one(frame)
+
+    def _deliver_one(self, frame: Frame) -> None:
+        if frame.flags:
+            try:
+                if not self._admitted:
+                    raise ProtocolError(f"frame flags {frame.flags:#x} before the Hello")
+                if frame.flags == FLAG_CONTROL:
+                    self._control(frame.header)
                     return
-            self._on_frame(self, frame)
+                frame = self._unplace(frame)
+            except ProtocolError as exc:
+                log.warning("dropping connection from %s: %s", self.peer_label, exc)
+                self.abort(exc)
+                return
+        self._on_frame(self, frame)
+
+    def hold_reading(self, reason: str, hold: bool) -> None:
+        """Stop (``hold``) or resume reading and delivering frames for ``reason``.
+
+        Frames are delivered only while no reason holds them; those of a read
+        already received are kept (in order) until then. Idempotent per reason.
+        """
+        if hold:
+            self._read_pauses.add(reason)
+            self._update_reading()
+            return
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses.discard(reason)
+        if not self._read_pauses and not self._resume_scheduled:
+            self._resume_scheduled = True  # not from inside a callback of ours
+            self._loop.call_soon(self._deliver_held)
+
+    def _deliver_held(self) -> None:
+        self._resume_scheduled = False
+        while self._held and not self._read_pauses and not self._closed:
+            self._deliver_one(self._held.popleft())
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Pause or resume the transport's reads as the holds say."""
+        want = bool(self._read_pauses) or self._gate_hold
+        if want == self._reading_paused or self._closed or self._transport is None:
+            return
+        if self._transport.is_closing():
+            return
+        self._reading_paused = want
+        if want:
+            self._transport.pause_reading()
+        else:
+            self._transport.resume_reading()
 
     def _unplace(self, frame: Frame) -> Frame:
         if frame.flags != FLAG_SHM:
