@@ -1008,7 +1008,8 @@ class RpcAgent:
                 f"lost the connection to worker {info.name!r}{reason}", worker=info.name
             ),
         )
-        self._suspect(info)
+        if not conn.closed_here:  # closed on purpose here: nothing to suspect
+            self._suspect(info)
 
     # ------------------------------------------------------------------ liveness
 

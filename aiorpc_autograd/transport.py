@@ -170,6 +170,8 @@ class Connection(asyncio.BufferedProtocol):
         self._resume_scheduled = False
         # Requests from this peer being served; kept by the owner (the agent).
         self.serving = 0
+        # This side closed it on purpose (close()): its loss says nothing of the peer.
+        self.closed_here = False
         self._limits = limits
         # Made after the handshake (with auth); gated to one Hello-sized frame
         # until admit(): a stranger costs a few KiB.
@@ -582,7 +584,8 @@ class Connection(asyncio.BufferedProtocol):
         await waiter
 
     def close(self) -> None:
-        """Close after the buffered writes are flushed."""
+        """Close after the buffered writes are flushed (:attr:`closed_here`)."""
+        self.closed_here = True
         if self._transport is not None and not self._transport.is_closing():
             self._flush()
             self._transport.close()
