@@ -89,6 +89,31 @@ ResponseUnwrapper = Callable[[int, Message], Message]
 # Functions callable by name (rpc.register); process-wide like Python imports.
 _REGISTERED: dict[str, Callable[..., Any]] = {}
 
+# The connection whose request is being served (set while its handler runs, and
+# inherited by the Task serving it): lets a layer charge state to the peer.
+serving_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "aiorpc_serving_connection", default=None
+)
+# While a call's arguments are decoded: futures the call must wait for before
+# its function starts (an owner RRef whose value is still being created).
+_call_waits: contextvars.ContextVar[list[asyncio.Future[Any]] | None] = contextvars.ContextVar(
+    "aiorpc_call_waits", default=None
+)
+
+
+def wait_before_call(fut: asyncio.Future[Any]) -> bool:
+    """While a call's arguments are being decoded: make the call wait for
+    ``fut`` before its function starts (and fail with ``fut``'s error).
+
+    Returns:
+        False when no call is being decoded here (the caller must wait itself).
+    """
+    waits = _call_waits.get()
+    if waits is None:
+        return False
+    waits.append(fut)
+    return True
+
 
 def register_function(name: str, func: Callable[..., Any]) -> None:
     """Make ``func`` callable as ``name``.
@@ -218,6 +243,11 @@ class RpcAgent:
         self.extensions: dict[str, Any] = {}
         self.idle_checks: list[Callable[[], bool]] = []
         self.before_shutdown: list[Callable[[], None]] = []
+        # Called once when a peer is declared gone for good (its error names it).
+        self.peer_gone_hooks: list[Callable[[WorkerInfo, RpcError], None]] = []
+        self._gone: set[int] = set()
+        self._probes: set[asyncio.Task[None]] = set()
+        self._lost_waiters: dict[Connection, asyncio.Future[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -788,17 +818,32 @@ class RpcAgent:
     def dispatch(self, conn: Connection, rid: int, message: Message) -> None:
         """Run the handler of a request and answer it."""
         handler = self.handlers.get(type(message))
+        token = serving_connection.set(conn)
         try:
-            if handler is None:
-                raise ProtocolError(f"unsupported request {message.TYPE.name}")
-            result = handler(message)
-        except Exception as exc:
-            self.reply_error(conn, rid, exc)
-            return
-        if isinstance(result, Message):
-            self.reply(conn, rid, result)
-        else:
-            self.serve(conn, rid, result)
+            try:
+                if handler is None:
+                    raise ProtocolError(f"unsupported request {message.TYPE.name}")
+                result = handler(message)
+            except Exception as exc:
+                self.reply_error(conn, rid, exc)
+                return
+            if isinstance(result, Message):
+                self.reply(conn, rid, result)
+            else:
+                self.serve(conn, rid, result)  # its Task inherits serving_connection
+        finally:
+            serving_connection.reset(token)
+
+    def when_lost(self, conn: Connection) -> asyncio.Future[None]:
+        """A future that resolves once ``conn`` is closed or lost."""
+        fut = self._lost_waiters.get(conn)
+        if fut is None:
+            fut = self.loop.create_future()
+            if conn.closed:
+                fut.set_result(None)
+            else:
+                self._lost_waiters[conn] = fut
+        return fut
 
     def _on_hello(self, conn: Connection, hello: Hello) -> None:
         peer = self._peers.get(hello.worker_id)
@@ -850,6 +895,9 @@ class RpcAgent:
 
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
         self._incoming.discard(conn)
+        waiter = self._lost_waiters.pop(conn, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         info = conn.peer
         if not isinstance(info, WorkerInfo):
             return
@@ -863,6 +911,42 @@ class RpcAgent:
             lambda p: p.conn is conn,
             ConnectionLostError(f"lost the connection to worker {info.name!r}{reason}"),
         )
+        # interim: agent-fail builds the real liveness detection. The last
+        # connection with a known peer is gone: probe it (a dead process refuses
+        # the new connection); a raw peer that merely claimed the name does not
+        # make the real worker look gone.
+        if (
+            self._running
+            and peer is not None
+            and info.id not in self._gone
+            and not any(c.peer == info and not c.closed for c in self._incoming)
+            and (peer.conn is None or peer.conn.closed)
+        ):
+            probe = self.loop.create_task(self._probe_gone(info))
+            self._probes.add(probe)
+            probe.add_done_callback(self._probes.discard)
+
+    async def _probe_gone(self, info: WorkerInfo) -> None:
+        """interim: agent-fail builds the real liveness detection."""
+        try:
+            await self.request(
+                info, Heartbeat(), self.options.heartbeat_timeout, decode=lambda m: None
+            )
+        except ConnectionLostError as exc:
+            self._peer_gone(info, ConnectionLostError(f"worker {info.name!r} is gone: {exc}"))
+        except RpcError:
+            pass
+
+    def _peer_gone(self, info: WorkerInfo, error: RpcError) -> None:
+        """Declare ``info`` gone for good: call every peer_gone hook once."""
+        if info.id in self._gone or not self._running:
+            return
+        self._gone.add(info.id)
+        for hook in list(self.peer_gone_hooks):
+            try:
+                hook(info, error)
+            except Exception:
+                log.exception("a peer_gone hook failed for worker %r", info.name)
 
     async def _heartbeat_loop(self) -> None:
         """Probe peers that owe us answers; drop those silent for too long."""
@@ -950,6 +1034,19 @@ class RpcAgent:
             args, kwargs = codec.load_payload(payload, allow)
         return func, tuple(args), dict(kwargs or {})
 
+    def resolve_call_waiting(
+        self, target: str | None, payload: Payload
+    ) -> tuple[Any, Any, Any, list[asyncio.Future[Any]]]:
+        """:meth:`resolve_call`, plus the futures the call must wait for before
+        it starts (see :func:`wait_before_call`)."""
+        waits: list[asyncio.Future[Any]] = []
+        token = _call_waits.set(waits)
+        try:
+            func, args, kwargs = self.resolve_call(target, payload)
+        finally:
+            _call_waits.reset(token)
+        return func, args, kwargs, waits
+
     def run_in_executor(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn`` in the agent's thread pool."""
         return self._pool.run(fn)
@@ -973,7 +1070,9 @@ class RpcAgent:
 
     def _run_call(self, message: Message) -> Message | Awaitable[Message]:
         assert isinstance(message, PythonCall)
-        func, args, kwargs = self.resolve_call(message.target, message.value)
+        func, args, kwargs, waits = self.resolve_call_waiting(message.target, message.value)
+        if waits:  # start only once the values its arguments refer to exist
+            return self._await_call(self._after(waits, func, args, kwargs))
         if inspect.iscoroutinefunction(func):
             return self._await_call(func(*args, **kwargs))
         # The hot path: a pool job and one future, no Task and no coroutine.
@@ -983,6 +1082,17 @@ class RpcAgent:
             functools.partial(self._call_done, result),
         )
         return result
+
+    async def _after(
+        self,
+        waits: list[asyncio.Future[Any]],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        for fut in waits:
+            await asyncio.shield(fut)  # a failed value fails the call with its error
+        return await self.invoke(func, args, kwargs)
 
     async def _await_call(self, awaitable: Awaitable[Any]) -> Message:
         value = await awaitable

@@ -58,6 +58,12 @@ class RpcOptions:
         allow_pickle: if False (safe mode), only registered functions can be
             called and only msgpack values and tensors travel.
         rendezvous_timeout: seconds to wait for the whole group in ``init_rpc``.
+        max_pending_fetches_per_peer: most ``to_here`` fetches (and RRef
+            backward requests) from one peer that may wait here for a value not
+            created yet; more fail at once with ``RpcError``.
+        max_owner_rrefs_per_peer: most values this worker owns on behalf of one
+            peer (created by its ``remote()`` calls, or referred to before
+            their creation arrived); more fail with ``RpcError``.
     """
 
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
@@ -76,13 +82,21 @@ class RpcOptions:
     shm_threshold: int = 512 << 10
     allow_pickle: bool = True
     rendezvous_timeout: float = 300.0
+    max_pending_fetches_per_peer: int = 10_000
+    max_owner_rrefs_per_peer: int = 100_000
 
     def __post_init__(self) -> None:
         if not self.rpc_timeout >= 0:  # also refuses NaN
             raise ValueError(f"rpc_timeout must be >= 0, got {self.rpc_timeout}")
         if self.num_worker_threads < 1:
             raise ValueError(f"num_worker_threads must be >= 1, got {self.num_worker_threads}")
-        for name in ("max_message_size", "max_header_size", "max_tensors"):
+        for name in (
+            "max_message_size",
+            "max_header_size",
+            "max_tensors",
+            "max_pending_fetches_per_peer",
+            "max_owner_rrefs_per_peer",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.shm_threshold < 0:
