@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import copy
 import functools
 import hmac
 import inspect
@@ -99,6 +100,34 @@ serving_connection: contextvars.ContextVar[Connection | None] = contextvars.Cont
 _call_waits: contextvars.ContextVar[list[asyncio.Future[Any]] | None] = contextvars.ContextVar(
     "aiorpc_call_waits", default=None
 )
+
+
+def fresh_error(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to raise again: raising a stored exception (a shared
+    future's) would grow its traceback with the frames it passes, keeping
+    their locals (RRefs, tensors) alive as long as the future."""
+    try:
+        new = copy.copy(exc)
+    except Exception:  # not copyable: raise the original
+        return exc
+    if type(new) is not type(exc):
+        return exc
+    new.__cause__, new.__context__ = exc.__cause__, exc.__context__
+    new.__suppress_context__ = exc.__suppress_context__
+    return new.with_traceback(exc.__traceback__)
+
+
+async def outcome(fut: asyncio.Future[T]) -> T:
+    """``await fut`` for a future others await too: its error is raised as a
+    :func:`fresh_error`; cancelling this wait leaves ``fut`` alone."""
+    if not fut.done():
+        await asyncio.wait({fut})
+    if fut.cancelled():
+        raise RpcError("cancelled")
+    exc = fut.exception()
+    if exc is not None:
+        raise fresh_error(exc)
+    return fut.result()
 
 
 def wait_before_call(fut: asyncio.Future[Any]) -> bool:
@@ -1091,7 +1120,7 @@ class RpcAgent:
         kwargs: dict[str, Any],
     ) -> Any:
         for fut in waits:
-            await asyncio.shield(fut)  # a failed value fails the call with its error
+            await outcome(fut)  # a failed value fails the call with its error
         return await self.invoke(func, args, kwargs)
 
     async def _await_call(self, awaitable: Awaitable[Any]) -> Message:

@@ -71,7 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from . import codec
-from .agent import RpcAgent, serving_connection, wait_before_call
+from .agent import RpcAgent, fresh_error, outcome, serving_connection, wait_before_call
 from .autograd import current_context_id
 from .codec import (
     Message,
@@ -229,14 +229,14 @@ class RRef(Generic[T]):
         if agent.on_loop_thread():
             failure = service.failure(self)
             if failure is not None:
-                raise failure
+                raise fresh_error(failure)
             entry = service._owners.get(self._rref_id)
             if entry is None or not entry.value.done():
                 raise RuntimeError(
                     "the value of this RRef is not created yet: on the event loop use "
                     "`await rref.to_here()` (local_value() waits only off the loop)"
                 )
-            return entry.value.result()  # type: ignore[no-any-return]
+            return _result(entry.value)  # type: ignore[no-any-return]
         return agent.blocking(lambda: asyncio.ensure_future(self.to_here(0)))
 
     async def to_here(self, timeout: float | None = None) -> T:
@@ -255,7 +255,7 @@ class RRef(Generic[T]):
         service = self._service
         failure = service.failure(self)
         if failure is not None:
-            raise failure
+            raise fresh_error(failure)
         if self.is_owner():
             return await service.owner_value(self, timeout)  # type: ignore[no-any-return]
         agent = service.agent
@@ -274,7 +274,7 @@ class RRef(Generic[T]):
         error = _error_of(creation)
         if error is not None:  # the creation's failure decides, whatever the fetch does
             fetch.add_done_callback(_retrieve)
-            raise error
+            raise fresh_error(error)
         if not fetch.done() or fetch.exception() is None:
             return await fetch  # type: ignore[no-any-return]
         # The fetch failed while the creation was pending: the creation decides.
@@ -283,12 +283,12 @@ class RRef(Generic[T]):
         if isinstance(fetch_error, RpcTimeoutError):
             raise fetch_error
         left = _left(deadline)
-        try:
-            await asyncio.wait_for(asyncio.shield(creation), left if left else None)
-        except TimeoutError:
-            raise RpcTimeoutError(f"to_here() timed out after {limit}s") from None
-        except RpcError as exc:
-            raise exc from None
+        done, _ = await asyncio.wait({creation}, timeout=left if left else None)
+        if not done:
+            raise RpcTimeoutError(f"to_here() timed out after {limit}s")
+        error = _error_of(creation)
+        if error is not None:
+            raise fresh_error(error)
         # Created after all (the fetch overtook a delayed creation): once more.
         again = agent.request(self._owner, message, left, service.decode_fetch)
         return await again  # type: ignore[no-any-return]
@@ -333,7 +333,7 @@ class RRef(Generic[T]):
         service = self._service
         failure = service.failure(self)
         if failure is not None:
-            raise failure
+            raise fresh_error(failure)
         if self.is_owner():
             await service.owner_backward(self._rref_id, context_id, retain_graph)
             return
@@ -360,6 +360,14 @@ def _error_of(fut: asyncio.Future[Any]) -> BaseException | None:
     if fut.cancelled():
         return RpcError("cancelled")
     return fut.exception()
+
+
+def _result(fut: asyncio.Future[T]) -> T:
+    """The result of a done future others share (its error as a fresh copy)."""
+    exc = _error_of(fut)
+    if exc is not None:
+        raise fresh_error(exc)
+    return fut.result()
 
 
 def _left(deadline: float | None) -> float:
@@ -405,7 +413,7 @@ class _Proxy:
                 failure = service.failure(rref)
                 if failure is not None:  # nothing is sent
                     fut: asyncio.Future[Any] = agent.loop.create_future()
-                    fut.set_exception(failure)
+                    fut.set_exception(fresh_error(failure))
                     return fut
                 call = agent.call(owner, _invoke_method, call_args, None, timeout)
                 return service.creation_first(rref, call)
@@ -518,13 +526,13 @@ class RRefService:
         error = _error_of(creation)
         if error is not None:
             work.add_done_callback(_retrieve)
-            raise error
+            raise fresh_error(error)
         if work.done() and not isinstance(work.exception(), RpcTimeoutError):
             # Failed while the creation was pending: its outcome explains it.
             await asyncio.wait({creation})
             error = _error_of(creation)
             if error is not None:
-                raise error
+                raise fresh_error(error)
         return await work
 
     # -- owner side ------------------------------------------------------------
@@ -655,10 +663,12 @@ class RRefService:
                 raise RpcTimeoutError(f"to_here() timed out after {timeout}s")
         failure = self.failure(rref)
         if failure is not None:
-            raise failure
+            raise fresh_error(failure)
         if not value.done():  # (created: the value is set before the reply)
-            await asyncio.wait_for(asyncio.shield(value), timeout or None)
-        return value.result()
+            done, _ = await asyncio.wait({value}, timeout=timeout or None)
+            if not done:
+                raise RpcTimeoutError(f"to_here() timed out after {timeout}s")
+        return _result(value)
 
     # -- user side ---------------------------------------------------------------
 
@@ -875,7 +885,7 @@ class RRefService:
             rref = RRef._make(self, to, rref_id, rref_id, False)
             rref._deleted = True  # the owner never heard of it
             fut = self.agent.loop.create_future()
-            fut.set_exception(failure)
+            fut.set_exception(fresh_error(failure))
         else:
             call = self.agent.call_message(func, args, kwargs)
             msg = PythonRemoteCall(call.target, call.value, list(rref_id), list(rref_id))
@@ -930,7 +940,7 @@ class RRefService:
     ) -> Message:
         try:
             for fut in waits:  # values its arguments refer to
-                await asyncio.shield(fut)
+                await outcome(fut)
             value = await self.agent.invoke(func, args, kwargs)
         except BaseException as exc:
             self._settle(rref_id, entry, exc, None)
@@ -973,13 +983,13 @@ class RRefService:
         async def wait() -> T:
             value = entry.value
             if lost is None:
-                return then(await asyncio.shield(value))
+                return then(await outcome(value))
             await asyncio.wait({value, lost}, return_when=asyncio.FIRST_COMPLETED)
             if not value.done():
                 raise ConnectionLostError(
                     f"the connection of worker {requester} waiting for an RRef value was lost"
                 )
-            return then(value.result())
+            return then(_result(value))
 
         def done(_: asyncio.Future[T]) -> None:
             self._fetching[requester] -= 1
@@ -999,7 +1009,7 @@ class RRefService:
             return RRefFetchRet(codec.dump_payload(value, allow))
 
         if entry.value.done():  # the common case: no Task
-            return ret(entry.value.result())
+            return ret(_result(entry.value))
         return self._wait_value(entry, ret)
 
     def decode_fetch(self, message: Message) -> Any:
@@ -1029,7 +1039,7 @@ class RRefService:
     async def owner_backward(self, rref_id: Id, context_id: int, retain_graph: bool) -> None:
         entry = self._owners.get(rref_id)
         assert entry is not None, "an owner handle keeps its entry"
-        await self._run_backward(await asyncio.shield(entry.value), context_id, retain_graph)
+        await self._run_backward(await outcome(entry.value), context_id, retain_graph)
 
     async def _run_backward(self, value: Any, context_id: int, retain_graph: bool) -> None:
         if context_id == -1:
@@ -1050,7 +1060,7 @@ class RRefService:
         context_id, retain_graph = message.context_id, message.retain_graph
 
         async def run(value: asyncio.Future[Any]) -> Message:
-            await self._run_backward(await value, context_id, retain_graph)
+            await self._run_backward(await outcome(value), context_id, retain_graph)
             return RRefBackwardResp()
 
         if entry.value.done():
