@@ -619,6 +619,13 @@ class RRefService:
     def _drop_entry(self, rref_id: Id) -> None:
         entry = self._owners.pop(rref_id)
         self._adopt(entry)  # its timer goes
+        if not entry.value.done():
+            # Every reference went before the value existed: waiting requests
+            # (which hold none) get an answer; a creation still running keeps
+            # nothing (_settle).
+            entry.value.set_exception(
+                RpcError(f"RRef {rref_id} was deleted by every holder before its value existed")
+            )
         if entry.peer != _UNKNOWN:
             self._charged[entry.peer] -= 1
             if self._charged[entry.peer] <= 0:
