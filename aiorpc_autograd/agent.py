@@ -95,6 +95,11 @@ _REGISTERED: dict[str, Callable[..., Any]] = {}
 serving_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
     "aiorpc_serving_connection", default=None
 )
+# While a payload is encoded: the worker it goes to (an RRef forked into it is
+# held there). Unset where the sender does not know it for sure.
+sending_to: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "aiorpc_sending_to", default=None
+)
 # While a call's arguments are decoded: futures the call must wait for before
 # its function starts (an owner RRef whose value is still being created).
 _call_waits: contextvars.ContextVar[list[asyncio.Future[Any]] | None] = contextvars.ContextVar(
@@ -640,7 +645,12 @@ class RpcAgent:
                 "rpc_async must be called on the RPC agent's event loop; use rpc_sync"
             )
         info = self.worker_info(to)
-        return self.request(info, self.call_message(func, args, kwargs), timeout)
+        token = sending_to.set(info.id)
+        try:
+            message = self.call_message(func, args, kwargs)
+        finally:
+            sending_to.reset(token)
+        return self.request(info, message, timeout)
 
     def blocking(self, start: Callable[[], asyncio.Future[T]]) -> T:
         """From a thread other than the loop's: run ``start`` on the loop (in a
@@ -1100,15 +1110,17 @@ class RpcAgent:
     def _run_call(self, message: Message) -> Message | Awaitable[Message]:
         assert isinstance(message, PythonCall)
         func, args, kwargs, waits = self.resolve_call_waiting(message.target, message.value)
+        conn = serving_connection.get()
+        peer = conn.peer.id if conn is not None and isinstance(conn.peer, WorkerInfo) else None
         if waits:  # start only once the values its arguments refer to exist
-            return self._await_call(self._after(waits, func, args, kwargs))
+            return self._await_call(self._after(waits, func, args, kwargs), peer)
         if inspect.iscoroutinefunction(func):
-            return self._await_call(func(*args, **kwargs))
+            return self._await_call(func(*args, **kwargs), peer)
         # The hot path: a pool job and one future, no Task and no coroutine.
         result: asyncio.Future[Message] = self.loop.create_future()
         self._pool.submit(
             functools.partial(contextvars.copy_context().run, func, *args, **kwargs),
-            functools.partial(self._call_done, result),
+            functools.partial(self._call_done, result, peer),
         )
         return result
 
@@ -1123,23 +1135,32 @@ class RpcAgent:
             await outcome(fut)  # a failed value fails the call with its error
         return await self.invoke(func, args, kwargs)
 
-    async def _await_call(self, awaitable: Awaitable[Any]) -> Message:
+    def _result_message(self, value: Any, peer: int | None) -> PythonRet:
+        token = sending_to.set(peer)
+        try:
+            return PythonRet(codec.dump_payload(value, self.options.allow_pickle))
+        finally:
+            sending_to.reset(token)
+
+    async def _await_call(self, awaitable: Awaitable[Any], peer: int | None) -> Message:
         value = await awaitable
         if inspect.isawaitable(value):
             value = await value
-        return PythonRet(codec.dump_payload(value, self.options.allow_pickle))
+        return self._result_message(value, peer)
 
-    def _call_done(self, result: asyncio.Future[Message], ok: bool, value: Any) -> None:
+    def _call_done(
+        self, result: asyncio.Future[Message], peer: int | None, ok: bool, value: Any
+    ) -> None:
         if result.done():
             return
         if not ok:
             result.set_exception(raisable(value))
             return
         if inspect.isawaitable(value):  # a plain function returned a coroutine
-            task = self.loop.create_task(self._await_call(value))
+            task = self.loop.create_task(self._await_call(value, peer))
             task.add_done_callback(lambda t: _chain(t, result))
             return
         try:
-            result.set_result(PythonRet(codec.dump_payload(value, self.options.allow_pickle)))
+            result.set_result(self._result_message(value, peer))
         except Exception as err:
             result.set_exception(err)

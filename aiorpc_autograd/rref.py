@@ -71,7 +71,14 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from . import codec
-from .agent import RpcAgent, fresh_error, outcome, serving_connection, wait_before_call
+from .agent import (
+    RpcAgent,
+    fresh_error,
+    outcome,
+    sending_to,
+    serving_connection,
+    wait_before_call,
+)
 from .autograd import current_context_id
 from .codec import (
     Message,
@@ -440,6 +447,7 @@ class RRefService:
         self._owners: dict[Id, _OwnerEntry] = {}
         self._users: weakref.WeakValueDictionary[Id, RRef[Any]] = weakref.WeakValueDictionary()
         self._pending_children: dict[Id, RRef[Any]] = {}
+        self._children_at: dict[Id, int] = {}  # pending child -> the worker it went to
         self._unconfirmed_deletes: dict[Id, tuple[WorkerInfo, Id]] = {}
         self._ops = 0  # scheduled but not yet sent deletes
         # Reentrant: RRef.__del__ takes it and may run from a GC triggered
@@ -800,8 +808,10 @@ class RRefService:
             if owner.id == info.id:
                 del self._unconfirmed_deletes[fork_id]
         for fork_id, parent in list(self._pending_children.items()):
-            if parent._owner.id == info.id:
+            # Its owner cannot confirm it, or its child cannot accept it.
+            if parent._owner.id == info.id or self._children_at.get(fork_id) == info.id:
                 del self._pending_children[fork_id]
+                self._children_at.pop(fork_id, None)
 
     # -- forking (pickling) --------------------------------------------------------
 
@@ -809,12 +819,16 @@ class RRefService:
         """Persistent id of an RRef being sent: forks it (see module doc)."""
         fork_id = self.new_id()
         me = self.agent.info.id
+        child = sending_to.get()  # where it goes, when the sender knows for sure
         if rref.is_owner():
             entry = self._owners.get(rref._rref_id)
             assert entry is not None, "an owner handle keeps its entry"
-            entry.forks[fork_id] = _UNKNOWN  # early fork registration
+            # Early fork registration; the child holds it (if it dies, it goes).
+            entry.forks[fork_id] = _UNKNOWN if child is None else child
         elif rref._owner.id not in self._gone:
             self._pending_children[fork_id] = rref
+            if child is not None:
+                self._children_at[fork_id] = child
         owner = rref._owner
         return ("RRef", owner.id, owner.name, list(rref._rref_id), list(fork_id), me)
 
@@ -894,7 +908,11 @@ class RRefService:
             fut = self.agent.loop.create_future()
             fut.set_exception(fresh_error(failure))
         else:
-            call = self.agent.call_message(func, args, kwargs)
+            token = sending_to.set(to.id)
+            try:
+                call = self.agent.call_message(func, args, kwargs)
+            finally:
+                sending_to.reset(token)
             msg = PythonRemoteCall(call.target, call.value, list(rref_id), list(rref_id))
             rref = RRef._make(self, to, rref_id, rref_id, False)
             fut = self.agent.request(to, msg, timeout, decode=lambda m: None)
@@ -1012,8 +1030,14 @@ class RRefService:
         entry = self._lookup(_id(message.rref_id), self._requester())
         allow = self.agent.options.allow_pickle
 
+        requester = self._requester()
+
         def ret(value: Any) -> Message:
-            return RRefFetchRet(codec.dump_payload(value, allow))
+            token = sending_to.set(None if requester == _UNKNOWN else requester)
+            try:
+                return RRefFetchRet(codec.dump_payload(value, allow))
+            finally:
+                sending_to.reset(token)
 
         if entry.value.done():  # the common case: no Task
             return ret(_result(entry.value))
@@ -1038,7 +1062,9 @@ class RRefService:
 
     def _on_child_accept(self, message: Message) -> Message:
         assert isinstance(message, RRefChildAccept)
-        self._pending_children.pop(_id(message.fork_id), None)
+        fork_id = _id(message.fork_id)
+        self._pending_children.pop(fork_id, None)
+        self._children_at.pop(fork_id, None)
         return RRefAck()
 
     # -- backward ------------------------------------------------------------------

@@ -300,6 +300,17 @@ async def create_and_hold(owner: str, key: str) -> Any:
     return (await r.to_here()).v
 
 
+def make_owned_rref(v: Any) -> rpc.RRef[Box]:
+    """On the owner: an RRef(value) returned to the caller (an owner fork)."""
+    return rpc.RRef(Box(v))
+
+
+async def fetch_owner_fork(owner: str, key: str) -> Any:
+    r = await rpc.rpc_async(owner, make_owned_rref, (9,))
+    _HELD[key] = r
+    return (await r.to_here()).v
+
+
 def owner_count() -> int:
     gc.collect()
     return int(rpc.get_debug_info()["num_owner_rrefs"])
@@ -318,6 +329,9 @@ async def peer_death(rank: int, world_size: int, init_method: str) -> dict[str, 
         await r.to_here()
         await rpc.rpc_async("worker2", hold, (r, "fork"))  # worker2 holds a fork
         out["created_by_2"] = await rpc.rpc_async("worker2", create_and_hold, ("worker1", "own"))
+        out["owner_fork_to_2"] = await rpc.rpc_async(
+            "worker2", fetch_owner_fork, ("worker1", "owner-fork")
+        )
         del r
         gc.collect()
         await asyncio.sleep(0.2)
@@ -362,8 +376,9 @@ def test_dead_owner_and_dead_user_release_their_rrefs() -> None:
         group.send(1, "checked")
         w0, w1, w2 = group.join(allow_dead={2})
     assert w2 == Died(-signal.SIGKILL)
-    assert w0["before"] == 5 and w0["created_by_2"] == 3
-    assert w0["owner_before"] == 2  # worker2's fork and its own remote()
+    assert w0["before"] == 5 and w0["created_by_2"] == 3 and w0["owner_fork_to_2"] == 9
+    # worker2's fork, its own remote() and the owner's fork it received
+    assert w0["owner_before"] == 3
     for key in ("to_here", "proxy"):
         err = w0[key]
         assert isinstance(err, rpc.ConnectionLostError), (key, err)
