@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import copy
 import functools
 import hmac
 import inspect
@@ -112,6 +113,64 @@ _MAX_ABANDONED = 100_000
 
 # Functions callable by name (rpc.register); process-wide like Python imports.
 _REGISTERED: dict[str, Callable[..., Any]] = {}
+
+# The connection whose request is being served (set while its handler runs, and
+# inherited by the Task serving it): lets a layer charge state to the peer.
+serving_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "aiorpc_serving_connection", default=None
+)
+# While a payload is encoded: the worker it goes to (an RRef forked into it is
+# held there). Unset where the sender does not know it for sure.
+sending_to: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "aiorpc_sending_to", default=None
+)
+# While a call's arguments are decoded: futures the call must wait for before
+# its function starts (an owner RRef whose value is still being created).
+_call_waits: contextvars.ContextVar[list[asyncio.Future[Any]] | None] = contextvars.ContextVar(
+    "aiorpc_call_waits", default=None
+)
+
+
+def fresh_error(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` to raise again: raising a stored exception (a shared
+    future's) would grow its traceback with the frames it passes, keeping
+    their locals (RRefs, tensors) alive as long as the future."""
+    try:
+        new = copy.copy(exc)
+    except Exception:  # not copyable: raise the original
+        return exc
+    if type(new) is not type(exc):
+        return exc
+    new.__cause__, new.__context__ = exc.__cause__, exc.__context__
+    new.__suppress_context__ = exc.__suppress_context__
+    return new.with_traceback(exc.__traceback__)
+
+
+async def outcome(fut: asyncio.Future[T]) -> T:
+    """``await fut`` for a future others await too: its error is raised as a
+    :func:`fresh_error`; cancelling this wait leaves ``fut`` alone."""
+    if not fut.done():
+        await asyncio.wait({fut})
+    if fut.cancelled():
+        raise RpcError("cancelled")
+    exc = fut.exception()
+    if exc is not None:
+        raise fresh_error(exc)
+    return fut.result()
+
+
+def wait_before_call(fut: asyncio.Future[Any]) -> bool:
+    """While a call's arguments are being decoded: make the call wait for
+    ``fut`` before its function starts (and fail with ``fut``'s error).
+
+    Returns:
+        False when no call is being decoded here (the caller must wait itself).
+    """
+    waits = _call_waits.get()
+    if waits is None:
+        return False
+    waits.append(fut)
+    return True
 
 
 def register_function(name: str, func: Callable[..., Any]) -> None:
@@ -262,6 +321,8 @@ class RpcAgent:
         # Per connection we opened: ids of requests sent on it that timed out,
         # whose late answers are dropped silently (oldest first, capped).
         self._abandoned: dict[Connection, dict[int, None]] = {}
+        # when_lost(conn): futures resolved when that connection goes.
+        self._lost_waiters: dict[Connection, asyncio.Future[None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -677,7 +738,12 @@ class RpcAgent:
                 "rpc_async must be called on the RPC agent's event loop; use rpc_sync"
             )
         info = self.worker_info(to)
-        return self.request(info, self.call_message(func, args, kwargs), timeout)
+        token = sending_to.set(info.id)
+        try:
+            message = self.call_message(func, args, kwargs)
+        finally:
+            sending_to.reset(token)
+        return self.request(info, message, timeout)
 
     def blocking(self, start: Callable[[], asyncio.Future[T]]) -> T:
         """From a thread other than the loop's: run ``start`` on the loop (in a
@@ -925,17 +991,32 @@ class RpcAgent:
         if conn.serving >= self.options.max_concurrent_requests:
             conn.hold_reading("busy", True)
         handler = self.handlers.get(type(message))
+        token = serving_connection.set(conn)
         try:
-            if handler is None:
-                raise ProtocolError(f"unsupported request {message.TYPE.name}")
-            result = handler(message)
-        except Exception as exc:
-            self.reply_error(conn, rid, exc)
-            return
-        if isinstance(result, Message):
-            self.reply(conn, rid, result)
-        else:
-            self.serve(conn, rid, result)
+            try:
+                if handler is None:
+                    raise ProtocolError(f"unsupported request {message.TYPE.name}")
+                result = handler(message)
+            except Exception as exc:
+                self.reply_error(conn, rid, exc)
+                return
+            if isinstance(result, Message):
+                self.reply(conn, rid, result)
+            else:
+                self.serve(conn, rid, result)  # its Task inherits serving_connection
+        finally:
+            serving_connection.reset(token)
+
+    def when_lost(self, conn: Connection) -> asyncio.Future[None]:
+        """A future that resolves once ``conn`` is closed or lost."""
+        fut = self._lost_waiters.get(conn)
+        if fut is None:
+            fut = self.loop.create_future()
+            if conn.closed:
+                fut.set_result(None)
+            else:
+                self._lost_waiters[conn] = fut
+        return fut
 
     def _on_hello(self, conn: Connection, hello: Hello) -> None:
         peer = self._peers.get(hello.worker_id)
@@ -993,6 +1074,9 @@ class RpcAgent:
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
         self._incoming.discard(conn)
         self._abandoned.pop(conn, None)
+        waiter = self._lost_waiters.pop(conn, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         info = conn.peer
         if not isinstance(info, WorkerInfo):
             return
@@ -1219,6 +1303,19 @@ class RpcAgent:
             args, kwargs = codec.load_payload(payload, allow)
         return func, tuple(args), dict(kwargs or {})
 
+    def resolve_call_waiting(
+        self, target: str | None, payload: Payload
+    ) -> tuple[Any, Any, Any, list[asyncio.Future[Any]]]:
+        """:meth:`resolve_call`, plus the futures the call must wait for before
+        it starts (see :func:`wait_before_call`)."""
+        waits: list[asyncio.Future[Any]] = []
+        token = _call_waits.set(waits)
+        try:
+            func, args, kwargs = self.resolve_call(target, payload)
+        finally:
+            _call_waits.reset(token)
+        return func, args, kwargs, waits
+
     def run_in_executor(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn`` in the agent's thread pool."""
         return self._pool.run(fn)
@@ -1242,34 +1339,58 @@ class RpcAgent:
 
     def _run_call(self, message: Message) -> Message | Awaitable[Message]:
         assert isinstance(message, PythonCall)
-        func, args, kwargs = self.resolve_call(message.target, message.value)
+        func, args, kwargs, waits = self.resolve_call_waiting(message.target, message.value)
+        conn = serving_connection.get()
+        peer = conn.peer.id if conn is not None and isinstance(conn.peer, WorkerInfo) else None
+        if waits:  # start only once the values its arguments refer to exist
+            return self._await_call(self._after(waits, func, args, kwargs), peer)
         if inspect.iscoroutinefunction(func):
-            return self._await_call(func(*args, **kwargs))
+            return self._await_call(func(*args, **kwargs), peer)
         # The hot path: a pool job and one future, no Task and no coroutine.
         result: asyncio.Future[Message] = self.loop.create_future()
         self._pool.submit(
             functools.partial(contextvars.copy_context().run, func, *args, **kwargs),
-            functools.partial(self._call_done, result),
+            functools.partial(self._call_done, result, peer),
         )
         return result
 
-    async def _await_call(self, awaitable: Awaitable[Any]) -> Message:
+    async def _after(
+        self,
+        waits: list[asyncio.Future[Any]],
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        for fut in waits:
+            await outcome(fut)  # a failed value fails the call with its error
+        return await self.invoke(func, args, kwargs)
+
+    def _result_message(self, value: Any, peer: int | None) -> PythonRet:
+        token = sending_to.set(peer)
+        try:
+            return PythonRet(codec.dump_payload(value, self.options.allow_pickle))
+        finally:
+            sending_to.reset(token)
+
+    async def _await_call(self, awaitable: Awaitable[Any], peer: int | None) -> Message:
         value = await awaitable
         if inspect.isawaitable(value):
             value = await value
-        return PythonRet(codec.dump_payload(value, self.options.allow_pickle))
+        return self._result_message(value, peer)
 
-    def _call_done(self, result: asyncio.Future[Message], ok: bool, value: Any) -> None:
+    def _call_done(
+        self, result: asyncio.Future[Message], peer: int | None, ok: bool, value: Any
+    ) -> None:
         if result.done():
             return
         if not ok:
             result.set_exception(raisable(value))
             return
         if inspect.isawaitable(value):  # a plain function returned a coroutine
-            task = self.loop.create_task(self._await_call(value))
+            task = self.loop.create_task(self._await_call(value, peer))
             task.add_done_callback(lambda t: _chain(t, result))
             return
         try:
-            result.set_result(PythonRet(codec.dump_payload(value, self.options.allow_pickle)))
+            result.set_result(self._result_message(value, peer))
         except Exception as err:
             result.set_exception(err)

@@ -82,6 +82,12 @@ class RpcOptions:
             (without one); then it is closed.
         max_unauthenticated_connections: most accepted connections at once
             that have not done so yet; one more is closed at once.
+        max_pending_fetches_per_peer: most ``to_here`` fetches (and RRef
+            backward requests) from one peer that may wait here for a value not
+            created yet; more fail at once with ``RpcError``.
+        max_owner_rrefs_per_peer: most values this worker owns on behalf of one
+            peer (created by its ``remote()`` calls, or referred to before
+            their creation arrived); more fail with ``RpcError``.
     """
 
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
@@ -105,6 +111,8 @@ class RpcOptions:
     rendezvous_timeout: float = 300.0
     handshake_timeout: float = 5.0
     max_unauthenticated_connections: int = 64
+    max_pending_fetches_per_peer: int = 10_000
+    max_owner_rrefs_per_peer: int = 100_000
 
     def __post_init__(self) -> None:
         if not self.rpc_timeout >= 0:  # also refuses NaN
@@ -118,6 +126,8 @@ class RpcOptions:
             "max_pending_reply_bytes",
             "max_concurrent_requests",
             "max_peer_contexts",
+            "max_pending_fetches_per_peer",
+            "max_owner_rrefs_per_peer",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

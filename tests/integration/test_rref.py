@@ -33,7 +33,7 @@ import torch
 
 import aiorpc_autograd as rpc
 from aiorpc_autograd import api, dist_autograd
-from tests.integration.common import async_sleep, await_outcome, blocking_sleep
+from tests.integration.common import async_sleep, await_outcome, blocking_sleep, call_outcome
 from tests.integration.conftest import close_shared_group, shared_group
 from tests.integration.harness import WorkerGroup, barrier, run_processes
 
@@ -486,6 +486,158 @@ def test_remote_creation_timeout_raises_at_to_here(group: WorkerGroup) -> None:
     assert got["elapsed"] < 1.4  # the small timeout, not the slow function
     # The late values are created after all; the user references are gone and
     # the owners free them.
+    assert_settled(group)
+
+
+# --------------------------------------------------------------------- local_value waits
+
+
+def failing_ctor(delay: float) -> Box:
+    time.sleep(delay)
+    raise ValueError("the constructor failed")
+
+
+def _call_method(method: Any, rref: rpc.RRef[Any], *args: Any, **kwargs: Any) -> Any:
+    """The helper of every PyTorch RPC tutorial, verbatim."""
+    return method(rref.local_value(), *args, **kwargs)
+
+
+async def _acall_method(name: str, rref: rpc.RRef[Any]) -> Any:
+    """The same in an ``async def`` (on the owner's loop)."""
+    return getattr(rref.local_value(), name)()
+
+
+async def relay_call_method(r: rpc.RRef[Box], owner: str) -> Any:
+    return await rpc.rpc_async(owner, _call_method, (Box.get, r))
+
+
+async def owner_local_value() -> dict[str, Any]:
+    """On the owner: ``local_value()`` of a ``remote()`` to itself still being
+    created, on the loop thread and in a user thread."""
+    me = rpc.get_worker_info()
+    r = rpc.remote(me, slow_box, (0.3, 5))
+    on_loop = call_outcome(r.local_value)
+    in_thread = await asyncio.to_thread(r.local_value)
+    bad = rpc.remote(me, failing_ctor, (0.2,))
+    bad_in_thread = await asyncio.to_thread(call_outcome, bad.local_value)
+    return {"on_loop": on_loop, "in_thread": in_thread.v, "bad_in_thread": bad_in_thread}
+
+
+async def check_local_value_waits(rank: int, world_size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # The tutorial pattern, right after remote() of a constructor that sleeps.
+    values = []
+    for i in range(3):
+        r = rpc.remote("worker1", slow_box, (0.2, i))
+        values.append(await rpc.rpc_async(r.owner(), _call_method, (Box.get, r)))
+    out["call_method"] = values
+    r = rpc.remote("worker1", slow_box, (0.2, 10))
+    out["call_method_sync"] = await asyncio.to_thread(
+        lambda: rpc.rpc_sync(r.owner(), _call_method, (Box.add, r, 1))
+    )
+    r = rpc.remote("worker1", slow_box, (0.2, 20))
+    out["call_method_async"] = await rpc.rpc_async(r.owner(), _acall_method, ("get", r))
+    # Through a third worker that received the RRef from the creator.
+    r = rpc.remote("worker1", slow_box, (0.2, 30))
+    out["via_third"] = await rpc.rpc_async("worker2", relay_call_method, (r, "worker1"))
+    # A constructor that fails: the call fails with its error.
+    bad = rpc.remote("worker1", failing_ctor, (0.2,))
+    out["failing"] = await await_outcome(rpc.rpc_async("worker1", _call_method, (Box.get, bad)))
+    out["failing_to_here"] = await await_outcome(bad.to_here())
+    out["owner"] = await rpc.rpc_async("worker1", owner_local_value)
+    # The blocking to_here, from a thread; on the loop it refuses.
+    r = rpc.remote("worker2", slow_box, (0.2, 40))
+    out["to_here_sync"] = (await asyncio.to_thread(r.to_here_sync)).v
+    out["to_here_sync_on_loop"] = call_outcome(r.to_here_sync)
+    slow = rpc.remote("worker2", slow_box, (1.0, 41))
+    started = time.monotonic()
+    out["to_here_sync_timeout"] = await asyncio.to_thread(
+        call_outcome, slow.to_here_sync, timeout=0.2
+    )
+    out["to_here_sync_timeout_s"] = time.monotonic() - started
+    return out
+
+
+def test_local_value_waits_for_a_value_being_created(group: WorkerGroup) -> None:
+    """Issue 12 item 1: ``_call_method`` via ``rpc_async(rref.owner(), ...)``
+    right after ``remote(owner, SlowCtor)`` works every time; a failing
+    constructor gives the caller its error; ``local_value()`` waits off the loop
+    and refuses on it; ``to_here_sync`` blocks in threads."""
+    got = group.call(0, check_local_value_waits)
+    assert got["call_method"] == [0, 1, 2]
+    assert got["call_method_sync"] == 11
+    assert got["call_method_async"] == 20
+    assert got["via_third"] == 30
+    for key in ("failing", "failing_to_here"):
+        err = got[key]
+        assert isinstance(err, rpc.RemoteError) and isinstance(err, ValueError), (key, err)
+        assert err.worker == "worker1" and "constructor failed" in err.remote_message, key
+    owner = got["owner"]
+    assert isinstance(owner["on_loop"], RuntimeError)
+    assert "await rref.to_here()" in str(owner["on_loop"])
+    assert owner["in_thread"] == 5
+    err = owner["bad_in_thread"]
+    assert isinstance(err, ValueError) and "constructor failed" in str(err), err
+    assert got["to_here_sync"] == 40
+    assert isinstance(got["to_here_sync_on_loop"], RuntimeError)
+    assert "await rref.to_here()" in str(got["to_here_sync_on_loop"])
+    assert isinstance(got["to_here_sync_timeout"], rpc.RpcTimeoutError)
+    assert got["to_here_sync_timeout_s"] < 0.9
+    assert_settled(group)
+
+
+# --------------------------------------------------------------------- remote() timeouts
+
+
+async def check_remote_timeouts(rank: int, world_size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    # remote() times out; the value is created late on the owner.
+    r = rpc.remote("worker1", blocking_sleep, (0.6, "late"), timeout=0.2)
+    await asyncio.sleep(1.0)
+    out["late_to_here"] = await await_outcome(r.to_here())
+    out["late_to_here_timeout"] = await await_outcome(r.to_here(timeout=5))
+    out["late_proxy"] = await await_outcome(r.rpc_async(timeout=5).upper())
+    out["late_proxy_sync"] = await asyncio.to_thread(
+        call_outcome, lambda: r.rpc_sync(timeout=5).upper()
+    )
+    out["late_proxy_remote"] = await await_outcome(r.remote(timeout=5).upper().to_here())
+    # A proxy call made while the creation is still pending: it times out first.
+    r2 = rpc.remote("worker2", blocking_sleep, (0.6, "late"), timeout=0.2)
+    out["pending_proxy"] = await await_outcome(r2.rpc_async(timeout=5).upper())
+    # to_here's own timeout bounds the wait for a slow creation.
+    r3 = rpc.remote("worker3", blocking_sleep, (1.5, "slow"))
+    started = time.monotonic()
+    out["bounded"] = await await_outcome(r3.to_here(timeout=0.3))
+    out["bounded_s"] = time.monotonic() - started
+    out["later"] = await r3.to_here()
+    # remote() to this worker, dropped before the value exists: no leak.
+    r4 = rpc.remote("worker0", slow_box, (0.3, 1, "self-dropped"))
+    del r4
+    gc.collect()
+    await asyncio.sleep(0.6)
+    gc.collect()
+    out["self_dropped"] = (rpc.get_debug_info()["num_owner_rrefs"], "self-dropped" in _OBJECTS)
+    return out
+
+
+def test_remote_timeouts_and_lifetimes_as_in_torch(group: WorkerGroup) -> None:
+    """Issue 12 item 9: after remote() timed out, to_here and proxies raise
+    RpcTimeoutError (not the late value); to_here(timeout) bounds the wait for
+    the creation; a remote() to self dropped early does not leak its entry."""
+    got = group.call(0, check_remote_timeouts)
+    for key in (
+        "late_to_here",
+        "late_to_here_timeout",
+        "late_proxy",
+        "late_proxy_sync",
+        "late_proxy_remote",
+        "pending_proxy",
+        "bounded",
+    ):
+        assert isinstance(got[key], rpc.RpcTimeoutError), (key, got[key])
+    assert got["bounded_s"] < 1.0, got["bounded_s"]
+    assert got["later"] == "slow"
+    assert got["self_dropped"] == (0, False)
     assert_settled(group)
 
 

@@ -209,21 +209,8 @@ class RRef(_AsyncRRef[T], Generic[T]):
             return base(limit)
         return wait_for(lambda: base(limit), "RRef.to_here()")
 
-    def local_value(self) -> T:
-        """The value, on the owner only; off the agent's loop thread it waits
-        for a value still being created by ``remote`` (as torch's does).
-
-        Raises:
-            RuntimeError: not the owner; or on the loop thread, not created yet.
-            RemoteError: creating the value failed.
-        """
-        if not self.is_owner() or on_agent_loop():
-            return super().local_value()
-        entry = self._service.owner_entry(self._rref_id, create=False)
-        if entry is not None and entry.value.done():
-            return super().local_value()
-        value: T = self.to_here()
-        return value
+    # local_value(): the base's (off the agent's loop thread it waits for a
+    # value still being created by ``remote``, as torch's does).
 
     def backward(  # type: ignore[override]
         self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False
