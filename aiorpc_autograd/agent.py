@@ -385,8 +385,11 @@ class RpcAgent:
         else:
             reason = "graceful shutdown"
         self._say_goodbye(reason, clean=graceful and failure is None)
-        if graceful:
-            # The store's host waits until the others are done with the store.
+        host = self._peers.get(0)
+        if graceful and not (host is not None and host.gone is not None and failure is not None):
+            # The store's host (rank 0) waits until the others are done with the
+            # store; a host that left already is not asked (c10d would log the
+            # broken pipe).
             settle = self.options.heartbeat_timeout if failure is None else 1.0
             await self._rdv.leave(min(settle, max(deadline - time.monotonic(), 0.0)))
         self._running = False
@@ -423,9 +426,7 @@ class RpcAgent:
         try:
             # A store call to a frozen or vanished store host fails within the
             # heartbeat timeout instead of the rendezvous timeout.
-            await self._rdv.bound(
-                min(deadline, time.monotonic() + self.options.heartbeat_timeout)
-            )
+            await self._rdv.bound(min(deadline, time.monotonic() + self.options.heartbeat_timeout))
             last: int | None = None
             for round_ in itertools.count():
                 await self._wait_idle(deadline, stop)
@@ -515,9 +516,7 @@ class RpcAgent:
                 delay = 0.001
             if time.monotonic() >= deadline:
                 pending = sum(rid not in self._probes for rid in self._pending)
-                raise RpcTimeoutError(
-                    f"{pending} requests pending, {self._inflight} being served"
-                )
+                raise RpcTimeoutError(f"{pending} requests pending, {self._inflight} being served")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.02)
 

@@ -201,7 +201,6 @@ class WorkerPool:
             self._idle = 0
             self._cond.notify_all()
 
-
     def join_at_exit(self, deadline: float) -> bool:
         """Interpreter exit: stop the idle threads and wait until ``deadline``
         (``time.monotonic()``) for the running jobs. True when none is left.
