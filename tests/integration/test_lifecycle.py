@@ -10,12 +10,18 @@ to the test process and it ``send``-s the go-ahead to another worker.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
+import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,6 +35,7 @@ from tests.integration.common import (
     await_outcome,
     blocking_sleep,
     call_outcome,
+    whoami,
 )
 from tests.integration.harness import (
     WorkerGroup,
@@ -647,3 +654,134 @@ def test_shutdown_waits_for_deletions_from_forks_received_during_it() -> None:
     results = run_processes(forks_during_shutdown, 3, methods, timeout=80)
     # Every round: the owner freed every value before it closed.
     assert results[1] == [(0, 0, 0)] * 4, results
+
+
+# ------------------------------------------------------- exit after a timed-out shutdown
+
+
+def torch_heavy(seconds: float) -> int:
+    """Plain call: torch ops (C++, without the GIL) for ``seconds``."""
+    started, a, n = time.monotonic(), torch.randn(256, 256), 0
+    while time.monotonic() - started < seconds:
+        a = torch.mm(a, a).clamp_(-1, 1)
+        n += 1
+    return n
+
+
+def exit_script(rank: int, port: int) -> None:
+    """A worker script run as its own interpreter (``python -c``) that exits
+    normally after its shutdown: worker0's graceful shutdown (3 s) waits 1.5 s
+    for worker1, then times out while it runs worker1's torch-heavy call."""
+
+    async def main() -> dict[str, Any]:
+        await rpc.init_rpc(f"worker{rank}", rank, 2, init_method=f"tcp://127.0.0.1:{port}")
+        out: dict[str, Any] = {}
+        if rank == 0:
+            error = await await_outcome(rpc.shutdown(timeout=3.0))
+            out["shutdown"] = type(error).__name__
+            return out
+        await asyncio.sleep(1.5)
+        call = await await_outcome(rpc.rpc_async("worker0", torch_heavy, args=(3.5,), timeout=0))
+        out["call"] = f"{type(call).__name__}: {call}"
+        out["shutdown"] = type(await await_outcome(rpc.shutdown())).__name__
+        return out
+
+    print(json.dumps(rpc.run(main())), flush=True)
+
+
+def test_exit_after_a_timed_out_shutdown_is_clean() -> None:
+    # The interpreter exits while a pool thread is inside torch ops: it used to
+    # abort ("terminate called without an active exception"). The shutdown
+    # wait used to log c10d's "waitForInput ... likely a timeout" as well.
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    code = "import sys; from tests.integration.test_lifecycle import exit_script as s; s({}, {})"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code.format(rank, port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (proc, (_, stderr)) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, (rank, proc.returncode, stderr[-3000:])
+        assert "terminate called" not in stderr, (rank, stderr[-3000:])
+        assert "waitForInput" not in stderr and "[c10d]" not in stderr, (rank, stderr[-3000:])
+    w0 = json.loads(outputs[0][0].splitlines()[-1])
+    w1 = json.loads(outputs[1][0].splitlines()[-1])
+    assert w0 == {"shutdown": "RpcTimeoutError"}, w0
+    assert w1["call"].startswith("ConnectionLostError: worker 'worker0' shut down"), w1
+    assert "graceful shutdown timed out after 3.0s" in w1["call"], w1
+    assert w1["shutdown"] == "ConnectionLostError", w1
+
+
+# ----------------------------------------------------- env:// shared with c10d
+
+
+async def c10d_and_rpc(rank: int, world_size: int, init_method: str, order: str) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    def init_c10d() -> None:  # env:// from MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+
+    out: dict[str, Any] = {}
+    if order == "c10d_first":
+        await asyncio.to_thread(init_c10d)
+        await rpc.init_rpc(f"worker{rank}")
+    else:
+        await rpc.init_rpc(f"worker{rank}")
+        await asyncio.to_thread(init_c10d)
+    t = torch.tensor([rank + 1.0])
+    await asyncio.to_thread(dist.all_reduce, t)
+    out["allreduce"] = t.item()
+    out["rpc"] = await rpc.rpc_async(f"worker{1 - rank}", whoami)
+    await rpc.shutdown()
+    t = torch.tensor([rank + 1.0])  # c10d keeps working after RPC is gone
+    await asyncio.to_thread(dist.all_reduce, t)
+    out["allreduce_after"] = t.item()
+    await asyncio.to_thread(dist.destroy_process_group)
+    return out
+
+
+def master_env(port: int, world_size: int) -> Callable[[int], dict[str, str]]:
+    def env(rank: int) -> dict[str, str]:
+        return {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+        }
+
+    return env
+
+
+@pytest.mark.parametrize("order", ["c10d_first", "rpc_first"])
+def test_env_init_shares_master_port_with_c10d(order: str) -> None:
+    results = run_processes(c10d_and_rpc, 2, order, timeout=60, env=master_env(free_port(), 2))
+    for rank, got in enumerate(results):
+        peer = rpc.WorkerInfo(f"worker{1 - rank}", 1 - rank)
+        assert got["allreduce"] == got["allreduce_after"] == 3.0, got
+        assert got["rpc"][0] == peer, got
+
+
+async def init_on_a_taken_port(rank: int, world_size: int, init_method: str) -> str:
+    error = await await_outcome(rpc.init_rpc("worker0"))
+    if not isinstance(error, Exception):
+        await rpc.shutdown(graceful=False)
+    return f"{type(error).__name__}: {error}"
+
+
+def test_env_init_on_a_port_held_by_another_process() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        (error,) = run_processes(init_on_a_taken_port, 1, timeout=60, env=master_env(port, 1))
+    assert error.startswith("RpcError: cannot host the rendezvous store"), error
+    assert f"held by process {os.getpid()} (" in error, error
