@@ -432,11 +432,32 @@ class RpcAgent:
                 await self._wait_idle(deadline, stop)
                 mark = self._activity
                 veto, last = mark != last, mark
-                if await self._rdv.vote(f"shutdown/{round_}", veto, deadline, stop):
+                if await self._vote(f"shutdown/{round_}", veto, deadline, stop):
                     return
         finally:
             self.peer_gone_hooks.remove(on_gone)
             watch.cancel()
+
+    async def _vote(self, tag: str, veto: bool, deadline: float, stop: Callable[[], None]) -> bool:
+        """One round's vote; a store that fails before ``deadline`` is a lost
+        peer (its host), not a timeout of the shutdown."""
+        try:
+            return await self._rdv.vote(tag, veto, deadline, stop)
+        except ConnectionLostError:
+            raise
+        except RpcError as exc:
+            if isinstance(exc, RpcTimeoutError) and time.monotonic() >= deadline:
+                raise
+            host = self._peers.get(0)
+            hosted = ""
+            if host is not None and self._rdv.hosted_by_rank0:
+                hosted = f" (worker {host.info.name!r} hosts it)"
+            limit = self.options.heartbeat_timeout
+            raise ConnectionLostError(
+                f"the rendezvous store{hosted} did not answer within {limit}s: {exc}"
+                if isinstance(exc, RpcTimeoutError)
+                else f"the rendezvous store{hosted} is unreachable: {exc}"
+            ) from exc
 
     async def _watch_peers(self, lost: list[RpcError]) -> None:
         """Probe every peer while a graceful shutdown waits; a peer that does

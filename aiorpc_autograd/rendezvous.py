@@ -91,6 +91,8 @@ class Rendezvous:
         self.world_size = world_size
         self.prefix = prefix
         self.timeout = timeout
+        # Rank 0 hosts the store (tcp://, env://), not torchelastic's agent.
+        self.hosted_by_rank0 = False
         self._thread = _StoreThread()
 
     @classmethod
@@ -140,6 +142,7 @@ class Rendezvous:
         # A generation per rank, so re-initialising on one store gets fresh keys;
         # every rank counts the same number of inits, so all agree on it.
         self = cls(store, r, w, "", timeout)
+        self.hosted_by_rank0 = _store_address(init_method) is not None
         gen = await self.call(store.add, f"aiorpc/gen/{r}", 1)
         self.prefix = f"aiorpc/{gen}/"
         return self
@@ -185,8 +188,10 @@ class Rendezvous:
         """Poll the counter ``key`` until it reaches the world size; its value.
 
         Short store calls with sleeps in between, never a ``store.wait`` that
-        may run out (see the module doc). ``stop()`` runs before each poll and
-        may raise to end the wait (a peer died, say).
+        may run out (see the module doc). ``stop()`` runs after each poll that
+        found the count short and may raise to end the wait (a peer died, say):
+        a complete count wins over a peer found gone meanwhile, which may have
+        left because it saw that count.
 
         Raises:
             RpcTimeoutError: ``deadline`` passed.
@@ -194,10 +199,10 @@ class Rendezvous:
         """
         delay = _POLL_MIN
         while True:
-            stop()
             count = await self.call(self.store.add, key, 0, deadline=deadline)
             if count >= self.world_size:
                 return count
+            stop()
             if time.monotonic() >= deadline:
                 raise RpcTimeoutError(f"{count} of {self.world_size} workers arrived")
             await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
