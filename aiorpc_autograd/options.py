@@ -42,7 +42,8 @@ class RpcOptions:
         max_header_size: largest msgpack header accepted, in bytes.
         max_tensors: most tensors accepted in one message.
         heartbeat_interval: seconds between liveness probes on a connection
-            with calls in flight; 0 disables them.
+            with calls in flight, and to every peer while a graceful shutdown
+            waits; 0 disables them.
         heartbeat_timeout: a peer silent this long while calls to it are in
             flight is considered dead: its connection is dropped and those
             calls fail with ``ConnectionLostError``.
