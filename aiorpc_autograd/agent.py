@@ -24,7 +24,12 @@ Invariants:
   response for an id not pending there drops that connection: a forgery);
 * flow control: a connection that answers requests stops reading while its
   replies are not read (``max_pending_reply_bytes``) or while
-  ``max_concurrent_requests`` of its requests are being served.
+  ``max_concurrent_requests`` of its requests are being served;
+* ``_activity`` counts the requests sent and received (liveness probes
+  excepted): a graceful shutdown ends only after a round in which no worker's
+  count moved and none had anything outstanding (see :meth:`RpcAgent.shutdown`);
+* a worker never closes its connections without a ``Goodbye`` on each first,
+  which tells the peer why, so its calls fail with that reason.
 
 Liveness
 --------
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import copy
 import functools
@@ -68,6 +74,7 @@ from typing import Any, TypeVar
 from . import codec
 from .codec import (
     ExceptionMsg,
+    Goodbye,
     Heartbeat,
     Hello,
     Message,
@@ -249,6 +256,9 @@ class _Peer:
     conn: Connection | None = None
     queue: list[tuple[bytes, list[memoryview], int]] = field(default_factory=list)
     connecting: asyncio.Task[BaseException | None] | None = None
+    # Set once the peer said Goodbye: what its calls fail with from then on.
+    gone: RpcError | None = None
+    left_cleanly: bool = False
 
 
 class RpcAgent:
@@ -291,6 +301,8 @@ class RpcAgent:
         self._servers: list[asyncio.AbstractServer] = []
         self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
         self._inflight = 0
+        self._activity = 0
+        self._probes: set[int] = set()  # request ids of shutdown liveness probes
         self._running = False
         # Frames from peers that finished the rendezvous before we did: replayed
         # once every worker is known.
@@ -510,38 +522,228 @@ class RpcAgent:
         return addresses
 
     async def shutdown(self, graceful: bool = True, timeout: float | None = None) -> None:
-        """Stop the agent; see ``aiorpc_autograd.shutdown``."""
+        """Stop the agent; see ``aiorpc_autograd.shutdown``.
+
+        A graceful shutdown keeps serving while it runs rounds of a vote over
+        the store (PyTorch's agent ``join`` loops the same way until the
+        group-wide count of active calls is 0). In each round a worker first
+        waits until it is idle here (no call awaiting an answer, none being
+        served, the services' ``idle_checks`` true), then votes, vetoing if
+        requests were sent or received here since its previous vote; it leaves
+        after the first round without a veto. A round without one means nothing
+        moved anywhere between two votes of every worker, each idle at its
+        vote, so nothing is in flight and nothing can start: every request,
+        RRef deletion or backward pass of the group is done.
+
+        Meanwhile every peer is probed (heartbeats; none if
+        ``heartbeat_interval`` is 0): one that does not answer within
+        ``heartbeat_timeout``, leaves without a clean ``Goodbye`` or is
+        declared gone ends the wait with :class:`ConnectionLostError`.
+        Whatever the outcome, each connection gets a ``Goodbye`` saying why
+        this worker leaves before it closes.
+        """
         if not self._running:
             return
-        if timeout is None:
-            timeout = self.options.rpc_timeout
-        deadline = time.monotonic() + (timeout or float("inf"))
+        limit = timeout or 0.0  # None or 0: no limit
+        deadline = time.monotonic() + limit if limit > 0 else float("inf")
         failure: RpcError | None = None
         self._leaving = True
         if graceful:
             for hook in self.before_shutdown:
                 hook()
             try:
-                await self._wait_idle(deadline)
-                await self._rdv.barrier("shutdown", max(deadline - time.monotonic(), 0.001))
-                await self._wait_idle(deadline)
+                await self._quiesce(deadline)
             except RpcError as exc:
                 failure = exc
-            await self._rdv.leave(max(deadline - time.monotonic(), 0.0))
+        if not graceful:
+            reason = "shutdown(graceful=False)"
+        elif isinstance(failure, RpcTimeoutError):
+            reason = f"graceful shutdown timed out after {limit}s"
+        elif failure is not None:
+            reason = f"graceful shutdown failed: {failure}"
+        else:
+            reason = "graceful shutdown"
+        self._say_goodbye(reason, clean=graceful and failure is None)
+        host = self._peers.get(0)
+        if graceful and not (host is not None and host.gone is not None and failure is not None):
+            # The store's host (rank 0) waits until the others are done with the
+            # store; a host that left already is not asked (c10d would log the
+            # broken pipe).
+            settle = self.options.heartbeat_timeout if failure is None else 1.0
+            await self._rdv.leave(min(settle, max(deadline - time.monotonic(), 0.0)))
         self._running = False
-        await self._close(RpcError(f"RPC agent {self.info.name!r} shut down"))
+        await self._close(RpcError(f"RPC agent {self.info.name!r} shut down ({reason})"))
         if isinstance(failure, RpcTimeoutError):
-            raise RpcTimeoutError(f"graceful shutdown did not complete in {timeout}s: {failure}")
+            raise RpcTimeoutError(f"graceful shutdown did not complete in {limit}s: {failure}")
+        if isinstance(failure, ConnectionLostError):
+            raise ConnectionLostError(f"graceful shutdown could not complete: {failure}")
         if failure is not None:
             raise RpcError(f"graceful shutdown could not reach the group: {failure}")
 
-    async def _wait_idle(self, deadline: float) -> None:
-        while self._pending or self._inflight or not all(c() for c in self.idle_checks):
-            if time.monotonic() >= deadline:
-                raise RpcTimeoutError(
-                    f"{len(self._pending)} requests pending, {self._inflight} being served"
+    async def _quiesce(self, deadline: float) -> None:
+        """The rounds of :meth:`shutdown`, until one without a veto.
+
+        Raises:
+            RpcTimeoutError: ``deadline`` passed.
+            ConnectionLostError: a peer died or left without a clean Goodbye.
+            RpcError: the store is unreachable.
+        """
+        lost: list[RpcError] = []
+
+        def on_gone(info: WorkerInfo, error: RpcError) -> None:
+            lost.append(error)
+
+        def stop() -> None:
+            if lost:
+                raise lost[0]
+            for peer in self._peers.values():
+                if peer.gone is not None and not peer.left_cleanly:
+                    raise peer.gone
+
+        self.peer_gone_hooks.append(on_gone)
+        watch = self.loop.create_task(self._watch_peers(lost))
+        try:
+            # A store call to a frozen or vanished store host fails within the
+            # heartbeat timeout instead of the rendezvous timeout.
+            await self._rdv.bound(min(deadline, time.monotonic() + self.options.heartbeat_timeout))
+            last: int | None = None
+            for round_ in itertools.count():
+                await self._wait_idle(deadline, stop)
+                mark = self._activity
+                veto, last = mark != last, mark
+                if await self._vote(f"shutdown/{round_}", veto, deadline, stop):
+                    return
+        finally:
+            self.peer_gone_hooks.remove(on_gone)
+            watch.cancel()
+
+    async def _vote(self, tag: str, veto: bool, deadline: float, stop: Callable[[], None]) -> bool:
+        """One round's vote; a store that fails before ``deadline`` is a lost
+        peer (its host), not a timeout of the shutdown."""
+        try:
+            return await self._rdv.vote(tag, veto, deadline, stop)
+        except ConnectionLostError:
+            raise
+        except RpcError as exc:
+            if isinstance(exc, RpcTimeoutError) and time.monotonic() >= deadline:
+                raise
+            host = self._peers.get(0)
+            hosted = ""
+            if host is not None and self._rdv.hosted_by_rank0:
+                hosted = f" (worker {host.info.name!r} hosts it)"
+            limit = self.options.heartbeat_timeout
+            raise ConnectionLostError(
+                f"the rendezvous store{hosted} did not answer within {limit}s: {exc}"
+                if isinstance(exc, RpcTimeoutError)
+                else f"the rendezvous store{hosted} is unreachable: {exc}"
+            ) from exc
+
+    async def _watch_peers(self, lost: list[RpcError]) -> None:
+        """Probe every peer while a graceful shutdown waits; a peer that does
+        not answer is appended to ``lost``."""
+        interval = self.options.heartbeat_interval
+        limit = self.options.heartbeat_timeout
+        if interval <= 0:
+            return
+        probing: set[int] = set()
+
+        def answered(info: WorkerInfo, fut: asyncio.Future[Any]) -> None:
+            probing.discard(info.id)
+            if fut.cancelled() or fut.exception() is None:
+                return
+            peer = self._peers[info.id]
+            if peer.left_cleanly:
+                return  # it finished; the vote tells this worker the same
+            exc = fut.exception()
+            if isinstance(exc, RpcTimeoutError):
+                exc = ConnectionLostError(
+                    f"worker {info.name!r} did not answer a heartbeat within {limit}s "
+                    "while this worker waited in shutdown"
                 )
-            await asyncio.sleep(0.002)
+            elif not isinstance(exc, ConnectionLostError):
+                exc = ConnectionLostError(f"worker {info.name!r} is unreachable: {exc}")
+            lost.append(exc)  # type: ignore[arg-type]
+
+        while True:
+            for peer in self._peers.values():
+                info = peer.info
+                if info.id == self.info.id or info.id in probing or peer.gone is not None:
+                    continue
+                probing.add(info.id)
+                self._probe(info, limit).add_done_callback(functools.partial(answered, info))
+            await asyncio.sleep(min(interval, limit / 2))
+
+    def _probe(self, to: WorkerInfo, timeout: float) -> asyncio.Future[Any]:
+        """Send a heartbeat as a request of its own; it counts neither as
+        activity nor as outstanding work (see :meth:`_busy`)."""
+        rid = next(self._ids)
+        header, buffers = codec.encode(Heartbeat(), rid)
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        pending = _Pending(fut, to.id, lambda m: None)
+        pending.timer = self.loop.call_later(timeout, self._expire, rid, timeout, to)
+        self._pending[rid] = pending
+        self._probes.add(rid)
+        fut.add_done_callback(lambda f: self._probes.discard(rid))
+        self._send(to.id, header, buffers, rid)
+        return fut
+
+    def _busy(self) -> bool:
+        """Anything outstanding here: a call awaiting its answer (probes
+        aside), a request being served, or a service not idle."""
+        if self._inflight:
+            return True
+        if self._pending and any(rid not in self._probes for rid in self._pending):
+            return True
+        return not all(check() for check in self.idle_checks)
+
+    async def _wait_idle(self, deadline: float, stop: Callable[[], None]) -> None:
+        """Wait until this worker is idle and stays so across a few loop
+        iterations with no activity (the callbacks of the last answers ran:
+        they may send more); ``stop()`` may raise to end the wait.
+
+        Raises:
+            RpcTimeoutError: ``deadline`` passed.
+        """
+        delay = 0.001
+        while True:
+            stop()
+            if not self._busy():
+                mark = self._activity
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                if mark == self._activity and not self._busy():
+                    return
+                delay = 0.001
+            if time.monotonic() >= deadline:
+                pending = sum(rid not in self._probes for rid in self._pending)
+                raise RpcTimeoutError(f"{pending} requests pending, {self._inflight} being served")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def _say_goodbye(self, reason: str, clean: bool) -> None:
+        """Tell every connected peer that this worker is leaving, and why."""
+        header, _ = codec.encode(Goodbye(reason, clean), 0)
+        conns = [p.conn for p in self._peers.values() if p.conn is not None]
+        for conn in {*conns, *self._incoming}:
+            if not conn.closed and conn.peer is not None:
+                with contextlib.suppress(ConnectionLostError):
+                    conn.send(header, [])
+
+    def _on_goodbye(self, conn: Connection, message: Goodbye) -> None:
+        info = conn.peer
+        if not isinstance(info, WorkerInfo):
+            return
+        peer = self._peers.get(info.id)
+        if peer is None or peer.gone is not None:
+            return
+        error = ConnectionLostError(f"worker {info.name!r} shut down ({message.reason})")
+        peer.gone = error
+        peer.left_cleanly = message.clean
+        # Every call to it fails now (queued, sent, or being served there).
+        self._fail_pending(lambda p: p.peer == info.id, error)
+        if not message.clean:
+            self._declare_gone(info, error)
+
 
     async def _close(self, error: RpcError) -> None:
         self._running = False
@@ -651,6 +853,7 @@ class RpcAgent:
         if not self._running:
             raise RpcError("RPC agent is not running (call init_rpc first)")
         rid = next(self._ids)
+        self._activity += 1
         if self.request_wrapper is not None:
             message = self.request_wrapper(to, message)
         if device_map is None:
@@ -804,6 +1007,10 @@ class RpcAgent:
         if pending is None:
             return  # already failed or timed out (a delayed send, say)
         peer = self._peers[peer_id]
+        if peer.gone is not None:  # it said Goodbye: it answers nothing more
+            gone = peer.gone
+            self._fail_pending(lambda p: p is pending, gone)
+            return
         conn = peer.conn
         if conn is not None and not conn.closed and not peer.queue:
             pending.conn = conn
@@ -969,6 +1176,13 @@ class RpcAgent:
             )
             conn.abort(ProtocolError(f"a request from worker {conn.peer.id} claims {claimed}"))
             return
+        if type(message) is Heartbeat:  # liveness, not work: no activity
+            self.dispatch(conn, rid, message)
+            return
+        if isinstance(message, Goodbye):
+            self._on_goodbye(conn, message)
+            return
+        self._activity += 1
         self.dispatch(conn, rid, message)
 
     def _on_first_frame(self, conn: Connection, frame: Frame) -> None:

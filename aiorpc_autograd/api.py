@@ -106,13 +106,22 @@ async def shutdown(graceful: bool = True, timeout: float | None = None) -> None:
 
     Args:
         graceful: keep serving while waiting until every worker called shutdown
-            and all outstanding work is done, then close; False fails every
+            and the whole group is quiescent (no request, RRef deletion or
+            backward pass outstanding anywhere), then close; False fails every
             pending call with :class:`RpcError` and closes at once.
-        timeout: bounds the whole wait in seconds (None: the options'
-            ``rpc_timeout``; 0: no limit, as for a worker that only serves).
+        timeout: bounds the whole wait in seconds; None or 0 (the default, as
+            in torch): no limit, as long as the group works.
 
     Raises:
-        RpcTimeoutError: the graceful wait timed out (the agent is closed anyway).
+        RpcTimeoutError: the graceful wait timed out.
+        ConnectionLostError: a peer died (no answer to heartbeats within the
+            heartbeat timeout) or left without completing its own graceful
+            shutdown.
+        RpcError: the rendezvous store is unreachable.
+
+    The agent is closed whatever the outcome; its peers first get a notice
+    (``Goodbye``) saying why, so their calls still outstanding here fail with
+    :class:`ConnectionLostError` naming this worker and the reason.
     """
     global _agent
     agent = _agent
@@ -137,7 +146,7 @@ async def worker(
 ) -> AsyncIterator[WorkerInfo]:
     """``init_rpc`` on enter, graceful ``shutdown(timeout=shutdown_timeout)`` on
     exit (non-graceful when the body raised, so an error is not hidden behind a
-    wait). A worker that only serves others can pass ``shutdown_timeout=0``."""
+    wait). ``shutdown_timeout`` None or 0: no limit."""
     info = await init_rpc(name, rank, world_size, init_method=init_method, options=options)
     try:
         yield info

@@ -78,6 +78,7 @@ __all__ = [
     "ExceptionMsg",
     "Hello",
     "Heartbeat",
+    "Goodbye",
     "decode",
     "dump_payload",
     "encode",
@@ -121,6 +122,7 @@ class MessageType(IntEnum):
     BACKWARD_START_REQ = 0x42
     BACKWARD_START_RESP = 0x43
     BACKWARD_ABORT_REQ = 0x44
+    GOODBYE = 0x4A
 
 
 class PayloadKind(IntEnum):
@@ -951,6 +953,20 @@ class Heartbeat(Message):
     """Liveness probe; answered with a Heartbeat response."""
 
     TYPE: ClassVar[MessageType] = MessageType.HEARTBEAT
+
+
+@_message
+@dataclass(frozen=True, slots=True)
+class Goodbye(Message):
+    """Ours: a notice, not answered (request id 0), sent on every connection
+    just before a worker closes them: it shut down and will answer nothing
+    more. ``clean``: after a graceful shutdown that completed (the group is
+    quiescent); otherwise ``reason`` says why (its graceful shutdown timed out,
+    say) and the receiver fails its calls to that worker with it."""
+
+    TYPE: ClassVar[MessageType] = MessageType.GOODBYE
+    reason: str
+    clean: bool
 
 
 # --------------------------------------------------------------------------- frames

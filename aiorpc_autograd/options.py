@@ -51,7 +51,8 @@ class RpcOptions:
         max_tensors: most tensors accepted in one message.
         heartbeat_interval: a connection silent this many seconds gets a
             liveness probe, if it has calls in flight or leads to a peer this
-            worker holds state for (autograd contexts, RRefs); 0 disables probes.
+            worker holds state for (autograd contexts, RRefs), and every peer
+            is probed while a graceful shutdown waits; 0 disables probes.
         heartbeat_timeout: a probed peer silent this long (counted from the
             last frame received from it) is considered dead: its connection is
             dropped, the calls in flight to it fail with ``ConnectionLostError``

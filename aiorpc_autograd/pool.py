@@ -18,22 +18,31 @@ microseconds of CPU on a call that does nothing. Here:
   drain on the loop, which hands every result gathered by then to its
   callback. Under load, one loop wake-up carries many results.
 
-Callbacks run on the loop thread, in completion order. Threads are daemons:
-a job stuck forever cannot keep the process alive after ``shutdown``.
+Callbacks run on the loop thread, in completion order. Threads are daemons,
+but at interpreter exit the jobs still running are waited for (as
+``concurrent.futures`` does for its pools): Python ends a daemon thread that
+comes back from C++ code (a torch op) after finalisation began with a forced
+unwind, which aborts the process ("terminate called without an active
+exception"). A job stuck forever is waited for at exit, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextlib
+import logging
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 __all__ = ["StopError", "WorkerPool", "raisable"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 Done = Callable[[bool, Any], None]  # (ok, value or exception), on the loop
 
 
@@ -82,11 +91,17 @@ class WorkerPool:
         self._free = 0  # awake threads not running a job (about to take one)
         self._draining = False  # a drain of the results is scheduled on the loop
         self._closed = False
+        _POOLS.add(self)
 
     @property
     def threads(self) -> int:
-        """Threads started so far."""
+        """Threads alive (idle ones included until the pool is shut down)."""
         return self._threads
+
+    @property
+    def name(self) -> str:
+        """The thread name prefix."""
+        return self._name
 
     def submit(self, fn: Callable[[], Any], done: Done) -> None:
         """Run ``fn()`` on a pool thread; then ``done(ok, value or exception)``
@@ -185,3 +200,39 @@ class WorkerPool:
             self._free += self._idle  # each woken thread counts itself out
             self._idle = 0
             self._cond.notify_all()
+
+    def join_at_exit(self, deadline: float) -> bool:
+        """Interpreter exit: stop the idle threads and wait until ``deadline``
+        (``time.monotonic()``) for the running jobs. True when none is left.
+
+        Jobs not started are dropped without their callbacks (the loop is gone).
+        """
+        with self._cond:
+            self._closed = True
+            self._jobs.clear()
+            self._free += self._idle
+            self._idle = 0
+            self._cond.notify_all()
+            while self._threads and time.monotonic() < deadline:
+                self._cond.wait(min(0.05, max(deadline - time.monotonic(), 0.0)))
+            return self._threads == 0
+
+
+_POOLS: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+_EXIT_WARN_S = 5.0
+
+
+@atexit.register
+def _join_pools() -> None:
+    pools = list(_POOLS)
+    if not any(pool.threads for pool in pools):
+        return
+    warned = time.monotonic() + _EXIT_WARN_S
+    for pool in pools:
+        if not pool.join_at_exit(warned):
+            log.warning(
+                "exit waits for %d RPC job(s) still running in %s",
+                pool.threads,
+                pool.name,
+            )
+            pool.join_at_exit(float("inf"))

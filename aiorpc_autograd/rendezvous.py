@@ -4,17 +4,30 @@ Blocking store calls are made on a dedicated thread so the event loop keeps
 serving. ``init_method`` is ``tcp://HOST:PORT`` (rank 0 hosts the store) or
 ``env://`` (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE, as torchrun sets them,
 including ``TORCHELASTIC_USE_AGENT_STORE``).
+
+The store is multi-tenant, as torch's own env:// and tcp:// stores are: a c10d
+process group (``dist.init_process_group``) and this library can share one
+``MASTER_ADDR:MASTER_PORT`` in either order; in one process they share one
+store server, and every key of ours lives under ``aiorpc/``.
+
+Long waits (the shutdown rounds) poll the store with short calls instead of
+blocking in ``store.wait``: a ``wait`` that runs out logs a c10d warning
+("waitForInput ... likely a timeout"), and a thread blocked in a store call
+at interpreter exit would abort the process when the call returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import errno
 import os
 import queue
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -117,6 +130,8 @@ class Rendezvous:
         self.world_size = world_size
         self.prefix = prefix
         self.timeout = timeout
+        # Rank 0 hosts the store (tcp://, env://), not torchelastic's agent.
+        self.hosted_by_rank0 = False
         self._thread = _StoreThread()
 
     @classmethod
@@ -166,6 +181,7 @@ class Rendezvous:
         # A generation per rank, so re-initialising on one store gets fresh keys;
         # every rank counts the same number of inits, so all agree on it.
         self = cls(store, r, w, "", timeout)
+        self.hosted_by_rank0 = _store_address(init_method) is not None
         gen = await self.call(store.add, f"aiorpc/gen/{r}", 1)
         self.prefix = f"aiorpc/{gen}/"
         return self
@@ -179,7 +195,7 @@ class Rendezvous:
         """
         fut = self._thread.submit(fn, *args)
         try:
-            if deadline is None:
+            if deadline is None or deadline == float("inf"):
                 return await fut
             return await asyncio.wait_for(fut, max(deadline - time.monotonic(), 0.001))
         except TimeoutError as exc:
@@ -227,30 +243,67 @@ class Rendezvous:
             raise RpcTimeoutError(f"not every worker confirmed within {self.timeout}s") from exc
         return [bytes(v) for v in await self.call(self.store.multi_get, keys)]
 
-    async def barrier(self, tag: str, timeout: float) -> None:
+    async def _poll(self, key: str, deadline: float, stop: Callable[[], None]) -> int:
+        """Poll the counter ``key`` until it reaches the world size; its value.
+
+        Short store calls with sleeps in between, never a ``store.wait`` that
+        may run out (see the module doc). ``stop()`` runs after each poll that
+        found the count short and may raise to end the wait (a peer died, say):
+        a complete count wins over a peer found gone meanwhile, which may have
+        left because it saw that count.
+
+        Raises:
+            RpcTimeoutError: ``deadline`` passed.
+            RpcError: the store is unreachable.
+        """
+        delay = _POLL_MIN
+        while True:
+            count = await self.call(self.store.add, key, 0, deadline=deadline)
+            if count >= self.world_size:
+                return count
+            stop()
+            if time.monotonic() >= deadline:
+                raise RpcTimeoutError(f"{count} of {self.world_size} workers arrived")
+            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
+            delay = min(delay * 2, _POLL_MAX)
+
+    async def barrier(
+        self, tag: str, timeout: float, stop: Callable[[], None] = lambda: None
+    ) -> None:
         """Wait until every worker reached the barrier ``tag``.
 
         Raises:
             RpcTimeoutError: not all arrived within ``timeout`` seconds.
+            RpcError: the store is unreachable, or ``stop()`` raised it.
         """
-        store = self.store
         deadline = time.monotonic() + timeout  # may be inf: no limit
+        key = f"{self.prefix}{tag}/arrived"
+        try:
+            await self.call(self.store.add, key, 1, deadline=deadline)
+            await self._poll(key, deadline, stop)
+        except RpcTimeoutError as exc:
+            raise RpcTimeoutError(f"barrier {tag!r} timed out after {timeout}s: {exc}") from exc
+
+    async def vote(
+        self, tag: str, veto: bool, deadline: float, stop: Callable[[], None] = lambda: None
+    ) -> bool:
+        """A barrier that also tells whether any worker vetoed: True when every
+        worker arrived at ``tag`` with ``veto`` False.
+
+        Each worker adds its veto before it counts itself in, so once all are
+        counted every veto is in and all workers read the same answer.
+
+        Raises:
+            RpcTimeoutError: ``deadline`` (``time.monotonic()``) passed first.
+            RpcError: the store is unreachable, or ``stop()`` raised it.
+        """
         key = f"{self.prefix}{tag}"
-        arrived: int | None = None
-        while True:  # store calls take finite timeouts: wait in chunks
-            chunk = min(deadline, time.monotonic() + _CHUNK)
-            await self.bound(chunk)
-            try:
-                if arrived is None:
-                    arrived = await self.call(store.add, f"{key}/arrived", 1, deadline=chunk)
-                    if arrived == self.world_size:
-                        await self.call(store.set, f"{key}/done", b"1", deadline=chunk)
-                remaining = timedelta(seconds=max(chunk - time.monotonic(), 0.001))
-                await self.call(store.wait, [f"{key}/done"], remaining, deadline=chunk)
-                return
-            except RpcTimeoutError as exc:
-                if time.monotonic() >= deadline:
-                    raise RpcTimeoutError(f"barrier {tag!r} timed out after {timeout}s") from exc
+        if veto:
+            await self.call(self.store.add, f"{key}/vetoes", 1, deadline=deadline)
+        await self.call(self.store.add, f"{key}/arrived", 1, deadline=deadline)
+        await self._poll(f"{key}/arrived", deadline, stop)
+        vetoes = await self.call(self.store.add, f"{key}/vetoes", 0, deadline=deadline)
+        return vetoes == 0
 
     async def leave(self, timeout: float) -> None:
         """Announce this worker is done with the store; the host (rank 0) waits,
@@ -273,6 +326,10 @@ class Rendezvous:
 
 
 _CHUNK = 30.0  # seconds: the longest single store wait
+# Seconds between polls of a store counter: from fast (a barrier that is
+# almost complete ends at once) to a rate a long wait can afford.
+_POLL_MIN = 0.002
+_POLL_MAX = 0.05
 
 
 def _store_address(init_method: str) -> tuple[str, int] | None:
@@ -290,25 +347,104 @@ def _store_address(init_method: str) -> tuple[str, int] | None:
 
 
 def _tcp_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> Store:
-    """A TCPStore hosted by rank 0 that listens on ``host`` only.
+    """A multi-tenant TCPStore hosted by rank 0 that listens on ``host`` only.
 
     torch's handlers bind the store to every interface whatever the URL says;
-    here rank 0 binds the socket itself and hands it to the store.
+    here rank 0 binds the socket itself and hands it to the store. Where this
+    process already serves a multi-tenant store on that port (a c10d process
+    group made it first), that server is shared, as torch's env:// does.
+
+    Raises:
+        RpcError: the port is held by something other than a store of this
+            process (the message says what holds it).
     """
-    if rank == 0:
-        listen_fd = socket.create_server((host, port)).detach()  # the store owns it
-        return TCPStore(host, port, world_size, True, timeout, master_listen_fd=listen_fd)
-    return TCPStore(host, port, world_size, False, timeout)
+    if rank != 0:
+        return TCPStore(host, port, world_size, False, timeout, multi_tenant=True)
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        holder = _port_holder(port)
+        if holder not in ("this process", None):
+            raise RpcError(
+                f"cannot host the rendezvous store on {host}:{port}: the port is held by "
+                f"{holder}; pick a free MASTER_PORT (or init_method port)"
+            ) from exc
+        # Most likely a c10d store of this process: share its server.
+        try:
+            return TCPStore(host, port, world_size, True, timeout, multi_tenant=True)
+        except RuntimeError as err:
+            raise RpcError(
+                f"cannot host the rendezvous store on {host}:{port}: the port is held by "
+                f"{holder or 'another socket'} and it is not a multi-tenant c10d store "
+                f"of this process ({err})"
+            ) from exc
+    return TCPStore(
+        host, port, world_size, True, timeout, multi_tenant=True, master_listen_fd=sock.detach()
+    )
+
+
+def _port_holder(port: int) -> str | None:
+    """Who listens on TCP ``port`` here: ``"this process"``, ``"process PID
+    (command line)"``, ``"another user's process"``, or None when /proc cannot
+    tell (not Linux)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as table_file:
+                rows = table_file.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            # local address "HEX_IP:HEX_PORT", state 0A = LISTEN, inode at 9
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    if not inodes:
+        return None
+    targets = {f"socket:[{inode}]" for inode in inodes}
+
+    def holds(pid: str) -> bool:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            return False
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in targets:
+                    return True
+        return False
+
+    if holds("self"):
+        return "this process"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if holds(pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    cmd = cmdline.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                cmd = "?"
+            return f"process {pid} ({cmd[:200]})"
+    return "another user's process"
 
 
 class _StoreThread:
-    """One daemon thread for every call on a store: torch's store objects are
-    not safe to use from several threads at once, and a call stuck on a frozen
-    store host must not keep the process from exiting."""
+    """One thread for every call on a store: torch's store objects are not safe
+    to use from several threads at once, and a call stuck on a frozen store
+    host must not keep the process from exiting (a daemon thread).
+
+    At interpreter exit the thread is given the time of the call it is in to
+    finish: a daemon thread that returns from a C++ store call after Python
+    began finalising is ended by a forced unwind, which aborts the process
+    ("terminate called without an active exception").
+    """
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="aiorpc-store", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="aiorpc-store", daemon=True)
+        self._thread.start()
+        _STORE_THREADS.add(self)
 
     def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -319,6 +455,11 @@ class _StoreThread:
     def close(self) -> None:
         self._queue.put(None)
 
+    def join(self, timeout: float) -> None:
+        """Stop taking calls and wait up to ``timeout`` for the current one."""
+        self.close()
+        self._thread.join(timeout)
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             loop, fut, fn, args = item
@@ -328,6 +469,20 @@ class _StoreThread:
                 result, error = None, exc
             with contextlib.suppress(RuntimeError):  # the loop is closed already
                 loop.call_soon_threadsafe(_settle, fut, result, error)
+            del item, loop, fut, fn, args, result, error
+
+
+_STORE_THREADS: weakref.WeakSet[_StoreThread] = weakref.WeakSet()
+# At exit, the longest wait for a store call in progress: calls are short
+# (polls; a frozen store host is given its timeout, bounded by the agent).
+_EXIT_JOIN_S = 30.0
+
+
+@atexit.register
+def _join_store_threads() -> None:
+    deadline = time.monotonic() + _EXIT_JOIN_S
+    for thread in list(_STORE_THREADS):
+        thread.join(max(deadline - time.monotonic(), 0.0))
 
 
 def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

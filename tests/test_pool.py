@@ -125,3 +125,19 @@ async def test_shutdown_drops_queued_jobs_and_refuses_new_ones() -> None:
     while pool.threads and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert pool.threads == 0  # the threads left
+
+
+async def test_exit_waits_for_running_jobs_only() -> None:
+    # At interpreter exit (the atexit hook) idle threads leave and running jobs
+    # are waited for: a thread killed inside a torch op would abort the process.
+    pool = WorkerPool(asyncio.get_running_loop(), 3, "t")
+    assert await asyncio.gather(*(pool.run(lambda: 1) for _ in range(3))) == [1, 1, 1]
+    gate = threading.Event()
+    busy = pool.run(lambda: gate.wait(5))
+    await asyncio.sleep(0.05)
+    assert not pool.join_at_exit(time.monotonic() + 0.2)  # the job still runs
+    assert pool.threads == 1  # only its thread is left
+    threading.Timer(0.2, gate.set).start()
+    assert pool.join_at_exit(time.monotonic() + 5)
+    assert pool.threads == 0
+    assert await busy is True

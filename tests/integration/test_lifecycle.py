@@ -10,22 +10,32 @@ to the test process and it ``send``-s the go-ahead to another worker.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import gc
+import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 import aiorpc_autograd as rpc
+from aiorpc_autograd import api
 from tests.integration.common import (
     async_sleep,
     attempt,
     await_outcome,
     blocking_sleep,
     call_outcome,
+    whoami,
 )
 from tests.integration.harness import (
     WorkerGroup,
@@ -355,12 +365,16 @@ def test_shutdown_timeout_never_hangs() -> None:
         group.next_event(rank=1, timeout=45)
         group.send(0, "worker1 gave up")
         w0, w1 = group.join()
-    # worker1 waits for its pending call, worker0 for the call it serves and
-    # for worker1, which left without reaching the barrier: both give up in time.
+    # worker1 waits for its pending call and gives up in time; worker0 serves
+    # that call, but worker1 has left the group (it said so, and why): the group
+    # can never be quiescent, so worker0's wait ends at once, naming worker1.
+    assert isinstance(w1["error"], rpc.RpcTimeoutError), w1["error"]
+    assert isinstance(w1["error"], TimeoutError)
+    assert 0.9 <= w1["elapsed"] < 3.0, w1["elapsed"]
+    assert isinstance(w0["error"], rpc.ConnectionLostError), w0["error"]
+    assert "'worker1' shut down (graceful shutdown timed out" in str(w0["error"]), w0["error"]
+    assert w0["elapsed"] < 3.0, w0["elapsed"]
     for got in (w0, w1):
-        assert isinstance(got["error"], rpc.RpcTimeoutError), got["error"]
-        assert isinstance(got["error"], TimeoutError)
-        assert 0.9 <= got["elapsed"] < 3.0, got["elapsed"]
         assert isinstance(got["after"], rpc.RpcError), got["after"]  # closed anyway
     assert w1["pending_done"] and isinstance(w1["pending"], rpc.RpcError), w1["pending"]
 
@@ -461,3 +475,313 @@ def test_graceful_shutdown_waits_longer_than_one_store_call(env: bool) -> None:
     assert w0["call"] == 1 and w1["call"] == 2
     assert 1.5 < w0["shutdown_s"] < 10, w0
     assert w1["shutdown_s"] < 5, w1
+
+
+# ------------------------------------------- shutdown: no default limit, liveness
+
+
+def add_slowly(a: torch.Tensor, b: float) -> torch.Tensor:
+    time.sleep(0.05)
+    return a + b
+
+
+async def serve_then_train(rank: int, world_size: int, init_method: str) -> dict[str, Any]:
+    from aiorpc_autograd import dist_autograd
+
+    # rpc_timeout=2: the server's shutdown wait outlasts it twice over.
+    options = rpc.RpcOptions(rpc_timeout=2.0)
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method, options=options)
+    out: dict[str, Any] = {}
+    if rank == 0:  # the parameter-server idiom: serve until the trainers are done
+        started = time.monotonic()
+        out["error"] = await await_outcome(rpc.shutdown())
+        out["shutdown_s"] = time.monotonic() - started
+        return out
+    steps, grads = 0, []
+    started = time.monotonic()
+    while time.monotonic() - started < 4.0:  # train for 4 s, past rpc_timeout
+        x = torch.ones(3, requires_grad=True)
+        async with dist_autograd.context() as cid:
+            y = await rpc.rpc_async("worker0", add_slowly, args=(x * 2, 1.0))
+            await dist_autograd.backward(cid, [y.sum()])
+            grads.append(dist_autograd.get_gradients(cid)[x].tolist())
+        steps += 1
+    out["steps"], out["grads"] = steps, grads
+    out["error"] = await await_outcome(rpc.shutdown())
+    return out
+
+
+def test_serving_worker_shutdown_waits_past_rpc_timeout() -> None:
+    # torch's default: shutdown() waits as long as the group works, no limit.
+    server, trainer = run_processes(serve_then_train, 2, timeout=60)
+    assert server["error"] is None, server["error"]
+    assert trainer["error"] is None, trainer["error"]
+    assert server["shutdown_s"] >= 3.9, server
+    assert trainer["steps"] > 3, trainer
+    assert trainer["grads"] == [[2.0, 2.0, 2.0]] * trainer["steps"]
+
+
+async def give_up_mid_request(rank: int, world_size: int, init_method: str) -> dict[str, Any]:
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method)
+    await barrier()
+    out: dict[str, Any] = {}
+    if rank == 0:  # serves worker1's slow call and gives up on it
+        await wait_until_started()
+        out["error"] = await await_outcome(rpc.shutdown(timeout=0.5))
+        out["gave_up"] = time.time()
+        post("gave up")
+        return out
+    slow = rpc.rpc_async("worker0", marked_blocking_sleep, args=(3.0, "late"), timeout=0)
+    out["error"] = await await_outcome(slow)
+    out["failed_at"] = time.time()
+    # A call made afterwards fails at once, with the same reason.
+    started = time.monotonic()
+    out["later"] = await attempt("worker0", torch.add, (1, 1), timeout=0)
+    out["later_s"] = time.monotonic() - started
+    assert await receive() == "worker0 gave up"
+    started = time.monotonic()
+    out["shutdown"] = await await_outcome(rpc.shutdown())
+    out["shutdown_s"] = time.monotonic() - started
+    return out
+
+
+def test_timed_out_shutdown_tells_peers_why() -> None:
+    with WorkerGroup(give_up_mid_request, 2, mode="raw", timeout=60) as group:
+        group.next_event(rank=0, timeout=45)
+        group.send(1, "worker0 gave up")
+        w0, w1 = group.join()
+    assert isinstance(w0["error"], rpc.RpcTimeoutError), w0["error"]
+    # worker1's call in flight there fails promptly, naming worker0 and why,
+    # not as a bare lost connection or after its own 3 s.
+    error = w1["error"]
+    assert isinstance(error, rpc.ConnectionLostError), error
+    assert "worker 'worker0' shut down (graceful shutdown timed out after 0.5s)" in str(error)
+    assert w1["failed_at"] - w0["gave_up"] < 1.0, (w1["failed_at"], w0["gave_up"])
+    assert isinstance(w1["later"], rpc.ConnectionLostError), w1["later"]
+    assert "graceful shutdown timed out" in str(w1["later"]), w1["later"]
+    assert w1["later_s"] < 1.0, w1["later_s"]
+    # worker0 left the group unquiesced: worker1's graceful shutdown says so at once.
+    assert isinstance(w1["shutdown"], rpc.ConnectionLostError), w1["shutdown"]
+    assert "worker0" in str(w1["shutdown"]), w1["shutdown"]
+    assert w1["shutdown_s"] < 3.0, w1["shutdown_s"]
+
+
+async def shutdown_with_a_frozen_peer(
+    rank: int, world_size: int, init_method: str
+) -> dict[str, Any]:
+    options = rpc.RpcOptions(heartbeat_interval=0.2, heartbeat_timeout=1.5)
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method, options=options)
+    await barrier()
+    if rank == 1:  # the test freezes this process (SIGSTOP) before it shuts down
+        post("ready")
+        await asyncio.sleep(3600)
+    assert await receive() == "worker1 is frozen"
+    started = time.monotonic()
+    try:  # no limit given: only the peer's liveness can end the wait
+        error = await asyncio.wait_for(await_outcome(rpc.shutdown()), 20.0)
+    except TimeoutError:
+        error = "shutdown() still running after 20s"
+    return {"error": error, "elapsed": time.monotonic() - started}
+
+
+def test_unbounded_shutdown_ends_on_a_frozen_peer() -> None:
+    with WorkerGroup(shutdown_with_a_frozen_peer, 2, mode="raw", timeout=60) as group:
+        group.next_event(rank=1, timeout=45)
+        group.kill(1, signal.SIGSTOP)
+        group.send(0, "worker1 is frozen")
+        w0, _ = group.join(allow_dead={1})
+    assert isinstance(w0["error"], rpc.ConnectionLostError), w0["error"]
+    assert "worker1" in str(w0["error"]) and "heartbeat" in str(w0["error"]), w0["error"]
+    assert 1.0 < w0["elapsed"] < 6.0, w0["elapsed"]
+
+
+# ----------------------------------------------- group-wide quiescence (RRefs)
+
+
+class Held:
+    """A value owned by worker1; live instances are counted there."""
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+        _LIVE.add(self)
+
+
+_LIVE: weakref.WeakSet[Held] = weakref.WeakSet()
+_KEPT: dict[str, Any] = {}
+
+
+async def hold_loop(seconds: float) -> None:
+    time.sleep(seconds)  # on purpose: blocks this worker's loop
+
+
+def keep(ref: rpc.RRef[Held], key: str) -> int:
+    _KEPT[key] = ref
+    return ref.owner().id
+
+
+async def forks_during_shutdown(
+    rank: int, world_size: int, init_method: str, methods: list[str]
+) -> list[tuple[int, int, int]]:
+    """Raw target, one group per init method in turn: worker0 hands RRefs owned
+    by worker1 to worker2 while worker2's loop is held, and everyone shuts
+    down at once, so the forks reach worker2 (and it tells the owner and the
+    parent) while the others already wait in shutdown; worker2 drops them at
+    its own shutdown. Reports each round's counts after shutdown."""
+    out = []
+    for method in [init_method, *methods]:
+        await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=method)
+        agent = api.current_agent()
+        await barrier()
+        if rank == 0:
+            refs = [rpc.remote("worker1", Held, (i,)) for i in range(4)]
+            await asyncio.gather(*(r.to_here() for r in refs))
+            _KEPT["blocker"] = rpc.rpc_async("worker2", hold_loop, (0.3,))
+            await asyncio.sleep(0.05)
+            _KEPT["calls"] = [
+                rpc.rpc_async("worker2", keep, (r, f"k{i}")) for i, r in enumerate(refs)
+            ]
+            del refs
+        await rpc.shutdown(timeout=20)
+        _KEPT.clear()
+        gc.collect()
+        info = agent.debug_info()
+        out.append((info["num_owner_rrefs"], info["num_user_rrefs"], len(_LIVE)))
+    return out
+
+
+def test_shutdown_waits_for_deletions_from_forks_received_during_it() -> None:
+    methods = [f"tcp://127.0.0.1:{free_port()}" for _ in range(3)]
+    results = run_processes(forks_during_shutdown, 3, methods, timeout=80)
+    # Every round: the owner freed every value before it closed.
+    assert results[1] == [(0, 0, 0)] * 4, results
+
+
+# ------------------------------------------------------- exit after a timed-out shutdown
+
+
+def torch_heavy(seconds: float) -> int:
+    """Plain call: torch ops (C++, without the GIL) for ``seconds``."""
+    started, a, n = time.monotonic(), torch.randn(256, 256), 0
+    while time.monotonic() - started < seconds:
+        a = torch.mm(a, a).clamp_(-1, 1)
+        n += 1
+    return n
+
+
+def exit_script(rank: int, port: int) -> None:
+    """A worker script run as its own interpreter (``python -c``) that exits
+    normally after its shutdown: worker0's graceful shutdown (3 s) waits 1.5 s
+    for worker1, then times out while it runs worker1's torch-heavy call."""
+
+    async def main() -> dict[str, Any]:
+        await rpc.init_rpc(f"worker{rank}", rank, 2, init_method=f"tcp://127.0.0.1:{port}")
+        out: dict[str, Any] = {}
+        if rank == 0:
+            error = await await_outcome(rpc.shutdown(timeout=3.0))
+            out["shutdown"] = type(error).__name__
+            return out
+        await asyncio.sleep(1.5)
+        call = await await_outcome(rpc.rpc_async("worker0", torch_heavy, args=(3.5,), timeout=0))
+        out["call"] = f"{type(call).__name__}: {call}"
+        out["shutdown"] = type(await await_outcome(rpc.shutdown())).__name__
+        return out
+
+    print(json.dumps(rpc.run(main())), flush=True)
+
+
+def test_exit_after_a_timed_out_shutdown_is_clean() -> None:
+    # The interpreter exits while a pool thread is inside torch ops: it used to
+    # abort ("terminate called without an active exception"). The shutdown
+    # wait used to log c10d's "waitForInput ... likely a timeout" as well.
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    code = "import sys; from tests.integration.test_lifecycle import exit_script as s; s({}, {})"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code.format(rank, port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for rank, (proc, (_, stderr)) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, (rank, proc.returncode, stderr[-3000:])
+        assert "terminate called" not in stderr, (rank, stderr[-3000:])
+        assert "waitForInput" not in stderr and "[c10d]" not in stderr, (rank, stderr[-3000:])
+    w0 = json.loads(outputs[0][0].splitlines()[-1])
+    w1 = json.loads(outputs[1][0].splitlines()[-1])
+    assert w0 == {"shutdown": "RpcTimeoutError"}, w0
+    assert w1["call"].startswith("ConnectionLostError: worker 'worker0' shut down"), w1
+    assert "graceful shutdown timed out after 3.0s" in w1["call"], w1
+    assert w1["shutdown"] == "ConnectionLostError", w1
+
+
+# ----------------------------------------------------- env:// shared with c10d
+
+
+async def c10d_and_rpc(rank: int, world_size: int, init_method: str, order: str) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    def init_c10d() -> None:  # env:// from MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=30))
+
+    out: dict[str, Any] = {}
+    if order == "c10d_first":
+        await asyncio.to_thread(init_c10d)
+        await rpc.init_rpc(f"worker{rank}")
+    else:
+        await rpc.init_rpc(f"worker{rank}")
+        await asyncio.to_thread(init_c10d)
+    t = torch.tensor([rank + 1.0])
+    await asyncio.to_thread(dist.all_reduce, t)
+    out["allreduce"] = t.item()
+    out["rpc"] = await rpc.rpc_async(f"worker{1 - rank}", whoami)
+    await rpc.shutdown()
+    t = torch.tensor([rank + 1.0])  # c10d keeps working after RPC is gone
+    await asyncio.to_thread(dist.all_reduce, t)
+    out["allreduce_after"] = t.item()
+    await asyncio.to_thread(dist.destroy_process_group)
+    return out
+
+
+def master_env(port: int, world_size: int) -> Callable[[int], dict[str, str]]:
+    def env(rank: int) -> dict[str, str]:
+        return {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+        }
+
+    return env
+
+
+@pytest.mark.parametrize("order", ["c10d_first", "rpc_first"])
+def test_env_init_shares_master_port_with_c10d(order: str) -> None:
+    results = run_processes(c10d_and_rpc, 2, order, timeout=60, env=master_env(free_port(), 2))
+    for rank, got in enumerate(results):
+        peer = rpc.WorkerInfo(f"worker{1 - rank}", 1 - rank)
+        assert got["allreduce"] == got["allreduce_after"] == 3.0, got
+        assert got["rpc"][0] == peer, got
+
+
+async def init_on_a_taken_port(rank: int, world_size: int, init_method: str) -> str:
+    error = await await_outcome(rpc.init_rpc("worker0"))
+    if not isinstance(error, Exception):
+        await rpc.shutdown(graceful=False)
+    return f"{type(error).__name__}: {error}"
+
+
+def test_env_init_on_a_port_held_by_another_process() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        (error,) = run_processes(init_on_a_taken_port, 1, timeout=60, env=master_env(port, 1))
+    assert error.startswith("RpcError: cannot host the rendezvous store"), error
+    assert f"held by process {os.getpid()} (" in error, error
