@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .api import current_agent, remote, rpc_async
+from .autograd import hold_grads
 from .dist_autograd import get_gradients
 from .options import WorkerInfo
 from .rref import RRef
@@ -25,7 +26,9 @@ class _LocalOptimizer:
 
     Steps on one worker are serialised by one lock shared by every local
     optimizer there, as in PyTorch (several DistributedOptimizers may share
-    parameters, and a step sets their ``.grad``).
+    parameters, and a step sets their ``.grad``); a step also holds its
+    parameters' ``.grad`` slots against backward jobs borrowing them
+    (:func:`~aiorpc_autograd.autograd.hold_grads`).
     """
 
     lock = threading.Lock()
@@ -42,7 +45,7 @@ class _LocalOptimizer:
 
     def step(self, context_id: int) -> None:
         grads = get_gradients(context_id)
-        with self.lock:
+        with self.lock, hold_grads(self.params):
             # Parameters without a gradient in this context get none, so the
             # optimizer leaves them alone (a stale .grad must not be reapplied).
             for p in self.params:

@@ -605,3 +605,143 @@ def test_remote_module_trains_an_mlp_like_a_local_run(group: WorkerGroup) -> Non
         assert torch.allclose(g, w.detach(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(got["forward"], head(body(x)), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------- DDP + RPC
+
+DDP_STEPS = 3
+DDP_LR = 0.1
+_EMBEDDINGS: dict[str, torch.nn.Embedding] = {}
+
+
+def make_embedding() -> torch.nn.Embedding:
+    torch.manual_seed(1)
+    return torch.nn.Embedding(10, 4)
+
+
+def make_dense() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def ddp_rows(trainer: int, step: int) -> torch.Tensor:
+    """The embedding rows a trainer looks up: disjoint between the trainers,
+    so their updates of the embedding commute exactly."""
+    return torch.tensor([5 * trainer + (step + k) % 5 for k in range(3)])
+
+
+def ddp_loss(out: torch.Tensor, trainer: int) -> torch.Tensor:
+    return (out * (torch.arange(9.0).reshape(3, 3) - 4 + trainer)).pow(2).sum() / 8
+
+
+async def create_embedding(rank: int, world_size: int, key: str) -> None:
+    _EMBEDDINGS[key] = make_embedding()
+
+
+async def drop_embedding(rank: int, world_size: int, key: str) -> None:
+    _EMBEDDINGS.pop(key, None)
+
+
+def embedding_of(key: str) -> torch.nn.Embedding:
+    """On PS1: the shared embedding (an ``rpc.remote`` of this is an RRef to it)."""
+    return _EMBEDDINGS[key]
+
+
+def embedding_param_rrefs(key: str) -> list[rpc.RRef[torch.Tensor]]:
+    return [rpc.RRef(p) for p in _EMBEDDINGS[key].parameters()]
+
+
+async def read_embedding(rank: int, world_size: int, key: str) -> torch.Tensor:
+    return _EMBEDDINGS[key].weight.detach().clone()
+
+
+async def ddp_trainer(rank: int, world_size: int, key: str, store: str) -> dict[str, Any]:
+    """One of two DDP replicas (gloo, file store) of a dense layer fed by an
+    embedding held in an RRef on PS1, trained with dist autograd and a
+    DistributedOptimizer over the embedding and the replica's parameters."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    await asyncio.to_thread(
+        dist.init_process_group, "gloo", init_method=f"file://{store}", rank=rank, world_size=2
+    )
+    try:
+        ddp = await asyncio.to_thread(DistributedDataParallel, make_dense())
+        emb = rpc.remote(PS1, embedding_of, (key,))
+        params = await rpc.rpc_async(PS1, embedding_param_rrefs, (key,))
+        params += [rpc.RRef(p) for p in ddp.parameters()]
+        opt = DistributedOptimizer(torch.optim.SGD, params, lr=DDP_LR)
+        weight_grads = []
+        grad_untouched = True
+        for step in range(DDP_STEPS):
+            async with dist_autograd.context() as cid:
+                rows = await emb.rpc_async().forward(ddp_rows(rank, step))
+                loss = ddp_loss(ddp(rows), rank)
+                before = [p.grad for p in ddp.parameters()]
+                await dist_autograd.backward(cid, [loss])
+                after = [p.grad for p in ddp.parameters()]
+                grad_untouched &= all(a is b for a, b in zip(after, before, strict=True))
+                grads = dist_autograd.get_gradients(cid)
+                weight_grads.append(grads[ddp.module.weight].clone())
+                await opt.step(cid)
+            # Both replicas' embedding updates are in before either goes on.
+            await asyncio.to_thread(dist.barrier)
+        return {
+            "params": [p.detach().clone() for p in ddp.parameters()],
+            "weight_grads": weight_grads,
+            "grad_untouched": grad_untouched,
+        }
+    finally:
+        await asyncio.to_thread(dist.destroy_process_group)
+
+
+def ddp_oracle() -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """What torch's DDP gives: each step, the dense gradient averaged over the
+    two replicas (each divided by the world size, then summed, as DDP's
+    allreduce does), the embedding stepped with each trainer's gradient."""
+    dense, emb = make_dense(), make_embedding()
+    weight_grads = []
+    for step in range(DDP_STEPS):
+        grads = [
+            torch.autograd.grad(
+                ddp_loss(dense(emb(ddp_rows(t, step))), t), [*dense.parameters(), emb.weight]
+            )
+            for t in (0, 1)
+        ]
+        with torch.no_grad():
+            averaged = [a / 2 + b / 2 for a, b in zip(grads[0][:2], grads[1][:2], strict=True)]
+            weight_grads.append(averaged[0])
+            for p, g in zip(dense.parameters(), averaged, strict=True):
+                p.add_(g, alpha=-DDP_LR)
+            for t in (0, 1):
+                emb.weight.add_(grads[t][2], alpha=-DDP_LR)
+    return [p.detach() for p in dense.parameters()], emb.weight.detach(), weight_grads
+
+
+def test_ddp_replicas_with_a_remote_embedding_average_as_in_torch(
+    group: WorkerGroup, tmp_path: Any
+) -> None:
+    """DDP + RPC: two DDP replicas over gloo on trainers 0 and 1, an embedding
+    in an RRef on PS1, trained with dist autograd and a DistributedOptimizer.
+    The reducer's hooks run inside the distributed backward and average the
+    dense gradients into each context: the replicas stay bit-identical, and
+    equal what torch's DDP computes for the same seed and data."""
+    key = "ddp"
+    group.call(PS1_RANK, create_embedding, key)
+    try:
+        store = str(tmp_path / "gloo-store")
+        got = group.call_many([(r, ddp_trainer, (key, store)) for r in (0, 1)], timeout=60)
+        embedding = group.call(PS1_RANK, read_embedding, key)
+    finally:
+        group.call(PS1_RANK, drop_embedding, key)
+    want_params, want_embedding, want_grads = ddp_oracle()
+    for a, b in zip(got[0]["params"], got[1]["params"], strict=True):
+        assert torch.equal(a, b)  # the replicas never diverge
+    for a, b in zip(got[0]["weight_grads"], got[1]["weight_grads"], strict=True):
+        assert torch.equal(a, b)  # averaged, in each trainer's context
+    for g, w in zip(got[0]["weight_grads"], want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    for g, w in zip(got[0]["params"], want_params, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(embedding, want_embedding, rtol=1e-6, atol=1e-7)
+    assert got[0]["grad_untouched"] and got[1]["grad_untouched"]
