@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -162,6 +163,7 @@ class DistAutogradContext:
         self._recvs: dict[int, RecvFunction] = {}
         self._grads: dict[torch.Tensor, torch.Tensor] = {}
         self._known: set[int] = set()
+        self._watched: list[tuple[str, Coroutine[Any, Any, Any]]] = []
         self._lock = threading.Lock()
         # Touched on the event loop only: the pass running here, the passes
         # over here (with their error, if any), the passes aborted here.
@@ -207,6 +209,35 @@ class DistAutogradContext:
         with self._lock:
             prev = self._grads.get(leaf)
             self._grads[leaf] = grad if prev is None else prev + grad
+
+    def watch(self, what: str, coro: Coroutine[Any, Any, Any]) -> None:
+        """Remember ``coro`` (a call named ``what`` made in this context) so that
+        :meth:`never_awaited` can tell whether it was ever started."""
+        with self._lock:
+            # Forget the started ones: the list stays as long as the calls not
+            # yet awaited.
+            self._watched = [
+                (w, c)
+                for w, c in self._watched
+                if inspect.getcoroutinestate(c) == inspect.CORO_CREATED
+            ]
+            self._watched.append((what, coro))
+
+    def never_awaited(self) -> list[str]:
+        """The watched calls never started (a forgotten ``await``), closed so
+        that they cannot run any more; each is reported once."""
+        with self._lock:
+            watched, self._watched = self._watched, []
+        lost = []
+        for what, coro in watched:
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
+                lost.append(what)
+        return lost
+
+    def has_finished_pass(self) -> bool:
+        """Whether a backward pass in this context finished here without error."""
+        return any(error is None for error in self.finished_passes.values())
 
     def gradient(self, leaf: torch.Tensor) -> torch.Tensor | None:
         """The gradient of ``leaf`` accumulated in this context so far, or None."""

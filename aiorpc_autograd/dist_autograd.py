@@ -7,8 +7,10 @@ concurrent asyncio tasks each run their own forward/backward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
+from typing import Any
 
 import torch
 
@@ -39,6 +41,11 @@ class context:
     Its id is unique across the group. On exit the context is released here at
     once and release messages go to every worker it exchanged messages with
     (they drop theirs when those arrive), also when the body raised.
+
+    A forgotten ``await`` is loud: if a :func:`backward` or
+    ``DistributedOptimizer.step`` called in this context was never awaited
+    (nor started as a task), the exit raises ``RuntimeError`` naming it (a
+    ``RuntimeWarning`` instead when the body already raised).
     """
 
     def __init__(self) -> None:
@@ -58,11 +65,22 @@ class context:
     ) -> None:
         assert self._ctx is not None
         current_context_id.reset(self._token)  # type: ignore[arg-type]
+        lost = self._ctx.never_awaited()
         try:
             service = _service()
         except Exception:
-            return  # the agent is gone: nothing left to release
-        service.release(self._ctx.context_id())
+            service = None  # the agent is gone: nothing left to release
+        if service is not None:
+            service.release(self._ctx.context_id())
+        if lost:
+            what = ", ".join(lost)
+            message = (
+                f"{what} in autograd context {self._ctx.context_id()} was never awaited: "
+                "nothing was computed or stepped (missing 'await'?)"
+            )
+            if exc_type is None:
+                raise RuntimeError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     async def __aenter__(self) -> int:
         return self.__enter__()
@@ -94,9 +112,9 @@ def _validate_roots(roots: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.
     return roots
 
 
-async def backward(
+def backward(
     context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool = False
-) -> None:
+) -> Coroutine[Any, Any, None]:
     """Run the backward pass from the local scalar ``roots`` through every
     worker the forward pass touched; return when it is done everywhere.
 
@@ -109,9 +127,31 @@ async def backward(
         RuntimeError: unknown context id, or a pass already running in it.
         RemoteError: the pass failed on some worker (named in the error); the
             other workers' parts of the pass are stopped.
+
+    A coroutine: forgetting to await it makes the context's exit raise (see
+    :class:`context`).
     """
+    coro = _backward(context_id, roots, retain_graph)
+    watch(context_id, "dist_autograd.backward(...)", coro)
+    return coro
+
+
+async def _backward(
+    context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool
+) -> None:
     valid = _validate_roots(roots)
     await _service().backward(context_id, valid, retain_graph)
+
+
+def watch(context_id: int, what: str, coro: Coroutine[Any, Any, Any]) -> None:
+    """Have the context ``context_id`` of this worker (if there is one) check on
+    exit that ``coro`` (the call ``what``) was awaited."""
+    try:
+        ctx = _service().container.get(context_id)
+    except Exception:
+        return  # no agent: the coroutine raises when awaited
+    if ctx is not None:
+        ctx.watch(what, coro)
 
 
 def get_gradients(context_id: int) -> dict[torch.Tensor, torch.Tensor]:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from .api import current_agent, remote, rpc_async
 from .autograd import hold_grads
-from .dist_autograd import get_gradients
+from .dist_autograd import _service, get_gradients, watch
 from .options import WorkerInfo
 from .rref import RRef
 
@@ -99,13 +99,31 @@ class DistributedOptimizer:
             for owner, params in by_owner.items()
         }
 
-    async def step(self, context_id: int) -> None:
+    def step(self, context_id: int) -> Coroutine[Any, Any, None]:
         """Step every owner's optimizer with that context's gradients,
         concurrently; steps on one owner are serialised.
 
+        A coroutine: forgetting to await it makes the context's exit raise
+        (see :class:`~aiorpc_autograd.dist_autograd.context`).
+
         Raises:
+            RuntimeError: no backward pass finished in that context on this
+                worker (a forgotten ``await`` on ``dist_autograd.backward``?).
             RemoteError: an owner failed (raised after all owners finished).
         """
+        coro = self._step(context_id)
+        watch(context_id, "DistributedOptimizer.step(...)", coro)
+        return coro
+
+    async def _step(self, context_id: int) -> None:
+        ctx = _service().container.get(context_id)
+        # Stepping with no gradients is always a mistake (PyTorch silently
+        # steps nothing); an unknown context is reported by the owners.
+        if ctx is not None and not ctx.has_finished_pass():
+            raise RuntimeError(
+                f"no backward pass has finished in autograd context {context_id} on this "
+                "worker: 'await dist_autograd.backward(...)' before stepping (missing 'await'?)"
+            )
         steps = [rpc_async(w, _step, (opt, context_id)) for w, opt in self._optimizers.items()]
         results = await asyncio.gather(*steps, return_exceptions=True)
         for result in results:

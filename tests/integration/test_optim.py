@@ -745,3 +745,91 @@ def test_ddp_replicas_with_a_remote_embedding_average_as_in_torch(
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(embedding, want_embedding, rtol=1e-6, atol=1e-7)
     assert got[0]["grad_untouched"] and got[1]["grad_untouched"]
+
+
+# --------------------------------------------------------------------- forgotten awaits
+
+
+async def forgetful_trainer(rank: int, world_size: int, key: str) -> dict[str, Any]:
+    import warnings
+
+    (p,), _ = await all_param_rrefs(key)
+    opt = DistributedOptimizer(torch.optim.SGD, [p], lr=0.5)
+    out: dict[str, Any] = {}
+
+    async def run(body: Callable[[int, torch.Tensor], Any]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                async with dist_autograd.context() as cid:
+                    loss = (await p.to_here()).sum()
+                    await body(cid, loss)
+            except Exception as exc:
+                seen["raised"] = exc
+        seen["warnings"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
+        seen["param"] = await p.to_here()
+        return seen
+
+    async def no_await_on_backward(cid: int, loss: torch.Tensor) -> None:
+        dist_autograd.backward(cid, [loss])  # type: ignore[unused-coroutine]
+        await opt.step(cid)
+
+    async def no_await_on_step(cid: int, loss: torch.Tensor) -> None:
+        await dist_autograd.backward(cid, [loss])
+        opt.step(cid)  # type: ignore[unused-coroutine]
+
+    async def no_await_at_all(cid: int, loss: torch.Tensor) -> None:
+        dist_autograd.backward(cid, [loss])  # type: ignore[unused-coroutine]
+        opt.step(cid)  # type: ignore[unused-coroutine]
+
+    async def as_tasks(cid: int, loss: torch.Tensor) -> None:
+        await asyncio.create_task(dist_autograd.backward(cid, [loss]))
+        await asyncio.gather(opt.step(cid))
+
+    out["backward"] = await run(no_await_on_backward)
+    out["step"] = await run(no_await_on_step)
+    out["both"] = await run(no_await_at_all)
+    out["tasks"] = await run(as_tasks)
+    return out
+
+
+def test_a_forgotten_await_is_loud(group: WorkerGroup) -> None:
+    """An un-awaited ``dist_autograd.backward``: ``step`` raises (no finished
+    pass here), and the context's exit only warns about it (the body raised
+    already). An un-awaited ``step``: the context's exit raises, naming it,
+    and nothing was stepped. Started as tasks or gathered: no complaint."""
+    key = "forgetful"
+    setup_params(group, key, [torch.tensor([1.0, 2.0])], [])
+    try:
+        got = group.call(0, forgetful_trainer, key)
+    finally:
+        teardown_params(group, key)
+    start = torch.tensor([1.0, 2.0])
+
+    case = got["backward"]
+    err = case["raised"]
+    assert isinstance(err, RuntimeError) and "no backward pass has finished" in str(err), err
+    warned = case["warnings"]
+    assert any("dist_autograd.backward(...)" in w and "never awaited" in w for w in warned)
+    assert torch.equal(case["param"], start)
+
+    case = got["step"]
+    err = case["raised"]
+    assert isinstance(err, RuntimeError), err
+    assert "DistributedOptimizer.step(...)" in str(err) and "never awaited" in str(err)
+    assert "dist_autograd.backward" not in str(err)
+    assert torch.equal(case["param"], start)  # the step never ran
+
+    case = got["both"]
+    err = case["raised"]
+    assert isinstance(err, RuntimeError), err
+    assert "dist_autograd.backward(...)" in str(err)
+    assert "DistributedOptimizer.step(...)" in str(err)
+    assert torch.equal(case["param"], start)
+    # The closed coroutines do not add Python's own GC-time warning.
+    assert not any("was never awaited" in w and "coroutine" in w for w in case["warnings"])
+
+    case = got["tasks"]
+    assert "raised" not in case and case["warnings"] == []
+    assert torch.equal(case["param"], start - 0.5)
