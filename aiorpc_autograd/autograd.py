@@ -170,6 +170,8 @@ class DistAutogradContext:
         self.current_pass: BackwardPass | None = None
         self.finished_passes: dict[int, BaseException | None] = {}
         self.aborted_passes: set[int] = set()
+        # The optimizers a pass started here stepped (step in backward).
+        self.stepped_optimizers: set[int] = set()
 
     def context_id(self) -> int:
         """This context's id."""
@@ -431,6 +433,22 @@ class BackwardPass:
             mid: [None] * len(recv.tensors) for mid, recv in self._recvs.items()
         }
         self._answered: set[int] = set()
+        # Run in the pool thread right after the last job (the one that runs
+        # once every source resolved), with the context's gradients final;
+        # an error it raises fails the pass.
+        self.after_last_job: Callable[[], None] | None = None
+        self.ran_after_last_job = False
+
+    def peers_answered_without_waiting(self) -> set[int]:
+        """The peers of recv functions that this pass answers without waiting
+        for any other worker (no source but the local roots reaches them):
+        they are sure to hear from this worker soon after :meth:`start`."""
+        peers = set()
+        for recv in self._recvs.values():
+            keys = set().union(*(self._deps.get(id(t), set()) for t in recv.tensors))
+            if keys <= {_ROOT}:
+                peers.add(recv.peer)
+        return peers
 
     # -- events --------------------------------------------------------------
 
@@ -518,8 +536,20 @@ class BackwardPass:
         retain = self.retain_graph or not final
         initial = [self._gradient_so_far(leaf) for leaf in leaves]
 
+        after = self.after_last_job if final else None
+
         def job() -> list[torch.Tensor | None]:
-            return run_local_backward(outputs, grad_outputs, leaves, initial, retain)
+            result = run_local_backward(outputs, grad_outputs, leaves, initial, retain)
+            if after is not None:
+                # The last job: this worker's gradients in the context are
+                # final once stored, so what waits for that runs here, in the
+                # same thread (no hop back to the loop and out again).
+                for leaf, grad in zip(leaves, result, strict=True):
+                    if grad is not None and id(leaf) not in self._recv_of_leaf:
+                        self.ctx.set_gradient(leaf, grad)
+                after()
+                self.ran_after_last_job = True
+            return result
 
         self._running = True
         self.batches += 1

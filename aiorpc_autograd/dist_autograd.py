@@ -10,7 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Coroutine, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -112,8 +112,18 @@ def _validate_roots(roots: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.
     return roots
 
 
+class _StepsInBackward(Protocol):
+    """A ``DistributedOptimizer`` (``aiorpc_autograd.optim``)."""
+
+    def step_in_backward_plan(self) -> list[int]: ...
+
+
 def backward(
-    context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool = False
+    context_id: int,
+    roots: Sequence[torch.Tensor] | torch.Tensor,
+    retain_graph: bool = False,
+    *,
+    optimizer: _StepsInBackward | None = None,
 ) -> Coroutine[Any, Any, None]:
     """Run the backward pass from the local scalar ``roots`` through every
     worker the forward pass touched; return when it is done everywhere.
@@ -121,6 +131,14 @@ def backward(
     Gradients accumulate in the context (:func:`get_gradients`), never in
     ``.grad``. A send function whose result was never used does not hang the
     pass.
+
+    Step in backward: with ``optimizer=opt`` (a ``DistributedOptimizer``),
+    each owner of ``opt``'s parameters steps its local optimizer with the
+    context's gradients as soon as its own part of the pass is done, inside
+    the pass: when this returns, the parameters are stepped, as after
+    ``await opt.step(context_id)`` (which must then not be called for this
+    context). Owners the pass does not reach have no gradient in the context
+    and are not stepped (a step would leave their parameters alone).
 
     Raises:
         ValueError: invalid roots (empty, not scalar, not requiring grad).
@@ -131,16 +149,20 @@ def backward(
     A coroutine: forgetting to await it makes the context's exit raise (see
     :class:`context`).
     """
-    coro = _backward(context_id, roots, retain_graph)
+    plan = None if optimizer is None else optimizer.step_in_backward_plan()
+    coro = _backward(context_id, roots, retain_graph, plan)
     watch(context_id, "dist_autograd.backward(...)", coro)
     return coro
 
 
 async def _backward(
-    context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool
+    context_id: int,
+    roots: Sequence[torch.Tensor] | torch.Tensor,
+    retain_graph: bool,
+    plan: list[int] | None,
 ) -> None:
     valid = _validate_roots(roots)
-    await _service().backward(context_id, valid, retain_graph)
+    await _service().backward(context_id, valid, retain_graph, plan)
 
 
 def watch(context_id: int, what: str, coro: Coroutine[Any, Any, Any]) -> None:

@@ -54,20 +54,29 @@ class _LocalOptimizer:
 
 
 async def _new_local_optimizer(
+    optimizer_id: int,
     optimizer_class: type[torch.optim.Optimizer],
     params: Sequence[RRef[torch.Tensor]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> _LocalOptimizer:
-    """Runs on the owner; waits for parameters still being created."""
-    values = [await p.to_here() for p in params]  # on the owner: the tensors themselves
-    return _LocalOptimizer(optimizer_class, values, args, kwargs)
+    """Runs on the owner; waits for parameters still being created. Registers
+    the result (or the error) for passes that step it in backward."""
+    service = _service()
+    try:
+        values = [await p.to_here() for p in params]  # on the owner: the tensors themselves
+        local = _LocalOptimizer(optimizer_class, values, args, kwargs)
+    except Exception as exc:
+        service.register_local_optimizer(optimizer_id, exc)
+        raise
+    service.register_local_optimizer(optimizer_id, local.step)
+    return local
 
 
 async def _step(local: RRef[_LocalOptimizer], context_id: int) -> None:
     """Runs on the owner; waits for the local optimizer if still being built."""
     optimizer = await local.to_here()
-    await asyncio.to_thread(optimizer.step, context_id)
+    await _service().agent.run_in_executor(lambda: optimizer.step(context_id))
 
 
 class DistributedOptimizer:
@@ -94,10 +103,19 @@ class DistributedOptimizer:
         for p in params_rref:
             by_owner.setdefault(p.owner(), []).append(p)
         current_agent()  # raises if RPC is not initialised
+        # Group-unique: names this optimizer's local optimizers on their owners.
+        self._id = _service().container.new_message_id()
         self._optimizers: dict[WorkerInfo, RRef[_LocalOptimizer]] = {
-            owner: remote(owner, _new_local_optimizer, (optimizer_class, params, args, kwargs))
+            owner: remote(
+                owner, _new_local_optimizer, (self._id, optimizer_class, params, args, kwargs)
+            )
             for owner, params in by_owner.items()
         }
+
+    def step_in_backward_plan(self) -> list[int]:
+        """What a pass stepping this optimizer in backward carries: its id,
+        then its owners' worker ids (see ``dist_autograd.backward``)."""
+        return [self._id, *(owner.id for owner in self._optimizers)]
 
     def step(self, context_id: int) -> Coroutine[Any, Any, None]:
         """Step every owner's optimizer with that context's gradients,
@@ -123,6 +141,12 @@ class DistributedOptimizer:
             raise RuntimeError(
                 f"no backward pass has finished in autograd context {context_id} on this "
                 "worker: 'await dist_autograd.backward(...)' before stepping (missing 'await'?)"
+            )
+        if ctx is not None and self._id in ctx.stepped_optimizers:
+            raise RuntimeError(
+                f"this optimizer already stepped in the backward pass of autograd context "
+                f"{context_id} (dist_autograd.backward(..., optimizer=opt)): a second step "
+                "would apply the same gradients again"
             )
         steps = [rpc_async(w, _step, (opt, context_id)) for w, opt in self._optimizers.items()]
         results = await asyncio.gather(*steps, return_exceptions=True)

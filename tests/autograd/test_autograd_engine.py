@@ -748,3 +748,25 @@ def test_gradient_never_aliases_a_tensor_the_user_holds() -> None:
     ga = sim.grad(0, a)
     assert ga is not None and ga.data_ptr() != kept[0].data_ptr()
     torch.testing.assert_close(ga, kept[0])
+
+
+def test_after_last_job_sees_the_final_gradients() -> None:
+    """``after_last_job`` runs once, inside the last job of a worker's part,
+    with that worker's gradients in the context already final."""
+    x, w = _leaf(3, seed=70), _leaf(3, seed=71)
+    sim = Sim(2)
+    roots = graph_a_b_a_b(sim.send, [[x], [w]])
+    seen: list[torch.Tensor | None] = []
+    pass_id = 99
+    sim.ios = [FakeIO(i, sim.outbox) for i in range(2)]
+    sim.passes = [
+        BackwardPass(sim.ctx[i], pass_id, False, list(roots) if i == 0 else None, sim.ios[i])
+        for i in range(2)
+    ]
+    sim.passes[1].after_last_job = lambda: seen.append(sim.grad(1, w))
+    for p in sim.passes:
+        p.start()
+    sim.drain()
+    assert all(io.finished_with == [None] for io in sim.ios)
+    final = sim.grad(1, w)
+    assert len(seen) == 1 and seen[0] is final and sim.passes[1].ran_after_last_job

@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 import aiorpc_autograd as rpc
 from aiorpc_autograd import dist_autograd
+from aiorpc_autograd.autograd import hold_grads
 from tests.integration.conftest import close_shared_group, shared_group
 from tests.integration.harness import WorkerGroup
 
@@ -178,11 +179,15 @@ def local_grads(context_id: int, keys: list[str]) -> dict[str, Any]:
         grads = {}
     by_id = {id(t): g for t, g in grads.items()}
     leaves = [_PARAMS.get(k) for k in keys]
+    # Concurrent passes over these leaves borrow their .grad while a job runs:
+    # read it between jobs.
+    with hold_grads([t for t in leaves if t is not None]):
+        untouched = all(t is None or t.grad is None for t in leaves)
     return {
         "grads": {
             k: None if t is None else by_id.get(id(t)) for k, t in zip(keys, leaves, strict=True)
         },
-        "untouched": all(t is None or t.grad is None for t in leaves),
+        "untouched": untouched,
     }
 
 

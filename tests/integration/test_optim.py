@@ -160,9 +160,11 @@ class PausingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-async def sgd_trainer(rank: int, world_size: int, key: str, steps: int, lr: float) -> int:
+async def sgd_trainer(
+    rank: int, world_size: int, key: str, steps: int, lr: float, fused: bool = False
+) -> int:
     """Forward (through to_here and a proxy call), backward and step against
-    the parameters of both parameter servers."""
+    the parameters of both parameter servers (``fused``: stepped in backward)."""
     ps1, ps2 = await all_param_rrefs(key)
     params = ps1 + ps2
     opt = DistributedOptimizer(PausingSGD, params, lr=lr)
@@ -179,6 +181,11 @@ async def sgd_trainer(rank: int, world_size: int, key: str, steps: int, lr: floa
                     w = await p.to_here()
                     terms.append((w * coeff(rank, step, i, tuple(w.shape))).sum())
             loss = torch.stack(terms).sum()
+            if fused:
+                # The trainers go together: their passes (and steps) overlap.
+                await rpc.rpc_async(PS1, arrive, (key, len(TRAINERS), step))
+                await dist_autograd.backward(cid, [loss], optimizer=opt)
+                continue
             await dist_autograd.backward(cid, [loss])
             # The trainers step together: their steps overlap on both servers.
             await rpc.rpc_async(PS1, arrive, (key, len(TRAINERS), step))
@@ -195,15 +202,19 @@ _NOT_SERIALISED = (
 )
 
 
-def test_trainers_and_parameter_servers_sgd_match_local(group: WorkerGroup) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["step", "step_in_backward"])
+def test_trainers_and_parameter_servers_sgd_match_local(group: WorkerGroup, fused: bool) -> None:
     """Three trainers at once against two parameter servers, SGD with a loss
     whose gradient does not depend on the parameters: the final parameters
-    equal a local run exactly, and the parameter without a gradient is left alone."""
-    key, steps, lr = "ps-sgd", 4, 0.25
+    equal a local run exactly, and the parameter without a gradient is left
+    alone; stepped after the backward or in it."""
+    key, steps, lr = f"ps-sgd-{fused}", 4, 0.25
     ps1, ps2 = ps_initial()
     setup_params(group, key, ps1, ps2)
     try:
-        done = group.call_many([(t, sgd_trainer, (key, steps, lr)) for t in TRAINERS], timeout=60)
+        done = group.call_many(
+            [(t, sgd_trainer, (key, steps, lr, fused)) for t in TRAINERS], timeout=60
+        )
         assert done == [steps] * len(TRAINERS)
         got = group.call(PS1_RANK, read_params, key) + group.call(PS2_RANK, read_params, key)
     finally:
@@ -261,9 +272,10 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 
 
 async def stateful_trainer(
-    rank: int, world_size: int, key: str, name: str, steps: int
+    rank: int, world_size: int, key: str, name: str, steps: int, fused: bool = False
 ) -> tuple[list[torch.Tensor], list[float]]:
-    """W1 on PS1 (used there), W2 and u on PS2 (fetched), b on this trainer."""
+    """W1 on PS1 (used there), W2 and u on PS2 (fetched), b on this trainer
+    (``fused``: stepped in backward; a later ``step`` then raises)."""
     optimizer_class, kwargs = OPTIMIZERS[name]
     (w1,), (w2, u) = await all_param_rrefs(key)
     (_, _, _, b0), x, y = model_init()
@@ -276,20 +288,33 @@ async def stateful_trainer(
             w2_value = await w2.to_here()
             u_value = await u.to_here() if step % 2 == 0 else None
             loss = model_loss(h, w2_value, u_value, b, y)
-            await dist_autograd.backward(cid, [loss])
-            await opt.step(cid)
+            if fused:
+                await dist_autograd.backward(cid, [loss], optimizer=opt)
+                again = await await_outcome(opt.step(cid))
+                assert isinstance(again, RuntimeError) and "already stepped" in str(again)
+            else:
+                await dist_autograd.backward(cid, [loss])
+                await opt.step(cid)
             losses.append(loss.item())
     final = [await w1.to_here(), await w2.to_here(), await u.to_here(), b]
     return [t.detach() for t in final], losses
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_stateful_optimizers_one_trainer_match_local(group: WorkerGroup, name: str) -> None:
-    key, steps = f"stateful-{name}", 6
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [(name, False) for name in OPTIMIZERS]
+    + [("adam", True), ("sgd_momentum", True)],
+)
+def test_stateful_optimizers_one_trainer_match_local(
+    group: WorkerGroup, name: str, fused: bool
+) -> None:
+    """Three owners (two parameter servers and the trainer); with ``fused``,
+    each steps in the backward pass."""
+    key, steps = f"stateful-{name}-{fused}", 6
     (w1, w2, u, b), x, y = model_init()
     setup_params(group, key, [w1], [w2, u])
     try:
-        got, losses = group.call(0, stateful_trainer, key, name, steps)
+        got, losses = group.call(0, stateful_trainer, key, name, steps, fused)
     finally:
         teardown_params(group, key)
 
@@ -833,3 +858,38 @@ def test_a_forgotten_await_is_loud(group: WorkerGroup) -> None:
     case = got["tasks"]
     assert "raised" not in case and case["warnings"] == []
     assert torch.equal(case["param"], start - 0.5)
+
+
+# --------------------------------------------------------------------- step in backward: errors
+
+
+async def failing_fused_trainer(rank: int, world_size: int, key: str) -> dict[str, Any]:
+    (a,), (b,) = await all_param_rrefs(key)
+    opt = DistributedOptimizer(PickySGD, [a, b], lr=0.5, slow_on="", fail_on=PS2)
+    async with dist_autograd.context() as cid:
+        loss = (await a.to_here()).sum() + (await b.to_here()).sum()
+        error = await await_outcome(dist_autograd.backward(cid, [loss], optimizer=opt))
+    # A later pass without the optimizer works, and steps nothing.
+    async with dist_autograd.context() as cid:
+        loss = (await a.to_here()).sum()
+        await dist_autograd.backward(cid, [loss])
+    a_after = await a.to_here()
+    return {"error": error, "a": a_after, "b": await b.to_here(), "ok": True}
+
+
+def test_step_in_backward_error_fails_the_pass(group: WorkerGroup) -> None:
+    """An owner's step raising inside the pass fails ``backward`` with that
+    owner's error; the owner that refused did not step (the other may have,
+    depending on whether the abort overtook its part of the pass)."""
+    key = "fused-failing"
+    setup_params(group, key, [torch.tensor([1.0, 2.0])], [torch.tensor([3.0])])
+    try:
+        got = group.call(0, failing_fused_trainer, key)
+    finally:
+        teardown_params(group, key)
+    err = got["error"]
+    assert isinstance(err, rpc.RemoteError) and isinstance(err, ValueError), err
+    assert err.worker == PS2 and "step refused on worker4" in err.remote_message
+    assert torch.equal(got["b"], torch.tensor([3.0]))
+    assert any(torch.equal(got["a"], torch.tensor(v)) for v in ([1.0, 2.0], [0.5, 1.5]))
+    assert got["ok"]
