@@ -26,6 +26,18 @@ recv functions' tensors and this worker's own leaves). Invariants:
 * the pass is done on a worker when every source resolved and ran and every
   recv function answered.
 
+The local engine runs real local autograd (``torch.autograd.backward`` with
+``inputs=`` the targets), so tensor hooks, ``AccumulateGrad`` pre/post hooks,
+``register_post_accumulate_grad_hook`` hooks and DDP's reducer run as they
+would locally, and ``AccumulateGrad`` decides when a gradient may be stolen
+and when it must be copied (so no two leaves share a gradient buffer). The
+gradients go to the context instead of ``.grad``: while a job runs, each
+target's ``.grad`` slot holds the context's gradient so far (what hooks, and
+DDP, read and write), and afterwards the accumulated ``.grad`` moves into the
+context and the user's ``.grad`` comes back (:func:`run_local_backward`).
+Jobs and optimizer steps that touch one tensor's ``.grad`` slot are serialised
+by :func:`hold_grads`.
+
 This module holds state machines and talks to peers only through the
 :class:`PassIO` interface the agent layer supplies; it does no I/O and does
 not import asyncio.
@@ -33,10 +45,12 @@ not import asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import inspect
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -49,7 +63,9 @@ __all__ = [
     "RecvFunction",
     "SendFunction",
     "current_context_id",
+    "hold_grads",
     "reachable_leaves",
+    "run_local_backward",
 ]
 
 # The current context of the running task/thread (asyncio tasks each have their own).
@@ -59,6 +75,54 @@ current_context_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 
 _ID_BITS = 48
 _ID_MASK = (1 << _ID_BITS) - 1
+
+
+# Locks serialising what borrows a tensor's ``.grad`` slot (engine jobs of
+# concurrent passes over shared parameters, local optimizer steps): striped by
+# tensor identity, taken in index order so that two holders never deadlock.
+_GRAD_STRIPES = tuple(threading.Lock() for _ in range(64))
+
+
+@contextlib.contextmanager
+def hold_grads(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Hold the ``.grad`` slots of ``tensors`` exclusively (blocking) for the
+    duration of the ``with`` body."""
+    # id() values are 16-byte aligned: drop the low bits before striping.
+    stripes = sorted({(id(t) >> 4) % len(_GRAD_STRIPES) for t in tensors})
+    with contextlib.ExitStack() as stack:
+        for i in stripes:
+            stack.enter_context(_GRAD_STRIPES[i])
+        yield
+
+
+def run_local_backward(
+    outputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+    leaves: Sequence[torch.Tensor],
+    initial: Sequence[torch.Tensor | None],
+    retain_graph: bool,
+) -> list[torch.Tensor | None]:
+    """Local autograd from ``outputs`` into ``leaves``, starting each leaf's
+    accumulation at ``initial``; return the leaves' accumulated gradients.
+
+    Runs ``torch.autograd.backward`` (hooks, ``AccumulateGrad`` and its hooks
+    included) with each leaf's ``.grad`` temporarily set to its ``initial``
+    value, and gives every leaf its own ``.grad`` back afterwards, also when
+    the backward raised. Blocks while another job or optimizer step holds one
+    of these ``.grad`` slots.
+    """
+    with hold_grads(leaves):
+        saved = [leaf.grad for leaf in leaves]
+        try:
+            for leaf, grad in zip(leaves, initial, strict=True):
+                leaf.grad = grad
+            torch.autograd.backward(
+                list(outputs), list(grad_outputs), retain_graph=retain_graph, inputs=list(leaves)
+            )
+            return [leaf.grad for leaf in leaves]
+        finally:
+            for leaf, grad in zip(leaves, saved, strict=True):
+                leaf.grad = grad
 
 
 class _AutogradFunction:
@@ -110,12 +174,15 @@ class DistAutogradContext:
         self._recvs: dict[int, RecvFunction] = {}
         self._grads: dict[torch.Tensor, torch.Tensor] = {}
         self._known: set[int] = set()
+        self._watched: list[tuple[str, Coroutine[Any, Any, Any]]] = []
         self._lock = threading.Lock()
         # Touched on the event loop only: the pass running here, the passes
         # over here (with their error, if any), the passes aborted here.
         self.current_pass: BackwardPass | None = None
         self.finished_passes: dict[int, BaseException | None] = {}
         self.aborted_passes: set[int] = set()
+        # The optimizers a pass started here stepped (step in backward).
+        self.stepped_optimizers: set[int] = set()
 
     def context_id(self) -> int:
         """This context's id."""
@@ -155,6 +222,45 @@ class DistAutogradContext:
         with self._lock:
             prev = self._grads.get(leaf)
             self._grads[leaf] = grad if prev is None else prev + grad
+
+    def watch(self, what: str, coro: Coroutine[Any, Any, Any]) -> None:
+        """Remember ``coro`` (a call named ``what`` made in this context) so that
+        :meth:`never_awaited` can tell whether it was ever started."""
+        with self._lock:
+            # Forget the started ones: the list stays as long as the calls not
+            # yet awaited.
+            self._watched = [
+                (w, c)
+                for w, c in self._watched
+                if inspect.getcoroutinestate(c) == inspect.CORO_CREATED
+            ]
+            self._watched.append((what, coro))
+
+    def never_awaited(self) -> list[str]:
+        """The watched calls never started (a forgotten ``await``), closed so
+        that they cannot run any more; each is reported once."""
+        with self._lock:
+            watched, self._watched = self._watched, []
+        lost = []
+        for what, coro in watched:
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
+                lost.append(what)
+        return lost
+
+    def has_finished_pass(self) -> bool:
+        """Whether a backward pass in this context finished here without error."""
+        return any(error is None for error in self.finished_passes.values())
+
+    def gradient(self, leaf: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of ``leaf`` accumulated in this context so far, or None."""
+        with self._lock:
+            return self._grads.get(leaf)
+
+    def set_gradient(self, leaf: torch.Tensor, grad: torch.Tensor) -> None:
+        """Make ``grad`` the gradient of ``leaf`` in this context."""
+        with self._lock:
+            self._grads[leaf] = grad
 
     def gradients(self) -> dict[torch.Tensor, torch.Tensor]:
         """Leaf tensor -> gradient accumulated in this context."""
@@ -338,6 +444,22 @@ class BackwardPass:
             mid: [None] * len(recv.tensors) for mid, recv in self._recvs.items()
         }
         self._answered: set[int] = set()
+        # Run in the pool thread right after the last job (the one that runs
+        # once every source resolved), with the context's gradients final;
+        # an error it raises fails the pass.
+        self.after_last_job: Callable[[], None] | None = None
+        self.ran_after_last_job = False
+
+    def peers_answered_without_waiting(self) -> set[int]:
+        """The peers of recv functions that this pass answers without waiting
+        for any other worker (no source but the local roots reaches them):
+        they are sure to hear from this worker soon after :meth:`start`."""
+        peers = set()
+        for recv in self._recvs.values():
+            keys = set().union(*(self._deps.get(id(t), set()) for t in recv.tensors))
+            if keys <= {_ROOT}:
+                peers.add(recv.peer)
+        return peers
 
     # -- events --------------------------------------------------------------
 
@@ -423,17 +545,38 @@ class BackwardPass:
             return
         leaves = list(inputs.values())
         retain = self.retain_graph or not final
+        initial = [self._gradient_so_far(leaf) for leaf in leaves]
+
+        after = self.after_last_job if final else None
 
         def job() -> list[torch.Tensor | None]:
-            return list(
-                torch.autograd.grad(
-                    outputs, leaves, grad_outputs, retain_graph=retain, allow_unused=True
-                )
-            )
+            result = run_local_backward(outputs, grad_outputs, leaves, initial, retain)
+            if after is not None:
+                # The last job: this worker's gradients in the context are
+                # final once stored, so what waits for that runs here, in the
+                # same thread (no hop back to the loop and out again).
+                for leaf, grad in zip(leaves, result, strict=True):
+                    if grad is not None and id(leaf) not in self._recv_of_leaf:
+                        self.ctx.set_gradient(leaf, grad)
+                after()
+                self.ran_after_last_job = True
+            return result
 
         self._running = True
         self.batches += 1
         self.io.compute(job, lambda result: self._batch_done(leaves, result))
+
+    def _gradient_so_far(self, leaf: torch.Tensor) -> torch.Tensor | None:
+        """Where the next job's accumulation into ``leaf`` starts: this pass's
+        sum for a recv function's tensor, the context's gradient otherwise."""
+        recv = self._recv_of_leaf.get(id(leaf))
+        if recv is None:
+            return self.ctx.gradient(leaf)
+        return self._recv_grads[recv.message_id][self._recv_index(recv, leaf)]
+
+    @staticmethod
+    def _recv_index(recv: RecvFunction, leaf: torch.Tensor) -> int:
+        return next(i for i, t in enumerate(recv.tensors) if t is leaf)
 
     def _batch_done(self, leaves: list[torch.Tensor], result: Any) -> None:
         self._running = False
@@ -443,16 +586,16 @@ class BackwardPass:
             self.error = result
             self._finish()
             return
+        # The job started each accumulation at the gradient so far: its
+        # results replace it.
         for leaf, grad in zip(leaves, result, strict=True):
             if grad is None:
                 continue
             recv = self._recv_of_leaf.get(id(leaf))
             if recv is None:
-                self.ctx.accumulate_grad(leaf, grad)
-                continue
-            slots = self._recv_grads[recv.message_id]
-            i = next(i for i, t in enumerate(recv.tensors) if t is leaf)
-            slots[i] = grad if slots[i] is None else slots[i] + grad  # type: ignore[operator]
+                self.ctx.set_gradient(leaf, grad)
+            else:
+                self._recv_grads[recv.message_id][self._recv_index(recv, leaf)] = grad
         self._advance()
 
     def _answer_ready_recvs(self) -> None:

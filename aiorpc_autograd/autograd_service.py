@@ -14,8 +14,20 @@ Installs on an :class:`~aiorpc_autograd.agent.RpcAgent`:
 A pass on one worker is a :class:`_PassRun`: the engine's
 :class:`~aiorpc_autograd.autograd.BackwardPass` plus the requests it sent.
 It is done when the engine is done and every request it sent was answered;
-the ``BackwardStartReq`` that first reached this worker is answered then, so
-the root's ``backward`` returns only when every worker's part is done.
+the request that first reached this worker for the pass (a
+``BackwardStartReq`` or a ``PropagateGradientsReq``) is answered then, so the
+root's ``backward`` returns only when every worker's part is done. A worker
+starting its part sends ``BackwardStartReq`` to the workers it knows in the
+context except those it will send gradients to without waiting on anyone (the
+peers of recv functions that only the local roots reach, or none: every recv
+function answers once per pass): those get their start with the gradients,
+which saves the start round trip of a training step.
+
+Step in backward: a pass may carry an optimizer plan (the optimizer's id and
+its owners). An owner steps its local optimizer (registered here by
+:mod:`aiorpc_autograd.optim`) with the context's gradients as soon as its
+engine is done (its gradients in the context are final), before its part of
+the pass counts as done.
 
 Failures: a worker learns that a peer is gone through the agent's
 ``peer_gone_hooks`` (it probes the creators and participants of the contexts it
@@ -34,7 +46,8 @@ import asyncio
 import logging
 import re
 import traceback
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import torch
@@ -88,10 +101,18 @@ def _grad_tensors(message: Message) -> list[torch.Tensor]:
 class _PassRun:
     """One worker's part of one pass: the engine plus its outstanding requests."""
 
-    def __init__(self, service: AutogradService, ctx: DistAutogradContext, pass_id: int) -> None:
+    def __init__(
+        self,
+        service: AutogradService,
+        ctx: DistAutogradContext,
+        pass_id: int,
+        plan: list[int] | None = None,
+    ) -> None:
         self.service = service
         self.ctx = ctx
         self.pass_id = pass_id
+        # Step in backward: [optimizer id, owner worker ids...], or [].
+        self.plan: list[int] = list(plan or [])
         self.engine: BackwardPass | None = None
         self.outstanding: set[asyncio.Future[Any]] = set()
         self.engine_done = False
@@ -111,6 +132,7 @@ class _PassRun:
             self.engine.retain_graph,
             self.service.agent.info.id,
             self.pass_id,
+            self.plan,
         )
         self.track(self.service.send(recv.peer, msg, recv.device_map))
 
@@ -128,7 +150,16 @@ class _PassRun:
         self.engine_done = True
         if error is not None:
             self.fail(error)
+        elif self.steps_here() and not (self.engine and self.engine.ran_after_last_job):
+            # This owner's gradients in the context are final: step now (if
+            # the engine's last job did not already).
+            step = self.service.step_local_optimizer(self.plan[0], self.ctx.context_id())
+            self.track(asyncio.ensure_future(step))
         self._check()
+
+    def steps_here(self) -> bool:
+        """Whether this worker steps an optimizer in this pass."""
+        return bool(self.plan) and self.service.agent.info.id in self.plan[1:]
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -174,6 +205,9 @@ class AutogradService:
         # and context id -> that peer (capped per peer; see _on_forward).
         self._made_by_peer: dict[int, set[int]] = {}
         self._maker: dict[int, int] = {}
+        # Step in backward: optimizer id -> (a future of) a weak reference to
+        # the function stepping this worker's local optimizer of that id.
+        self._local_optimizers: dict[int, asyncio.Future[Any]] = {}
 
     @classmethod
     def install(cls, agent: RpcAgent) -> AutogradService:
@@ -319,7 +353,9 @@ class AutogradService:
 
     def _on_cleanup(self, message: Message) -> Message:
         assert isinstance(message, CleanupAutogradContextReq)
-        self.release(message.context_id)
+        # Releases start at the context's creator (or when it is gone): never
+        # send it one back, it would only cost a message per step.
+        self.release(message.context_id, exclude=message.context_id >> 48)
         return CleanupAutogradContextResp()
 
     # -- backward ------------------------------------------------------------------
@@ -331,6 +367,7 @@ class AutogradService:
         retain_graph: bool,
         roots: Sequence[torch.Tensor] | None,
         came_from: int | None,
+        plan: list[int] | None = None,
     ) -> _PassRun | None:
         """The run of ``pass_id`` here, started if new; None if already over."""
         key = (ctx.context_id(), pass_id)
@@ -343,16 +380,21 @@ class AutogradService:
             raise RuntimeError(
                 f"a backward pass is already running in autograd context {ctx.context_id()}"
             )
-        run = _PassRun(self, ctx, pass_id)
+        run = _PassRun(self, ctx, pass_id, plan)
         run.engine = BackwardPass(ctx, pass_id, retain_graph, roots, run)
+        if run.steps_here():
+            run.engine.after_last_job = self._ready_step(run.plan[0], ctx.context_id())
         ctx.current_pass = run.engine
         self._runs[key] = run
         run.done.add_done_callback(lambda _: self._runs.pop(key, None))
         me = self.agent.info.id
-        for worker_id in ctx.known_worker_ids() - {me, came_from}:
-            run.track(
-                self.send(worker_id, BackwardStartReq(ctx.context_id(), pass_id, retain_graph, me))
-            )
+        # Peers that will get gradients (or a "none") from a recv function here
+        # without this worker waiting on anyone get their start with those;
+        # the others must start now (their part may be what we wait on).
+        fed = run.engine.peers_answered_without_waiting()
+        for worker_id in ctx.known_worker_ids() - fed - {me, came_from}:
+            start = BackwardStartReq(ctx.context_id(), pass_id, retain_graph, me, run.plan)
+            run.track(self.send(worker_id, start))
         try:
             run.engine.start()
         except Exception as exc:
@@ -361,12 +403,17 @@ class AutogradService:
         return run
 
     async def backward(
-        self, context_id: int, roots: Sequence[torch.Tensor], retain_graph: bool
+        self,
+        context_id: int,
+        roots: Sequence[torch.Tensor],
+        retain_graph: bool,
+        plan: list[int] | None = None,
     ) -> None:
-        """Run a distributed backward pass from local ``roots``; see the API."""
+        """Run a distributed backward pass from local ``roots``; see the API.
+        ``plan``: step in backward, ``[optimizer id, owner worker ids...]``."""
         ctx = self.container.retrieve(context_id)
         pass_id = self.container.new_pass_id()
-        run = self._run_for(ctx, pass_id, retain_graph, roots, None)
+        run = self._run_for(ctx, pass_id, retain_graph, roots, None, plan)
         assert run is not None
         run.owned = True
         try:
@@ -374,6 +421,55 @@ class AutogradService:
         except BaseException as exc:
             self._abort_everywhere(ctx, pass_id, exc)
             raise self._as_remote(exc) from exc
+        if plan:
+            ctx.stepped_optimizers.add(plan[0])
+
+    # -- step in backward ----------------------------------------------------------
+
+    def _optimizer_slot(self, optimizer_id: int) -> asyncio.Future[Any]:
+        slot = self._local_optimizers.get(optimizer_id)
+        if slot is None:
+            slot = self._local_optimizers[optimizer_id] = self.agent.loop.create_future()
+            slot.add_done_callback(_ignore_result)
+        return slot
+
+    def register_local_optimizer(
+        self, optimizer_id: int, step: Callable[[int], None] | BaseException
+    ) -> None:
+        """On the loop: this worker's local optimizer ``optimizer_id`` is built
+        (the bound method ``step(context_id)`` steps it; held weakly, forgotten
+        with its object), or failed to build (``step`` is the error). Passes
+        stepping it wait for this."""
+        slot = self._optimizer_slot(optimizer_id)
+        if slot.done():
+            return
+        if isinstance(step, BaseException):
+            slot.set_exception(step)
+            return
+        slot.set_result(weakref.WeakMethod(step))  # type: ignore[arg-type]
+        owner = step.__self__  # type: ignore[attr-defined]
+        weakref.finalize(owner, self._local_optimizers.pop, optimizer_id, None)
+
+    def _ready_step(self, optimizer_id: int, context_id: int) -> Callable[[], None] | None:
+        """The step of local optimizer ``optimizer_id`` with the gradients of
+        ``context_id``, if that optimizer is built here already."""
+        slot = self._local_optimizers.get(optimizer_id)
+        if slot is None or not slot.done() or slot.exception() is not None:
+            return None
+        step = slot.result()()
+        if step is None:
+            return None
+        return lambda: step(context_id)
+
+    async def step_local_optimizer(self, optimizer_id: int, context_id: int) -> None:
+        """Step this worker's local optimizer ``optimizer_id`` with the
+        gradients of ``context_id`` (waiting for it to be built)."""
+        ref = await self._optimizer_slot(optimizer_id)
+        step = ref()
+        if step is None:
+            raise RuntimeError(f"the optimizer {optimizer_id} was deleted on this worker")
+        # In the pool: an optimizer step is user code of any cost.
+        await self.agent.run_in_executor(lambda: step(context_id))
 
     def _as_remote(self, exc: BaseException) -> BaseException:
         if isinstance(exc, RemoteError) or not isinstance(exc, Exception):
@@ -413,7 +509,14 @@ class AutogradService:
         ctx = self.container.get(message.context_id)
         if ctx is None:
             return BackwardStartResp()  # nothing of this context lives here
-        run = self._run_for(ctx, message.pass_id, message.retain_graph, None, message.from_worker)
+        run = self._run_for(
+            ctx,
+            message.pass_id,
+            message.retain_graph,
+            None,
+            message.from_worker,
+            message.optimizer,
+        )
         if run is None:  # over already: report how it ended
             error = ctx.finished_passes.get(message.pass_id)
             if error is not None:
@@ -425,14 +528,30 @@ class AutogradService:
         await run.done
         return BackwardStartResp()
 
-    def _on_propagate(self, message: Message) -> Message:
+    def _on_propagate(self, message: Message) -> Message | Awaitable[Message]:
         assert isinstance(message, PropagateGradientsReq)
         ctx = self.container.retrieve(message.context_id)
-        run = self._run_for(ctx, message.pass_id, message.retain_graph, None, message.from_worker)
+        run = self._run_for(
+            ctx,
+            message.pass_id,
+            message.retain_graph,
+            None,
+            message.from_worker,
+            message.optimizer,
+        )
         if run is None or run.engine is None:
             raise RuntimeError(f"backward pass {message.pass_id} is over on this worker")
         grads = list(message.grads.tensors)
         run.engine.on_gradients(message.message_id, grads or None)
+        if run.owned:
+            return PropagateGradientsResp()
+        # The first message of the pass here: it stands for the start request
+        # and is answered when this worker's part is done.
+        run.owned = True
+        return self._answer_when_done(run)
+
+    async def _answer_when_done(self, run: _PassRun) -> Message:
+        await run.done
         return PropagateGradientsResp()
 
     def _on_abort(self, message: Message) -> Message:

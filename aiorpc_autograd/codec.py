@@ -36,7 +36,7 @@ import io
 import pickle
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any, ClassVar
 
@@ -494,11 +494,20 @@ def _is_id_pair(v: Any) -> bool:
     return type(v) is list and len(v) == 2 and all(type(x) is int for x in v)
 
 
+# A field of any number of ints (``list[int]`` fields are id pairs).
+IntList = list[int]
+
+
+def _is_int_list(v: Any) -> bool:
+    return type(v) is list and all(type(x) is int for x in v)
+
+
 _CHECKS: dict[str, Callable[[Any], bool]] = {
     "str": lambda v: type(v) is str,
     "int": lambda v: type(v) is int,
     "bool": lambda v: type(v) is bool,
     "list[int]": _is_id_pair,
+    "IntList": _is_int_list,
 }
 _FIELD_CHECKS: dict[type, list[tuple[str, Callable[[Any], bool]]]] = {}
 
@@ -758,7 +767,9 @@ class ForwardAutogradResp(_AutogradWrapper):
 @_message
 @dataclass(frozen=True, slots=True)
 class PropagateGradientsReq(Message):
-    """Gradients for the send function ``message_id`` of context ``context_id``."""
+    """Gradients for the send function ``message_id`` of context ``context_id``;
+    ``optimizer``: the pass's step-in-backward plan (``[]``: none, else the
+    optimizer id then its owners' worker ids)."""
 
     TYPE: ClassVar[MessageType] = MessageType.BACKWARD_AUTOGRAD_REQ
     context_id: int
@@ -767,20 +778,32 @@ class PropagateGradientsReq(Message):
     retain_graph: bool
     from_worker: int
     pass_id: int
+    optimizer: IntList = field(default_factory=list)
 
     def payload(self) -> Payload:
         return self.grads
 
     def to_fields(self) -> list[Any]:
-        return [self.context_id, self.message_id, self.retain_graph, self.from_worker, self.pass_id]
+        return [
+            self.context_id,
+            self.message_id,
+            self.retain_graph,
+            self.from_worker,
+            self.pass_id,
+            self.optimizer,
+        ]
 
     @classmethod
     def from_fields(cls, values: list[Any], tensors: list[torch.Tensor | None]) -> Message:
-        context_id, message_id, retain_graph, from_worker, pass_id = values
+        if len(values) != 6:
+            raise ProtocolError("malformed PropagateGradientsReq")
+        context_id, message_id, retain_graph, from_worker, pass_id, optimizer = values
         if not all(type(v) is int for v in (context_id, message_id, from_worker, pass_id)):
             raise ProtocolError("malformed PropagateGradientsReq")
         if type(retain_graph) is not bool:
             raise ProtocolError("PropagateGradientsReq.retain_graph has the wrong type")
+        if not _is_int_list(optimizer):
+            raise ProtocolError("PropagateGradientsReq.optimizer has the wrong type")
         return cls(
             context_id,
             message_id,
@@ -788,6 +811,7 @@ class PropagateGradientsReq(Message):
             bool(retain_graph),
             from_worker,
             pass_id,
+            optimizer,
         )
 
 
@@ -893,13 +917,15 @@ class RRefBackwardResp(Message):
 @dataclass(frozen=True, slots=True)
 class BackwardStartReq(Message):
     """Ours: a backward pass ``pass_id`` started in ``context_id``; answered
-    (:class:`BackwardStartResp`) when the receiver's part of it is done."""
+    (:class:`BackwardStartResp`) when the receiver's part of it is done;
+    ``optimizer`` as in :class:`PropagateGradientsReq`."""
 
     TYPE: ClassVar[MessageType] = MessageType.BACKWARD_START_REQ
     context_id: int
     pass_id: int
     retain_graph: bool
     from_worker: int
+    optimizer: IntList = field(default_factory=list)
 
 
 @_message

@@ -7,8 +7,10 @@ concurrent asyncio tasks each run their own forward/backward pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Coroutine, Sequence
 from types import TracebackType
+from typing import Any, Protocol
 
 import torch
 
@@ -39,6 +41,11 @@ class context:
     Its id is unique across the group. On exit the context is released here at
     once and release messages go to every worker it exchanged messages with
     (they drop theirs when those arrive), also when the body raised.
+
+    A forgotten ``await`` is loud: if a :func:`backward` or
+    ``DistributedOptimizer.step`` called in this context was never awaited
+    (nor started as a task), the exit raises ``RuntimeError`` naming it (a
+    ``RuntimeWarning`` instead when the body already raised).
     """
 
     def __init__(self) -> None:
@@ -61,13 +68,24 @@ class context:
     ) -> None:
         assert self._ctx is not None
         current_context_id.reset(self._token)  # type: ignore[arg-type]
+        lost = self._ctx.never_awaited()
         try:
             agent = current_agent()
             service = _service()
         except Exception:
-            return  # the agent is gone: nothing left to release
-        context_id = self._ctx.context_id()
-        agent.on_loop(lambda: service.release(context_id))
+            agent, service = None, None  # the agent is gone: nothing left to release
+        if agent is not None and service is not None:
+            context_id = self._ctx.context_id()
+            agent.on_loop(lambda: service.release(context_id))
+        if lost:
+            what = ", ".join(lost)
+            message = (
+                f"{what} in autograd context {self._ctx.context_id()} was never awaited: "
+                "nothing was computed or stepped (missing 'await'?)"
+            )
+            if exc_type is None:
+                raise RuntimeError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     async def __aenter__(self) -> int:
         return self.__enter__()
@@ -99,9 +117,19 @@ def _validate_roots(roots: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.
     return roots
 
 
-async def backward(
-    context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool = False
-) -> None:
+class _StepsInBackward(Protocol):
+    """A ``DistributedOptimizer`` (``aiorpc_autograd.optim``)."""
+
+    def step_in_backward_plan(self) -> list[int]: ...
+
+
+def backward(
+    context_id: int,
+    roots: Sequence[torch.Tensor] | torch.Tensor,
+    retain_graph: bool = False,
+    *,
+    optimizer: _StepsInBackward | None = None,
+) -> Coroutine[Any, Any, None]:
     """Run the backward pass from the local scalar ``roots`` through every
     worker the forward pass touched; return when it is done everywhere.
 
@@ -109,14 +137,48 @@ async def backward(
     ``.grad``. A send function whose result was never used does not hang the
     pass.
 
+    Step in backward: with ``optimizer=opt`` (a ``DistributedOptimizer``),
+    each owner of ``opt``'s parameters steps its local optimizer with the
+    context's gradients as soon as its own part of the pass is done, inside
+    the pass: when this returns, the parameters are stepped, as after
+    ``await opt.step(context_id)`` (which must then not be called for this
+    context). Owners the pass does not reach have no gradient in the context
+    and are not stepped (a step would leave their parameters alone).
+
     Raises:
         ValueError: invalid roots (empty, not scalar, not requiring grad).
         RuntimeError: unknown context id, or a pass already running in it.
         RemoteError: the pass failed on some worker (named in the error); the
             other workers' parts of the pass are stopped.
+
+    A coroutine: forgetting to await it makes the context's exit raise (see
+    :class:`context`).
     """
+    plan = None if optimizer is None else optimizer.step_in_backward_plan()
+    coro = _backward(context_id, roots, retain_graph, plan)
+    watch(context_id, "dist_autograd.backward(...)", coro)
+    return coro
+
+
+async def _backward(
+    context_id: int,
+    roots: Sequence[torch.Tensor] | torch.Tensor,
+    retain_graph: bool,
+    plan: list[int] | None,
+) -> None:
     valid = _validate_roots(roots)
-    await _service().backward(context_id, valid, retain_graph)
+    await _service().backward(context_id, valid, retain_graph, plan)
+
+
+def watch(context_id: int, what: str, coro: Coroutine[Any, Any, Any]) -> None:
+    """Have the context ``context_id`` of this worker (if there is one) check on
+    exit that ``coro`` (the call ``what``) was awaited."""
+    try:
+        ctx = _service().container.get(context_id)
+    except Exception:
+        return  # no agent: the coroutine raises when awaited
+    if ctx is not None:
+        ctx.watch(what, coro)
 
 
 def get_gradients(context_id: int) -> dict[torch.Tensor, torch.Tensor]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 import torch
 
 from .api import current_agent, remote, rpc_async
-from .dist_autograd import get_gradients
+from .autograd import hold_grads
+from .dist_autograd import _service, get_gradients, watch
 from .options import WorkerInfo
 from .rref import RRef
 
@@ -25,7 +26,9 @@ class _LocalOptimizer:
 
     Steps on one worker are serialised by one lock shared by every local
     optimizer there, as in PyTorch (several DistributedOptimizers may share
-    parameters, and a step sets their ``.grad``).
+    parameters, and a step sets their ``.grad``); a step also holds its
+    parameters' ``.grad`` slots against backward jobs borrowing them
+    (:func:`~aiorpc_autograd.autograd.hold_grads`).
     """
 
     lock = threading.Lock()
@@ -42,7 +45,7 @@ class _LocalOptimizer:
 
     def step(self, context_id: int) -> None:
         grads = get_gradients(context_id)
-        with self.lock:
+        with self.lock, hold_grads(self.params):
             # Parameters without a gradient in this context get none, so the
             # optimizer leaves them alone (a stale .grad must not be reapplied).
             for p in self.params:
@@ -51,20 +54,29 @@ class _LocalOptimizer:
 
 
 async def _new_local_optimizer(
+    optimizer_id: int,
     optimizer_class: type[torch.optim.Optimizer],
     params: Sequence[RRef[torch.Tensor]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> _LocalOptimizer:
-    """Runs on the owner; waits for parameters still being created."""
-    values = [await p.to_here() for p in params]  # on the owner: the tensors themselves
-    return _LocalOptimizer(optimizer_class, values, args, kwargs)
+    """Runs on the owner; waits for parameters still being created. Registers
+    the result (or the error) for passes that step it in backward."""
+    service = _service()
+    try:
+        values = [await p.to_here() for p in params]  # on the owner: the tensors themselves
+        local = _LocalOptimizer(optimizer_class, values, args, kwargs)
+    except Exception as exc:
+        service.register_local_optimizer(optimizer_id, exc)
+        raise
+    service.register_local_optimizer(optimizer_id, local.step)
+    return local
 
 
 async def _step(local: RRef[_LocalOptimizer], context_id: int) -> None:
     """Runs on the owner; waits for the local optimizer if still being built."""
     optimizer = await local.to_here()
-    await asyncio.to_thread(optimizer.step, context_id)
+    await _service().agent.run_in_executor(lambda: optimizer.step(context_id))
 
 
 class DistributedOptimizer:
@@ -91,18 +103,51 @@ class DistributedOptimizer:
         for p in params_rref:
             by_owner.setdefault(p.owner(), []).append(p)
         current_agent()  # raises if RPC is not initialised
+        # Group-unique: names this optimizer's local optimizers on their owners.
+        self._id = _service().container.new_message_id()
         self._optimizers: dict[WorkerInfo, RRef[_LocalOptimizer]] = {
-            owner: remote(owner, _new_local_optimizer, (optimizer_class, params, args, kwargs))
+            owner: remote(
+                owner, _new_local_optimizer, (self._id, optimizer_class, params, args, kwargs)
+            )
             for owner, params in by_owner.items()
         }
 
-    async def step(self, context_id: int) -> None:
+    def step_in_backward_plan(self) -> list[int]:
+        """What a pass stepping this optimizer in backward carries: its id,
+        then its owners' worker ids (see ``dist_autograd.backward``)."""
+        return [self._id, *(owner.id for owner in self._optimizers)]
+
+    def step(self, context_id: int) -> Coroutine[Any, Any, None]:
         """Step every owner's optimizer with that context's gradients,
         concurrently; steps on one owner are serialised.
 
+        A coroutine: forgetting to await it makes the context's exit raise
+        (see :class:`~aiorpc_autograd.dist_autograd.context`).
+
         Raises:
+            RuntimeError: no backward pass finished in that context on this
+                worker (a forgotten ``await`` on ``dist_autograd.backward``?).
             RemoteError: an owner failed (raised after all owners finished).
         """
+        coro = self._step(context_id)
+        watch(context_id, "DistributedOptimizer.step(...)", coro)
+        return coro
+
+    async def _step(self, context_id: int) -> None:
+        ctx = _service().container.get(context_id)
+        # Stepping with no gradients is always a mistake (PyTorch silently
+        # steps nothing); an unknown context is reported by the owners.
+        if ctx is not None and not ctx.has_finished_pass():
+            raise RuntimeError(
+                f"no backward pass has finished in autograd context {context_id} on this "
+                "worker: 'await dist_autograd.backward(...)' before stepping (missing 'await'?)"
+            )
+        if ctx is not None and self._id in ctx.stepped_optimizers:
+            raise RuntimeError(
+                f"this optimizer already stepped in the backward pass of autograd context "
+                f"{context_id} (dist_autograd.backward(..., optimizer=opt)): a second step "
+                "would apply the same gradients again"
+            )
         steps = [rpc_async(w, _step, (opt, context_id)) for w, opt in self._optimizers.items()]
         results = await asyncio.gather(*steps, return_exceptions=True)
         for result in results:

@@ -423,12 +423,15 @@ def test_retain_graph_twice_accumulates() -> None:
     roots = graph_round_trip(sim.send, params)
     sim.backward(0, roots, retain_graph=True)
     first = [sim.grad(w, p) for w, (p,) in enumerate(params)]
+    snapshot = [None if g is None else g.clone() for g in first]
     sim.backward(0, roots, retain_graph=True)
     assert all(io.finished_with == [None] for io in sim.ios)
     second = [sim.grad(w, p) for w, (p,) in enumerate(params)]
-    for a, b in zip(first, second, strict=True):
-        assert a is not None and b is not None
-        torch.testing.assert_close(b, 2 * a)
+    for a, b, before in zip(first, second, snapshot, strict=True):
+        assert a is not None and b is not None and before is not None
+        torch.testing.assert_close(b, 2 * before)
+        # As AccumulateGrad does (and torch's context): in place, no new buffer.
+        assert b is a
 
 
 def test_second_pass_over_a_freed_graph_reports_the_error() -> None:
@@ -569,3 +572,201 @@ def test_wrong_number_of_gradients_raise() -> None:
     _, bp, _ = _two_send_worker()
     with pytest.raises(RuntimeError, match="gradients"):
         bp.on_gradients(3, [torch.ones(2)])
+
+
+# ------------------------------------------------------------------ hooks, AccumulateGrad
+
+
+_KEEP_ALIVE: list[Any] = []
+
+
+def _hooked(log: list[str], name: str, leaf: torch.Tensor) -> torch.Tensor:
+    """Hang on ``leaf`` a tensor hook (doubles the gradient), an AccumulateGrad
+    pre-hook, post-hook and a post-accumulate-grad hook, each logging under
+    ``name``; the last one also logs what ``.grad`` holds when it runs."""
+    leaf.register_hook(lambda g: (log.append(f"{name}:tensor"), g * 2)[1])
+    acc = leaf.view_as(leaf).grad_fn.next_functions[0][0]
+    # The leaf holds its AccumulateGrad weakly: keep it (with its hooks) alive.
+    _KEEP_ALIVE.append(acc)
+    acc.register_prehook(lambda gi: log.append(f"{name}:pre"))
+    acc.register_hook(lambda gi, go: log.append(f"{name}:post"))
+    leaf.register_post_accumulate_grad_hook(
+        lambda p: log.append(f"{name}:acc={p.grad.sum().item():.4f}")
+    )
+    return leaf
+
+
+def graph_there_and_back(send: Send, params: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """A -> B -> A, each leaf used once: B's w scales A's x, A squares it."""
+    (x,), (w,) = params
+    (xb,) = send(0, 1, [x * 2])
+    (back,) = send(1, 0, [(xb * w).tanh() + w])
+    return [(back**2).sum()]
+
+
+def test_hooks_and_accumulate_grad_run_as_in_local_autograd() -> None:
+    """Tensor hooks, AccumulateGrad pre/post hooks and post-accumulate-grad hooks
+    run once per leaf and pass, in local autograd's order, seeing what local
+    autograd shows them; gradients (hooks applied) go to the context; the
+    user's .grad is left as it was. (A leaf whose gradient arrives in several
+    parts of a pass sees its hooks once per part, as in torch's engine.)"""
+    local_log: list[str] = []
+    x0, w0 = _leaf(3, seed=60), _leaf(3, seed=61)
+    _hooked(local_log, "x", x0)
+    _hooked(local_log, "w", w0)
+    loss = graph_there_and_back(_local_send, [[x0], [w0]])
+    torch.autograd.backward(loss)
+    expected = [x0.grad, w0.grad]
+
+    dist_log: list[str] = []
+    x, w = _leaf(3, seed=60), _leaf(3, seed=61)
+    _hooked(dist_log, "x", x)
+    _hooked(dist_log, "w", w)
+    stale = torch.full((3,), 100.0)
+    x.grad = stale
+    sim = Sim(2)
+    sim.backward(0, graph_there_and_back(sim.send, [[x], [w]]))
+    assert all(io.finished_with == [None] for io in sim.ios)
+    assert x.grad is stale and w.grad is None  # .grad untouched
+    for got, want in zip([sim.grad(0, x), sim.grad(1, w)], expected, strict=True):
+        assert got is not None and want is not None
+        torch.testing.assert_close(got, want)
+    assert sorted(dist_log) == sorted(local_log)
+    # Order per leaf as in local autograd: tensor hook, pre, accumulate, post.
+    for name in ("x", "w"):
+        mine = [e for e in dist_log if e.startswith(name)]
+        assert [e.split(":")[1].split("=")[0] for e in mine] == ["tensor", "pre", "acc", "post"]
+
+
+def test_post_accumulate_grad_hook_sees_the_contexts_gradient_so_far() -> None:
+    """Two passes in one context (retain_graph): the hook sees the running sum
+    of that context, not the user's .grad."""
+    log: list[str] = []
+    x, w = _leaf(3, seed=62), _leaf(3, seed=63)
+    w.register_post_accumulate_grad_hook(lambda p: log.append(f"{p.grad.sum().item():.4f}"))
+    w.grad = torch.full((3,), 7.0)
+    sim = Sim(2)
+    roots = graph_round_trip(sim.send, [[x], [w]])
+    sim.backward(0, roots, retain_graph=True)
+    g1 = sim.grad(1, w)
+    assert g1 is not None
+    once = g1.sum().item()
+    sim.backward(0, roots, retain_graph=True)
+    assert log == [f"{once:.4f}", f"{2 * once:.4f}"]
+    assert torch.equal(w.grad, torch.full((3,), 7.0))
+
+
+class _SameGradTwice(torch.autograd.Function):
+    """``a + b`` whose backward hands one gradient tensor to both inputs."""
+
+    grad_ptr = 0
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _SameGradTwice.grad_ptr = grad.data_ptr()
+        return grad, grad
+
+
+class _Identity(torch.autograd.Function):
+    grad_ptr = 0
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        _Identity.grad_ptr = grad.data_ptr()
+        return grad
+
+
+class _NonContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor) -> torch.Tensor:
+        ctx.size = a.size()
+        return torch.tensor([1.0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.ones(1).expand(ctx.size)
+
+
+def _local_pass(roots: list[torch.Tensor]) -> Sim:
+    sim = Sim(1)
+    sim.backward(0, roots)
+    assert sim.ios[0].finished_with == [None]
+    return sim
+
+
+def test_no_grad_copy() -> None:
+    """PyTorch's test_no_grad_copy (dist_autograd_test.py), with local
+    autograd's stealing rules: one gradient handed to two leaves gives them two
+    buffers (one may keep the computed one), a gradient nobody else holds is
+    not copied, a non-contiguous one is."""
+    a, b = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
+
+    sim = _local_pass([_NonContiguousGrad.apply(_SameGradTwice.apply(a, b))])
+    ga, gb = sim.grad(0, a), sim.grad(0, b)
+    assert ga is not None and gb is not None
+    assert ga.data_ptr() != _SameGradTwice.grad_ptr and gb.data_ptr() != _SameGradTwice.grad_ptr
+    assert ga.is_contiguous() and gb.is_contiguous()
+
+    sim = _local_pass([_Identity.apply(a)[1][0]])
+    ga = sim.grad(0, a)
+    assert ga is not None and ga.data_ptr() == _Identity.grad_ptr  # stolen: no copy
+
+    sim = _local_pass([_SameGradTwice.apply(a, b)[1][0]])
+    ga, gb = sim.grad(0, a), sim.grad(0, b)
+    assert ga is not None and gb is not None
+    assert ga.data_ptr() != gb.data_ptr()
+    ga.add_(1.0)
+    assert not torch.equal(ga, gb)  # an in-place update of one leaves the other
+
+
+def test_gradient_never_aliases_a_tensor_the_user_holds() -> None:
+    """A gradient still referenced elsewhere (here: kept by the backward) is
+    copied into the context, as AccumulateGrad copies it."""
+    kept: list[torch.Tensor] = []
+
+    class Keep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            out = grad * 3
+            kept.append(out)
+            return out
+
+    a = torch.randn(4, requires_grad=True)
+    sim = _local_pass([Keep.apply(a).sum()])
+    ga = sim.grad(0, a)
+    assert ga is not None and ga.data_ptr() != kept[0].data_ptr()
+    torch.testing.assert_close(ga, kept[0])
+
+
+def test_after_last_job_sees_the_final_gradients() -> None:
+    """``after_last_job`` runs once, inside the last job of a worker's part,
+    with that worker's gradients in the context already final."""
+    x, w = _leaf(3, seed=70), _leaf(3, seed=71)
+    sim = Sim(2)
+    roots = graph_a_b_a_b(sim.send, [[x], [w]])
+    seen: list[torch.Tensor | None] = []
+    pass_id = 99
+    sim.ios = [FakeIO(i, sim.outbox) for i in range(2)]
+    sim.passes = [
+        BackwardPass(sim.ctx[i], pass_id, False, list(roots) if i == 0 else None, sim.ios[i])
+        for i in range(2)
+    ]
+    sim.passes[1].after_last_job = lambda: seen.append(sim.grad(1, w))
+    for p in sim.passes:
+        p.start()
+    sim.drain()
+    assert all(io.finished_with == [None] for io in sim.ios)
+    final = sim.grad(1, w)
+    assert len(seen) == 1 and seen[0] is final and sim.passes[1].ran_after_last_job

@@ -192,6 +192,7 @@ def sample_fields(cls: type[Message]) -> list[Any]:
                     "str | None": "fn",
                     "bool": True,
                     "list[int]": [1, 2],
+                    "IntList": [3, 1, 2],
                     "dict[str, str]": {"cpu": "cpu"},
                     "dict[str, Any]": {"k": 1},
                     "list[Any]": [1],

@@ -101,6 +101,7 @@ def sample_value(cls: type[Message], field: dataclasses.Field[Any]) -> Any:
         "str | None": "registered_fn",
         "bool": True,
         "list[int]": [3, 2**33],
+        "IntList": [2**40 + 9, 1, 2],
         "dict[str, str]": {"cpu": "cpu", "cuda:0": "cuda:1"},
         "dict[str, Any]": {"record_shapes": True, "n": 3, "names": ["a"]},
         "list[Any]": [{"name": "aten::add", "cpu_us": 1.5}, ["x", 2]],
@@ -303,6 +304,7 @@ def test_gradients_keep_their_undefined_entries() -> None:
     fields = [f.name for f in dataclasses.fields(PropagateGradientsReq) if f.name != "grads"]
     values = {name: i + 1 for i, name in enumerate(fields)}
     values["retain_graph"] = False
+    values["optimizer"] = [7, 1, 2]  # type: ignore[assignment]
     sent = PropagateGradientsReq(grads=tensor_payload([None, g, None]), **values)
     _, got, frame = through_the_wire(sent)
     assert isinstance(got, PropagateGradientsReq)

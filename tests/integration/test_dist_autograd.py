@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 import aiorpc_autograd as rpc
 from aiorpc_autograd import dist_autograd
+from aiorpc_autograd.autograd import hold_grads
 from tests.integration.conftest import close_shared_group, shared_group
 from tests.integration.harness import WorkerGroup
 
@@ -178,11 +179,15 @@ def local_grads(context_id: int, keys: list[str]) -> dict[str, Any]:
         grads = {}
     by_id = {id(t): g for t, g in grads.items()}
     leaves = [_PARAMS.get(k) for k in keys]
+    # Concurrent passes over these leaves borrow their .grad while a job runs:
+    # read it between jobs.
+    with hold_grads([t for t in leaves if t is not None]):
+        untouched = all(t is None or t.grad is None for t in leaves)
     return {
         "grads": {
             k: None if t is None else by_id.get(id(t)) for k, t in zip(keys, leaves, strict=True)
         },
-        "untouched": all(t is None or t.grad is None for t in leaves),
+        "untouched": untouched,
     }
 
 
@@ -989,3 +994,90 @@ def test_random_graphs_match_local_autograd(
     each on a random worker, directly or through another one, started on a
     random worker; results used or not."""
     assert_parity(group.call(driver, check_parity, sc_program, program, used))
+
+
+# ------------------------------------------------------------------ hooks in the backward
+
+_HOOKED: dict[str, dict[str, Any]] = {}
+
+
+def hooked_model(key: str) -> dict[str, Any]:
+    """This process's hooked model under ``key``: a weight with a tensor hook
+    (doubles its gradient), AccumulateGrad pre/post hooks and a
+    post-accumulate-grad hook that halves ``.grad`` in place (as a clipping
+    hook would); a bias with a post-accumulate-grad hook only. Every hook logs."""
+    model = _HOOKED.get(key)
+    if model is not None:
+        return model
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 3, generator=gen).requires_grad_()
+    b = torch.randn(3, generator=gen).requires_grad_()
+    log: list[str] = []
+    w.register_hook(lambda g: (log.append("w:tensor"), g * 2)[1])
+    acc = w.view_as(w).grad_fn.next_functions[0][0]
+    acc.register_prehook(lambda gi: log.append("w:pre"))
+    acc.register_hook(lambda gi, go: log.append("w:post"))
+
+    def halve(p: torch.Tensor) -> None:
+        log.append("w:acc")
+        p.grad.mul_(0.5)
+
+    w.register_post_accumulate_grad_hook(halve)
+    b.register_post_accumulate_grad_hook(lambda p: log.append("b:acc"))
+    # acc is held weakly by w: the model keeps it (and its hooks) alive.
+    model = _HOOKED[key] = {"w": w, "b": b, "acc": acc, "log": log}
+    return model
+
+
+def hooked_forward(key: str, x: torch.Tensor) -> torch.Tensor:
+    model = hooked_model(key)
+    return torch.tanh(x @ model["w"] + model["b"])
+
+
+async def hooked_pass(rank: int, world_size: int) -> dict[str, Any]:
+    """On worker0: x here, the hooked model on worker1 (and a local copy as
+    the oracle); the pass's gradients and worker1's hook log vs local
+    autograd's ``.grad`` and log."""
+    x = torch.linspace(-1, 1, 6).reshape(2, 3).requires_grad_()
+    local = hooked_model("local")
+    loss = (hooked_forward("local", x) * x).sum()
+    loss.backward()
+    async with dist_autograd.context() as cid:
+        xd = x.detach().requires_grad_()
+        y = await rpc.rpc_async("worker1", hooked_forward, args=("dist", xd))
+        await dist_autograd.backward(cid, [(y * xd).sum()])
+        remote = await rpc.rpc_async("worker1", hooked_state, args=(cid,))
+        x_grad = dist_autograd.get_gradients(cid)[xd]
+    return {
+        "want": {"x": x.grad, "w": local["w"].grad, "b": local["b"].grad},
+        "want_log": list(local["log"]),
+        "got": {"x": x_grad, **remote["grads"]},
+        "got_log": remote["log"],
+        "dotgrad": remote["dotgrad"],
+    }
+
+
+def hooked_state(cid: int) -> dict[str, Any]:
+    model = hooked_model("dist")
+    grads = dist_autograd.get_gradients(cid)
+    return {
+        "grads": {"w": grads.get(model["w"]), "b": grads.get(model["b"])},
+        "log": list(model["log"]),
+        "dotgrad": [model["w"].grad, model["b"].grad],
+    }
+
+
+def test_hooks_run_in_a_distributed_backward_as_in_local_autograd(group: WorkerGroup) -> None:
+    """A model with tensor hooks, AccumulateGrad pre/post hooks and
+    post-accumulate-grad hooks (one changing ``.grad`` in place) on a remote
+    worker: the distributed backward runs each hook as local autograd does,
+    in the same order, and the context's gradients equal local ``.grad``;
+    ``.grad`` itself stays untouched."""
+    result = group.call(0, hooked_pass)
+    assert result["got_log"] == result["want_log"]
+    assert sorted(result["want_log"]) == ["b:acc", "w:acc", "w:post", "w:pre", "w:tensor"]
+    for name in ("x", "w", "b"):
+        got, want = result["got"][name], result["want"][name]
+        assert got is not None and want is not None, name
+        torch.testing.assert_close(got, want)
+    assert result["dotgrad"] == [None, None]

@@ -160,9 +160,11 @@ class PausingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-async def sgd_trainer(rank: int, world_size: int, key: str, steps: int, lr: float) -> int:
+async def sgd_trainer(
+    rank: int, world_size: int, key: str, steps: int, lr: float, fused: bool = False
+) -> int:
     """Forward (through to_here and a proxy call), backward and step against
-    the parameters of both parameter servers."""
+    the parameters of both parameter servers (``fused``: stepped in backward)."""
     ps1, ps2 = await all_param_rrefs(key)
     params = ps1 + ps2
     opt = DistributedOptimizer(PausingSGD, params, lr=lr)
@@ -179,6 +181,11 @@ async def sgd_trainer(rank: int, world_size: int, key: str, steps: int, lr: floa
                     w = await p.to_here()
                     terms.append((w * coeff(rank, step, i, tuple(w.shape))).sum())
             loss = torch.stack(terms).sum()
+            if fused:
+                # The trainers go together: their passes (and steps) overlap.
+                await rpc.rpc_async(PS1, arrive, (key, len(TRAINERS), step))
+                await dist_autograd.backward(cid, [loss], optimizer=opt)
+                continue
             await dist_autograd.backward(cid, [loss])
             # The trainers step together: their steps overlap on both servers.
             await rpc.rpc_async(PS1, arrive, (key, len(TRAINERS), step))
@@ -195,15 +202,19 @@ _NOT_SERIALISED = (
 )
 
 
-def test_trainers_and_parameter_servers_sgd_match_local(group: WorkerGroup) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["step", "step_in_backward"])
+def test_trainers_and_parameter_servers_sgd_match_local(group: WorkerGroup, fused: bool) -> None:
     """Three trainers at once against two parameter servers, SGD with a loss
     whose gradient does not depend on the parameters: the final parameters
-    equal a local run exactly, and the parameter without a gradient is left alone."""
-    key, steps, lr = "ps-sgd", 4, 0.25
+    equal a local run exactly, and the parameter without a gradient is left
+    alone; stepped after the backward or in it."""
+    key, steps, lr = f"ps-sgd-{fused}", 4, 0.25
     ps1, ps2 = ps_initial()
     setup_params(group, key, ps1, ps2)
     try:
-        done = group.call_many([(t, sgd_trainer, (key, steps, lr)) for t in TRAINERS], timeout=60)
+        done = group.call_many(
+            [(t, sgd_trainer, (key, steps, lr, fused)) for t in TRAINERS], timeout=60
+        )
         assert done == [steps] * len(TRAINERS)
         got = group.call(PS1_RANK, read_params, key) + group.call(PS2_RANK, read_params, key)
     finally:
@@ -261,9 +272,10 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
 
 
 async def stateful_trainer(
-    rank: int, world_size: int, key: str, name: str, steps: int
+    rank: int, world_size: int, key: str, name: str, steps: int, fused: bool = False
 ) -> tuple[list[torch.Tensor], list[float]]:
-    """W1 on PS1 (used there), W2 and u on PS2 (fetched), b on this trainer."""
+    """W1 on PS1 (used there), W2 and u on PS2 (fetched), b on this trainer
+    (``fused``: stepped in backward; a later ``step`` then raises)."""
     optimizer_class, kwargs = OPTIMIZERS[name]
     (w1,), (w2, u) = await all_param_rrefs(key)
     (_, _, _, b0), x, y = model_init()
@@ -276,20 +288,33 @@ async def stateful_trainer(
             w2_value = await w2.to_here()
             u_value = await u.to_here() if step % 2 == 0 else None
             loss = model_loss(h, w2_value, u_value, b, y)
-            await dist_autograd.backward(cid, [loss])
-            await opt.step(cid)
+            if fused:
+                await dist_autograd.backward(cid, [loss], optimizer=opt)
+                again = await await_outcome(opt.step(cid))
+                assert isinstance(again, RuntimeError) and "already stepped" in str(again)
+            else:
+                await dist_autograd.backward(cid, [loss])
+                await opt.step(cid)
             losses.append(loss.item())
     final = [await w1.to_here(), await w2.to_here(), await u.to_here(), b]
     return [t.detach() for t in final], losses
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_stateful_optimizers_one_trainer_match_local(group: WorkerGroup, name: str) -> None:
-    key, steps = f"stateful-{name}", 6
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [(name, False) for name in OPTIMIZERS]
+    + [("adam", True), ("sgd_momentum", True)],
+)
+def test_stateful_optimizers_one_trainer_match_local(
+    group: WorkerGroup, name: str, fused: bool
+) -> None:
+    """Three owners (two parameter servers and the trainer); with ``fused``,
+    each steps in the backward pass."""
+    key, steps = f"stateful-{name}-{fused}", 6
     (w1, w2, u, b), x, y = model_init()
     setup_params(group, key, [w1], [w2, u])
     try:
-        got, losses = group.call(0, stateful_trainer, key, name, steps)
+        got, losses = group.call(0, stateful_trainer, key, name, steps, fused)
     finally:
         teardown_params(group, key)
 
@@ -605,3 +630,266 @@ def test_remote_module_trains_an_mlp_like_a_local_run(group: WorkerGroup) -> Non
         assert torch.allclose(g, w.detach(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(got["forward"], head(body(x)), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------- DDP + RPC
+
+DDP_STEPS = 3
+DDP_LR = 0.1
+_EMBEDDINGS: dict[str, torch.nn.Embedding] = {}
+
+
+def make_embedding() -> torch.nn.Embedding:
+    torch.manual_seed(1)
+    return torch.nn.Embedding(10, 4)
+
+
+def make_dense() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def ddp_rows(trainer: int, step: int) -> torch.Tensor:
+    """The embedding rows a trainer looks up: disjoint between the trainers,
+    so their updates of the embedding commute exactly."""
+    return torch.tensor([5 * trainer + (step + k) % 5 for k in range(3)])
+
+
+def ddp_loss(out: torch.Tensor, trainer: int) -> torch.Tensor:
+    return (out * (torch.arange(9.0).reshape(3, 3) - 4 + trainer)).pow(2).sum() / 8
+
+
+async def create_embedding(rank: int, world_size: int, key: str) -> None:
+    _EMBEDDINGS[key] = make_embedding()
+
+
+async def drop_embedding(rank: int, world_size: int, key: str) -> None:
+    _EMBEDDINGS.pop(key, None)
+
+
+def embedding_of(key: str) -> torch.nn.Embedding:
+    """On PS1: the shared embedding (an ``rpc.remote`` of this is an RRef to it)."""
+    return _EMBEDDINGS[key]
+
+
+def embedding_param_rrefs(key: str) -> list[rpc.RRef[torch.Tensor]]:
+    return [rpc.RRef(p) for p in _EMBEDDINGS[key].parameters()]
+
+
+async def read_embedding(rank: int, world_size: int, key: str) -> torch.Tensor:
+    return _EMBEDDINGS[key].weight.detach().clone()
+
+
+async def ddp_trainer(rank: int, world_size: int, key: str, store: str) -> dict[str, Any]:
+    """One of two DDP replicas (gloo, file store) of a dense layer fed by an
+    embedding held in an RRef on PS1, trained with dist autograd and a
+    DistributedOptimizer over the embedding and the replica's parameters."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    await asyncio.to_thread(
+        dist.init_process_group, "gloo", init_method=f"file://{store}", rank=rank, world_size=2
+    )
+    try:
+        ddp = await asyncio.to_thread(DistributedDataParallel, make_dense())
+        emb = rpc.remote(PS1, embedding_of, (key,))
+        params = await rpc.rpc_async(PS1, embedding_param_rrefs, (key,))
+        params += [rpc.RRef(p) for p in ddp.parameters()]
+        opt = DistributedOptimizer(torch.optim.SGD, params, lr=DDP_LR)
+        weight_grads = []
+        grad_untouched = True
+        for step in range(DDP_STEPS):
+            async with dist_autograd.context() as cid:
+                rows = await emb.rpc_async().forward(ddp_rows(rank, step))
+                loss = ddp_loss(ddp(rows), rank)
+                before = [p.grad for p in ddp.parameters()]
+                await dist_autograd.backward(cid, [loss])
+                after = [p.grad for p in ddp.parameters()]
+                grad_untouched &= all(a is b for a, b in zip(after, before, strict=True))
+                grads = dist_autograd.get_gradients(cid)
+                weight_grads.append(grads[ddp.module.weight].clone())
+                await opt.step(cid)
+            # Both replicas' embedding updates are in before either goes on.
+            await asyncio.to_thread(dist.barrier)
+        return {
+            "params": [p.detach().clone() for p in ddp.parameters()],
+            "weight_grads": weight_grads,
+            "grad_untouched": grad_untouched,
+        }
+    finally:
+        await asyncio.to_thread(dist.destroy_process_group)
+
+
+def ddp_oracle() -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """What torch's DDP gives: each step, the dense gradient averaged over the
+    two replicas (each divided by the world size, then summed, as DDP's
+    allreduce does), the embedding stepped with each trainer's gradient."""
+    dense, emb = make_dense(), make_embedding()
+    weight_grads = []
+    for step in range(DDP_STEPS):
+        grads = [
+            torch.autograd.grad(
+                ddp_loss(dense(emb(ddp_rows(t, step))), t), [*dense.parameters(), emb.weight]
+            )
+            for t in (0, 1)
+        ]
+        with torch.no_grad():
+            averaged = [a / 2 + b / 2 for a, b in zip(grads[0][:2], grads[1][:2], strict=True)]
+            weight_grads.append(averaged[0])
+            for p, g in zip(dense.parameters(), averaged, strict=True):
+                p.add_(g, alpha=-DDP_LR)
+            for t in (0, 1):
+                emb.weight.add_(grads[t][2], alpha=-DDP_LR)
+    return [p.detach() for p in dense.parameters()], emb.weight.detach(), weight_grads
+
+
+def test_ddp_replicas_with_a_remote_embedding_average_as_in_torch(
+    group: WorkerGroup, tmp_path: Any
+) -> None:
+    """DDP + RPC: two DDP replicas over gloo on trainers 0 and 1, an embedding
+    in an RRef on PS1, trained with dist autograd and a DistributedOptimizer.
+    The reducer's hooks run inside the distributed backward and average the
+    dense gradients into each context: the replicas stay bit-identical, and
+    equal what torch's DDP computes for the same seed and data."""
+    key = "ddp"
+    group.call(PS1_RANK, create_embedding, key)
+    try:
+        store = str(tmp_path / "gloo-store")
+        got = group.call_many([(r, ddp_trainer, (key, store)) for r in (0, 1)], timeout=60)
+        embedding = group.call(PS1_RANK, read_embedding, key)
+    finally:
+        group.call(PS1_RANK, drop_embedding, key)
+    want_params, want_embedding, want_grads = ddp_oracle()
+    for a, b in zip(got[0]["params"], got[1]["params"], strict=True):
+        assert torch.equal(a, b)  # the replicas never diverge
+    for a, b in zip(got[0]["weight_grads"], got[1]["weight_grads"], strict=True):
+        assert torch.equal(a, b)  # averaged, in each trainer's context
+    for g, w in zip(got[0]["weight_grads"], want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    for g, w in zip(got[0]["params"], want_params, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(embedding, want_embedding, rtol=1e-6, atol=1e-7)
+    assert got[0]["grad_untouched"] and got[1]["grad_untouched"]
+
+
+# --------------------------------------------------------------------- forgotten awaits
+
+
+async def forgetful_trainer(rank: int, world_size: int, key: str) -> dict[str, Any]:
+    import warnings
+
+    (p,), _ = await all_param_rrefs(key)
+    opt = DistributedOptimizer(torch.optim.SGD, [p], lr=0.5)
+    out: dict[str, Any] = {}
+
+    async def run(body: Callable[[int, torch.Tensor], Any]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                async with dist_autograd.context() as cid:
+                    loss = (await p.to_here()).sum()
+                    await body(cid, loss)
+            except Exception as exc:
+                seen["raised"] = exc
+        seen["warnings"] = [str(w.message) for w in caught if w.category is RuntimeWarning]
+        seen["param"] = await p.to_here()
+        return seen
+
+    async def no_await_on_backward(cid: int, loss: torch.Tensor) -> None:
+        dist_autograd.backward(cid, [loss])  # type: ignore[unused-coroutine]
+        await opt.step(cid)
+
+    async def no_await_on_step(cid: int, loss: torch.Tensor) -> None:
+        await dist_autograd.backward(cid, [loss])
+        opt.step(cid)  # type: ignore[unused-coroutine]
+
+    async def no_await_at_all(cid: int, loss: torch.Tensor) -> None:
+        dist_autograd.backward(cid, [loss])  # type: ignore[unused-coroutine]
+        opt.step(cid)  # type: ignore[unused-coroutine]
+
+    async def as_tasks(cid: int, loss: torch.Tensor) -> None:
+        await asyncio.create_task(dist_autograd.backward(cid, [loss]))
+        await asyncio.gather(opt.step(cid))
+
+    out["backward"] = await run(no_await_on_backward)
+    out["step"] = await run(no_await_on_step)
+    out["both"] = await run(no_await_at_all)
+    out["tasks"] = await run(as_tasks)
+    return out
+
+
+def test_a_forgotten_await_is_loud(group: WorkerGroup) -> None:
+    """An un-awaited ``dist_autograd.backward``: ``step`` raises (no finished
+    pass here), and the context's exit only warns about it (the body raised
+    already). An un-awaited ``step``: the context's exit raises, naming it,
+    and nothing was stepped. Started as tasks or gathered: no complaint."""
+    key = "forgetful"
+    setup_params(group, key, [torch.tensor([1.0, 2.0])], [])
+    try:
+        got = group.call(0, forgetful_trainer, key)
+    finally:
+        teardown_params(group, key)
+    start = torch.tensor([1.0, 2.0])
+
+    case = got["backward"]
+    err = case["raised"]
+    assert isinstance(err, RuntimeError) and "no backward pass has finished" in str(err), err
+    warned = case["warnings"]
+    assert any("dist_autograd.backward(...)" in w and "never awaited" in w for w in warned)
+    assert torch.equal(case["param"], start)
+
+    case = got["step"]
+    err = case["raised"]
+    assert isinstance(err, RuntimeError), err
+    assert "DistributedOptimizer.step(...)" in str(err) and "never awaited" in str(err)
+    assert "dist_autograd.backward" not in str(err)
+    assert torch.equal(case["param"], start)  # the step never ran
+
+    case = got["both"]
+    err = case["raised"]
+    assert isinstance(err, RuntimeError), err
+    assert "dist_autograd.backward(...)" in str(err)
+    assert "DistributedOptimizer.step(...)" in str(err)
+    assert torch.equal(case["param"], start)
+    # The closed coroutines do not add Python's own GC-time warning.
+    assert not any("was never awaited" in w and "coroutine" in w for w in case["warnings"])
+
+    case = got["tasks"]
+    assert "raised" not in case and case["warnings"] == []
+    assert torch.equal(case["param"], start - 0.5)
+
+
+# --------------------------------------------------------------------- step in backward: errors
+
+
+async def failing_fused_trainer(rank: int, world_size: int, key: str) -> dict[str, Any]:
+    (a,), (b,) = await all_param_rrefs(key)
+    opt = DistributedOptimizer(PickySGD, [a, b], lr=0.5, slow_on="", fail_on=PS2)
+    async with dist_autograd.context() as cid:
+        loss = (await a.to_here()).sum() + (await b.to_here()).sum()
+        error = await await_outcome(dist_autograd.backward(cid, [loss], optimizer=opt))
+    # A later pass without the optimizer works, and steps nothing.
+    async with dist_autograd.context() as cid:
+        loss = (await a.to_here()).sum()
+        await dist_autograd.backward(cid, [loss])
+    a_after = await a.to_here()
+    return {"error": error, "a": a_after, "b": await b.to_here(), "ok": True}
+
+
+def test_step_in_backward_error_fails_the_pass(group: WorkerGroup) -> None:
+    """An owner's step raising inside the pass fails ``backward`` with that
+    owner's error; the owner that refused did not step (the other may have,
+    depending on whether the abort overtook its part of the pass)."""
+    key = "fused-failing"
+    setup_params(group, key, [torch.tensor([1.0, 2.0])], [torch.tensor([3.0])])
+    try:
+        got = group.call(0, failing_fused_trainer, key)
+    finally:
+        teardown_params(group, key)
+    err = got["error"]
+    assert isinstance(err, rpc.RemoteError) and isinstance(err, ValueError), err
+    assert err.worker == PS2 and "step refused on worker4" in err.remote_message
+    assert torch.equal(got["b"], torch.tensor([3.0]))
+    assert any(torch.equal(got["a"], torch.tensor(v)) for v in ([1.0, 2.0], [0.5, 1.5]))
+    assert got["ok"]
