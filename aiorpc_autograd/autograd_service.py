@@ -56,6 +56,7 @@ from .codec import (
 from .devices import inverse
 from .errors import RemoteError, remote_error
 from .options import WorkerInfo
+from .tracing import tracer_of
 
 __all__ = ["AutogradService"]
 
@@ -105,6 +106,10 @@ class _PassRun:
     def compute(
         self, job: Callable[[], list[torch.Tensor | None]], done: Callable[[Any], None]
     ) -> None:
+        tracer = tracer_of(self.service.agent)
+        if tracer is not None:
+            args = {"context_id": self.ctx.context_id(), "pass_id": self.pass_id}
+            job = tracer.timed_job(job, "engine job", args)
         fut = self.service.agent.run_in_executor(job)
 
         def finished(f: asyncio.Future[list[torch.Tensor | None]]) -> None:
@@ -305,6 +310,10 @@ class AutogradService:
         ctx.current_pass = run.engine
         self._runs[key] = run
         run.done.add_done_callback(lambda _: self._runs.pop(key, None))
+        tracer = tracer_of(self.agent)
+        if tracer is not None:
+            args = {"context_id": ctx.context_id(), "pass_id": pass_id}
+            tracer.pass_span(run.done, "backward pass", args)
         me = self.agent.info.id
         for worker_id in ctx.known_worker_ids() - {me, came_from}:
             run.track(
