@@ -75,7 +75,7 @@ from .codec import (
     RunWithProfilingReq,
     RunWithProfilingResp,
 )
-from .errors import ProtocolError
+from .errors import ProtocolError, RemoteError
 from .options import WorkerInfo
 
 if TYPE_CHECKING:
@@ -309,7 +309,12 @@ class CallSpan:
             status = "cancelled"
         else:
             exc = fut.exception()
-            status = "ok" if exc is None else type(exc).__name__
+            if exc is None:
+                status = "ok"
+            elif isinstance(exc, RemoteError):
+                status = f"remote {exc.type_name}"
+            else:
+                status = type(exc).__name__
         if self.rf is not None:
             self.rf.__exit__(None, None, None)
         me = tracer.worker
