@@ -490,6 +490,7 @@ _COLOURS = {
     "rpc_run": "#c44e52",
     "rpc_phase": "#8c8c8c",
     "autograd": "#55a868",
+    "autograd_job": "#1b5e20",
     "cpu_op": "#8172b3",
 }
 
@@ -501,9 +502,10 @@ def render(
     title: str | None = None,
 ) -> None:
     """Draw a merged timeline (as :func:`stop` returns or writes) to a PNG:
-    one band per worker and row, spans as bars (nested ones thinner), flow
-    arrows between calls and their execution. Needs matplotlib (the ``plot``
-    extra).
+    one band per worker and kind of span (its concurrent lanes stacked inside),
+    spans as bars (nested phases thinner, on top), the wait for a reply left
+    pale, and arrows between calls and their execution. Needs matplotlib (the
+    ``plot`` extra).
     """
     import matplotlib
 
@@ -523,66 +525,96 @@ def render(
         (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"
     }
     xs = [e for e in events if e.get("ph") == "X"]
-    rows = sorted({(e["pid"], e["tid"]) for e in xs})
-    row_of = {r: i for i, r in enumerate(rows)}
-    fig_h = max(2.5, 0.42 * len(rows) + 1.4)
-    fig, ax = plt.subplots(figsize=(14, fig_h))
-    # Depth by nesting within a row: deeper spans drawn thinner, on top.
-    for pid, tid in rows:
+    # Bands: (pid, track); a thread "serving 3" is lane 3 of band "serving".
+    lanes: dict[tuple[int, int], tuple[tuple[int, str], int]] = {}
+    for pid, tid in sorted({(e["pid"], e["tid"]) for e in xs}):
+        name = tnames.get((pid, tid), str(tid))
+        track, _, lane = name.rpartition(" ")
+        if not (track and lane.isdigit()):
+            track, lane = name, "0"
+        lanes[(pid, tid)] = ((pid, track), int(lane))
+    bands = sorted(
+        {band for band, _ in lanes.values()},
+        key=lambda b: (b[0], (*_TRACK_ORDER, b[1]).index(b[1])),
+    )
+    count = {b: 1 + max(lane for band, lane in lanes.values() if band == b) for b in bands}
+    height = {b: 0.9 * max(1.0, min(count[b], 6) * 0.45) for b in bands}
+    top: dict[tuple[int, str], float] = {}
+    y = 0.0
+    for b in reversed(bands):
+        top[b] = y + height[b]
+        y += height[b] + 0.35
+
+    def row(pid: int, tid: int) -> tuple[float, float]:
+        band, lane = lanes[(pid, tid)]
+        h = height[band] / count[band]
+        return top[band] - (lane + 1) * h, h  # (bottom, lane height)
+
+    span_ms = max((e["ts"] + e["dur"] for e in xs), default=1.0) / 1000
+    span_ms -= min((e["ts"] for e in xs), default=0.0) / 1000
+    fig, ax = plt.subplots(figsize=(14, max(3.0, 0.55 * y + 1.5)))
+    for pid, tid in lanes:
         mine = sorted(
             (e for e in xs if (e["pid"], e["tid"]) == (pid, tid)),
             key=lambda e: (e["ts"], -e["dur"]),
         )
+        bottom, h = row(pid, tid)
         stack: list[float] = []
-        y = len(rows) - 1 - row_of[(pid, tid)]
         for e in mine:
             while stack and stack[-1] <= e["ts"]:
                 stack.pop()
             depth = len(stack)
             stack.append(e["ts"] + e["dur"])
-            h = 0.8 * (0.72**depth)
+            bar = h * 0.85 * (0.6**depth)
+            pale = e["name"] == "wait for reply"
             ax.broken_barh(
-                [(e["ts"] / 1000, max(e["dur"] / 1000, 0.002))],
-                (y - h / 2, h),
-                facecolors=_COLOURS.get(e.get("cat", ""), "#999999"),
-                edgecolors="black",
+                [(e["ts"] / 1000, max(e["dur"] / 1000, span_ms / 2000))],
+                (bottom + (h - bar) / 2, bar),
+                facecolors="#e8e8e8" if pale else _COLOURS.get(e.get("cat", ""), "#999999"),
+                edgecolors="none" if depth else "black",
                 linewidth=0.2,
+                alpha=0.5 if pale else 1.0,
             )
-            if depth == 0 and e["dur"] > 0:
+            if depth == 0 and e["dur"] / 1000 > span_ms * 0.06:
                 ax.text(
-                    e["ts"] / 1000,
-                    y + 0.42,
+                    e["ts"] / 1000 + span_ms * 0.002,
+                    bottom + h / 2,
                     _short(e["name"]),
                     fontsize=5.5,
-                    va="bottom",
+                    va="center",
                     ha="left",
                     clip_on=True,
                 )
-    pos: dict[int, dict[str, tuple[float, int]]] = {}
+    ends: dict[int, dict[str, tuple[float, float]]] = {}
     for e in events:
-        if e.get("ph") in ("s", "f") and (e["pid"], e["tid"]) in row_of:
-            pos.setdefault(e["id"], {})[e["ph"]] = (
-                e["ts"] / 1000,
-                len(rows) - 1 - row_of[(e["pid"], e["tid"])],
-            )
-    for ends in pos.values():
-        if "s" in ends and "f" in ends:
+        if e.get("ph") in ("s", "f") and (e["pid"], e["tid"]) in lanes:
+            bottom, h = row(e["pid"], e["tid"])
+            ends.setdefault(e["id"], {})[e["ph"]] = (e["ts"] / 1000, bottom + h / 2)
+    for pair in ends.values():
+        if "s" in pair and "f" in pair:
             ax.annotate(
                 "",
-                xy=ends["f"],
-                xytext=ends["s"],
-                arrowprops={"arrowstyle": "->", "color": "#333333", "lw": 0.5, "alpha": 0.6},
+                xy=pair["f"],
+                xytext=pair["s"],
+                arrowprops={"arrowstyle": "->", "color": "#222222", "lw": 0.4, "alpha": 0.35},
             )
-    labels = [f"{pnames.get(p, p)} · {tnames.get((p, t), t)}" for p, t in rows]
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(list(reversed(labels)), fontsize=7)
+    ax.set_yticks([top[b] - height[b] / 2 for b in bands])
+    ax.set_yticklabels(
+        [
+            f"{pnames.get(b[0], b[0])} · {b[1]}" + (f" ({count[b]})" if count[b] > 1 else "")
+            for b in bands
+        ],
+        fontsize=8,
+    )
+    for b in bands:
+        ax.axhline(top[b] + 0.175, color="#cccccc", lw=0.5)
     ax.set_xlabel("time (ms)")
     ax.grid(axis="x", alpha=0.3)
-    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_ylim(-0.2, y)
     clock = data.get("otherData", {}).get("clock", {})
     bound = max((c.get("error_bound_ns", 0) for c in clock.values()), default=0)
     ax.set_title(
-        title or f"RPC timeline ({len(pnames)} workers, clocks aligned to ±{bound / 1000:.0f} µs)",
+        title or f"RPC timeline: {len(pnames)} workers, clocks aligned to ±{bound / 1000:.0f} µs",
         fontsize=10,
     )
     legend = [Patch(color=c, label=k.replace("rpc_", "")) for k, c in _COLOURS.items()]

@@ -316,7 +316,10 @@ class CallSpan:
             else:
                 status = type(exc).__name__
         if self.rf is not None:
-            self.rf.__exit__(None, None, None)
+            try:
+                self.rf.__exit__(None, None, None)
+            except Exception:  # the profiler went away meanwhile: the spans still count
+                self.rf = None
         me = tracer.worker
         flow = f"{self.profiling_id[0]}:{self.profiling_id[1]}"
         args = {
@@ -595,7 +598,8 @@ class Tracer:
         def timed(*a: Any, **kw: Any) -> Any:
             on_loop = threading.current_thread() is threading.main_thread()
             serve.where = "loop" if on_loop else "pool"
-            if not serve.ops:
+            if not serve.ops or torch_profiler._is_profiler_enabled:
+                # (A profiler on in this process records the ops itself.)
                 return tracer._timed_call(serve, func, a, kw)
             prof = torch_profiler_legacy.profile()  # type: ignore[no-untyped-call]
             anchor = 0
@@ -664,7 +668,8 @@ class Tracer:
                         return job()
                 return job()
             finally:
-                self.emit([[self.worker, "backward", name, "autograd", start, self.now(), args]])
+                span = [self.worker, "backward", name, "autograd_job", start, self.now(), args]
+                self.emit([span])
 
         return run
 
