@@ -191,7 +191,13 @@ def main() -> None:
     procs = [ctx.Process(target=_worker, args=(r, port, args, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    result = queue.get(timeout=1800)
+    while True:  # a worker that died ends the wait
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Exception:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                raise SystemExit(f"a worker failed: {[p.exitcode for p in procs]}") from None
     for p in procs:
         p.join(60)
     print(json.dumps(result))
