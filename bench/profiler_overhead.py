@@ -161,14 +161,14 @@ def micro() -> dict[str, float]:
 
     loop = asyncio.new_event_loop()
     fut = loop.create_future()
-    agent, pending = _Agent(), _Pending(fut, 1, None)
+    agent, pending = _Agent(), _Pending(fut, 1, repr)
     n = 1_000_000
 
     def best(fn: Callable[[], object]) -> float:
         return min(timeit.repeat(fn, number=n, repeat=7)) / n * 1e9
 
     checks = best(lambda: gated(agent, None, pending)) - best(lambda: plain(agent, None, pending))
-    slot = best(lambda: _Pending(fut, 1, None)) - best(lambda: _Before(fut, 1, None))
+    slot = best(lambda: _Pending(fut, 1, repr)) - best(lambda: _Before(fut, 1, repr))
     loop.close()
     return {"checks_ns": round(checks, 1), "pending_extra_slot_ns": round(slot, 1)}
 
