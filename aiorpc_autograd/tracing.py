@@ -143,6 +143,11 @@ def _pickled_name(data: bytes) -> str | None:
     return None
 
 
+# Calls whose pickle does not name what runs: the callee's name replaces these.
+_UNNAMED = "<pickled>"
+_GENERIC = frozenset({_UNNAMED, "aiorpc_autograd.rref._invoke_method"})
+
+
 def call_label(message: Message) -> tuple[str, str]:
     """(prefix, what) naming the call ``message`` makes, as in
     ``rpc_async#<what>``."""
@@ -156,7 +161,7 @@ def call_label(message: Message) -> tuple[str, str]:
         name = None
         if isinstance(payload, Payload) and payload.kind == PayloadKind.PICKLE:
             name = _pickled_name(payload.data)
-        return prefix, name or "<pickled>"
+        return prefix, name or _UNNAMED
     labels: dict[type[Message], tuple[str, str]] = {
         RRefFetchCall: ("to_here", "RRef"),
         PropagateGradientsReq: ("backward", "gradients"),
@@ -228,6 +233,7 @@ class CallSpan:
         "t_write",
         "to",
         "tracer",
+        "what",
     )
 
     def __init__(
@@ -242,6 +248,7 @@ class CallSpan:
         self.to = to
         prefix, what = call_label(message)
         self.name = f"{prefix}#{what}({tracer.worker} -> {to.name})"
+        self.what = what
         self.profiling_id = [tracer.worker_id, next(tracer.ids)]
         self.parent = parent
         self.ship = torch_on or (parent is not None and parent.ship)
@@ -297,8 +304,8 @@ class CallSpan:
             t1, t2, name = events[0], events[1], events[2]
             sent = self.t_write or self.t_enc
             self.tracer.clock_sample(self.to.name, sent, t1, t2, self.t_resp)
-            if isinstance(name, str) and name and "<pickled>" in self.name:
-                self.name = self.name.replace("<pickled>", name)
+            if isinstance(name, str) and name and self.what in _GENERIC:
+                self.name = self.name.replace(self.what, name)
 
     def finish(self, fut: asyncio.Future[Any]) -> None:
         """The call is over (answered, failed, timed out): emit its spans."""
@@ -358,7 +365,8 @@ class CallSpan:
             parent.shipped.extend(spans)
             parent.shipped.extend(remote)
         if self.rf is not None and len(tracer.torch_calls) < MAX_TORCH_CALLS:
-            tracer.torch_calls.append((self.name, self.t0, end, self.to.name, flow, remote))
+            name = self.rf.name  # the range's, as the profiler recorded it
+            tracer.torch_calls.append((name, self.t0, end, self.to.name, flow, remote))
 
 
 class _Serve:
@@ -552,8 +560,9 @@ class Tracer:
             self._serving -= 1
             self._update()
         t_result = self.now()
-        prefix, what = call_label(inner)
-        what = serve.fn_name or what
+        prefix, what = call_label(inner)  # named as the caller names it
+        if what in _GENERIC:
+            what = serve.fn_name or what
         name = f"{prefix}#{what}({caller} -> {self.worker})"
         me = self.worker
         flow = f"{message.profiling_id[0]}:{message.profiling_id[1]}"
@@ -564,7 +573,7 @@ class Tracer:
         if serve.fn_start:
             fn_end = serve.fn_end or t_result
             spans.append([me, "serving", "queued", "rpc_phase", t1, serve.fn_start, {}])
-            run = f"run {what} ({serve.where})"
+            run = f"run {serve.fn_name} ({serve.where})"
             spans.append([me, "serving", run, "rpc_run", serve.fn_start, fn_end, {}])
             spans.append([me, "serving", "serialise reply", "rpc_phase", fn_end, t_result, {}])
         self.emit(spans)

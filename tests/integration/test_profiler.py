@@ -31,7 +31,10 @@ from aiorpc_autograd.optim import DistributedOptimizer
 from aiorpc_autograd.tracing import Tracer
 from tests.integration.harness import WorkerGroup
 
-pytestmark = pytest.mark.timeout(120)
+# Generous: a loaded 2-core box runs several such groups at once; each check
+# itself takes well under a second once torch's profiler is warm.
+pytestmark = pytest.mark.timeout(240)
+CALL_TIMEOUT = 90.0
 
 MODULE = __name__
 ROUND = 0.002  # µs: float rounding of the JSON timestamps
@@ -59,6 +62,13 @@ def fail(message: str) -> None:
 
 def make_param() -> torch.Tensor:
     return torch.ones(4, requires_grad=True)
+
+
+def warm_optimizers() -> None:
+    """The first optimizer a process builds imports torch._dynamo (seconds on
+    a loaded box): done here, in the pool, not on the loop that builds the
+    DistributedOptimizer's local optimizer."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
 
 
 def use_param(p: rpc.RRef[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +134,7 @@ async def check_timeline(rank: int, world_size: int, path: str) -> dict[str, Any
 
 
 async def check_backward(rank: int, world_size: int) -> dict[str, Any]:
+    await rpc.rpc_async("worker1", warm_optimizers, timeout=0)
     param = rpc.remote("worker1", make_param)
     opt = DistributedOptimizer(torch.optim.SGD, [param], lr=0.1)
     x = torch.full((4,), 2.0, requires_grad=True)
@@ -190,7 +201,7 @@ def test_nested_call_spans_in_torch_trace(service: WorkerGroup, tmp_path: Any) -
     """A -> B -> C under torch.profiler on A: A's trace holds its call as a
     record_function range and B's and C's spans and torch ops, named after the
     call, in rows named after the remote workers, nested in time."""
-    out = service.call(0, check_torch_nested, str(tmp_path / "torch.json"))
+    out = service.call(0, check_torch_nested, str(tmp_path / "torch.json"), timeout=CALL_TIMEOUT)
     assert out["value"] == [5.0, 5.0, 5.0]
     call = f"rpc_async#{MODULE}.hop(worker0 -> worker1)"
     inner = f"rpc_async#{MODULE}.leaf(worker1 -> worker2)"
@@ -230,7 +241,7 @@ def test_nested_call_spans_in_torch_trace(service: WorkerGroup, tmp_path: Any) -
 
 
 def test_remote_exception_still_closes_spans(service: WorkerGroup, tmp_path: Any) -> None:
-    out = service.call(0, check_torch_exception, str(tmp_path / "exc.json"))
+    out = service.call(0, check_torch_exception, str(tmp_path / "exc.json"), timeout=CALL_TIMEOUT)
     assert "boom" in out["raised"]
     call = f"rpc_async#{MODULE}.fail(worker0 -> worker1)"
     xs = _x(out["trace"])
@@ -248,13 +259,13 @@ def test_group_timeline_of_three_workers(service: WorkerGroup, tmp_path: Any) ->
     (as on other hosts); also rendered to a PNG."""
     skews = {1: 7_000_000_000, 2: -3_000_000_000}
     for rank, skew in skews.items():
-        service.call(rank, set_skew, skew)
+        service.call(rank, set_skew, skew, timeout=CALL_TIMEOUT)
     try:
         path = tmp_path / "timeline.json"
-        trace = service.call(0, check_timeline, str(path))
+        trace = service.call(0, check_timeline, str(path), timeout=CALL_TIMEOUT)
     finally:
         for rank in skews:
-            service.call(rank, set_skew, 0)
+            service.call(rank, set_skew, 0, timeout=CALL_TIMEOUT)
     with open(path, encoding="utf-8") as f:
         assert json.load(f) == trace
     assert _processes(trace) == {0: "worker0", 1: "worker1", 2: "worker2"}
@@ -311,7 +322,7 @@ def test_group_timeline_of_three_workers(service: WorkerGroup, tmp_path: Any) ->
 
 
 def test_backward_phases_per_worker(service: WorkerGroup) -> None:
-    out = service.call(0, check_backward)
+    out = service.call(0, check_backward, timeout=CALL_TIMEOUT)
     assert out["x_grad"] == [3.0] * 4  # d(sum(p * x * 3))/dx with p = 1
     xs = _x(out["trace"])
     by_worker: dict[str, set[str]] = {}
@@ -331,7 +342,7 @@ def test_backward_phases_per_worker(service: WorkerGroup) -> None:
 
 
 def test_profiling_off_records_nothing(service: WorkerGroup) -> None:
-    before, after = service.call(0, check_off)
+    before, after = service.call(0, check_off, timeout=CALL_TIMEOUT)
     assert before == after
     for state in after:
         assert not state["active"] and not state["recording"]
