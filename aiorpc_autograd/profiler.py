@@ -51,7 +51,7 @@ from typing import Any
 from .api import current_agent
 from .codec import RunWithProfilingResp
 from .options import WorkerInfo
-from .tracing import Span, Tracer
+from .tracing import Span, Tracer, valid_span
 
 __all__ = ["collect", "export_chrome_trace", "render", "start", "stop"]
 
@@ -117,7 +117,7 @@ async def _gather(to: WorkerInfo) -> tuple[list[Span], int]:
     spans: list[Span] = []
     for first in range(0, count, _PAGE):
         page = await _control(to, "fetch", first=first, count=_PAGE)
-        spans.extend(page.events[3])
+        spans.extend(s for s in page.events[3] if valid_span(s))
     return spans, dropped
 
 

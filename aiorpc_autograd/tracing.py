@@ -87,6 +87,7 @@ __all__ = [
     "Tracer",
     "current_serve",
     "tracer_of",
+    "valid_span",
 ]
 
 Span = list[Any]  # [worker, track, name, category, start_ns, end_ns, args]
@@ -198,6 +199,18 @@ def function_name(func: Any, args: tuple[Any, ...] = ()) -> str:
     if module == "aiorpc_autograd.rref" and qualname == "_invoke_method" and len(args) > 1:
         return f"RRef.{args[1]}"
     return f"{module}.{qualname}" if module else qualname
+
+
+def valid_span(span: Any) -> bool:
+    """Whether ``span`` (from a peer) has the shape of a span."""
+    return (
+        type(span) is list
+        and len(span) == 7
+        and all(type(v) is str for v in span[:4])
+        and type(span[4]) is int
+        and type(span[5]) is int
+        and type(span[6]) is dict
+    )
 
 
 def _payload_bytes(message: Message | None) -> int:
@@ -356,7 +369,7 @@ class CallSpan:
             offset = tracer.call_offset(sent, t1, t2, got)
             if isinstance(shipped, list):
                 for sp in shipped:
-                    if isinstance(sp, list) and len(sp) == 7:
+                    if valid_span(sp):  # (a peer's data: malformed ones are left out)
                         remote.append([*sp[:4], sp[4] - offset, sp[5] - offset, sp[6]])
         if self.record:
             tracer.emit(spans)
