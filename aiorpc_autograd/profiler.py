@@ -143,6 +143,10 @@ async def stop(
     tracer = _tracer()
     targets = _workers(workers)
     others = [w for w in targets if w != me]
+    # This worker first: from now on its calls are not profiled, so the others
+    # see no new profiled request; only those in flight may show on one side.
+    if me in targets:
+        tracer.set_recording(False)
     gathered = await asyncio.gather(*(_gather(w) for w in others))
     per_worker: dict[str, list[Span]] = {}
     dropped: dict[str, int] = {}
@@ -150,7 +154,6 @@ async def stop(
         per_worker[w.name] = spans
         dropped[w.name] = lost
     if me in targets:
-        tracer.set_recording(False)
         per_worker[me.name] = tracer.spans
         dropped[me.name] = tracer.dropped
     clocks: dict[str, tuple[int, int]] = {me.name: (0, 0)}

@@ -15,6 +15,7 @@ workers' bounds.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -147,6 +148,24 @@ async def check_backward(rank: int, world_size: int) -> dict[str, Any]:
         await opt.step(ctx)
     trace = await profiler.stop()
     return {"trace": trace, "x_grad": grads[x].tolist()}
+
+
+async def check_collect(rank: int, world_size: int) -> dict[str, Any]:
+    """Calls made by a task while ``collect`` records a fixed window."""
+    stop = asyncio.Event()
+
+    async def traffic() -> int:
+        n = 0
+        while not stop.is_set():
+            await rpc.rpc_async("worker1", leaf, (torch.ones(2),))
+            n += 1
+        return n
+
+    task = asyncio.create_task(traffic())
+    await asyncio.sleep(0.05)
+    trace = await profiler.collect(0.3, workers=["worker0", "worker1"])
+    stop.set()
+    return {"calls": await task, "trace": trace}
 
 
 async def check_off(rank: int, world_size: int) -> list[Any]:
@@ -339,6 +358,20 @@ def test_backward_phases_per_worker(service: WorkerGroup) -> None:
     grads = [e for e in xs if e["name"] == "backward#gradients(worker0 -> worker1)"]
     sent = [e for e in grads if e["cat"] == "rpc_call"]
     assert sent and sent[0]["args"]["gradients"] == 1 and sent[0]["args"]["send_function"] > 0
+
+
+def test_collect_records_a_window_of_the_chosen_workers(service: WorkerGroup) -> None:
+    out = service.call(0, check_collect, timeout=CALL_TIMEOUT)
+    trace = out["trace"]
+    assert _processes(trace) == {0: "worker0", 1: "worker1"}
+    calls = [e for e in _x(trace) if e["cat"] == "rpc_call"]
+    serves = [e for e in _x(trace) if e["cat"] == "rpc_serve"]
+    name = f"rpc_async#{MODULE}.leaf(worker0 -> worker1)"
+    assert calls and all(e["name"] == name for e in calls)
+    assert 0 < len(calls) <= out["calls"]
+    # A call in flight as the window closes may be recorded on one side only.
+    paired = {e["args"]["flow"] for e in calls} & {e["args"]["flow"] for e in serves}
+    assert len(paired) >= len(calls) - 1 and len(paired) >= len(serves) - 1
 
 
 def test_profiling_off_records_nothing(service: WorkerGroup) -> None:
