@@ -579,9 +579,10 @@ class Tracer:
         name = f"{prefix}#{what}({caller} -> {self.worker})"
         me = self.worker
         flow = f"{message.profiling_id[0]}:{message.profiling_id[1]}"
+        args = _call_args(inner)  # for gradients: the send function they are for
         t2 = self.now()
         spans: list[Span] = [
-            [me, "serving", name, "rpc_serve", t1, t2, {"status": status, "flow": flow}]
+            [me, "serving", name, "rpc_serve", t1, t2, {"status": status, "flow": flow, **args}]
         ]
         if serve.fn_start:
             fn_end = serve.fn_end or t_result

@@ -358,6 +358,8 @@ def test_backward_phases_per_worker(service: WorkerGroup) -> None:
     grads = [e for e in xs if e["name"] == "backward#gradients(worker0 -> worker1)"]
     sent = [e for e in grads if e["cat"] == "rpc_call"]
     assert sent and sent[0]["args"]["gradients"] == 1 and sent[0]["args"]["send_function"] > 0
+    got = [e for e in grads if e["cat"] == "rpc_serve"]
+    assert got and got[0]["args"]["send_function"] == sent[0]["args"]["send_function"]
 
 
 def test_collect_records_a_window_of_the_chosen_workers(service: WorkerGroup) -> None:
