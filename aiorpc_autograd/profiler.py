@@ -51,14 +51,14 @@ from typing import Any
 from .api import current_agent
 from .codec import RunWithProfilingResp
 from .options import WorkerInfo
-from .tracing import Span, Tracer, valid_span
+from .tracing import Span, Tracer, unpack_spans
 
 __all__ = ["collect", "export_chrome_trace", "render", "start", "stop"]
 
 WorkerRef = str | int | WorkerInfo
 
 _PINGS = 8  # NTP exchanges per worker; the one with the least delay counts
-_PAGE = 20_000  # spans per fetch
+_PAGE = 1_000  # spans per fetch (the decoder's floor on array lengths is 1024)
 _TRACK_ORDER = ("calls", "serving", "torch ops", "backward")
 
 
@@ -117,7 +117,7 @@ async def _gather(to: WorkerInfo) -> tuple[list[Span], int]:
     spans: list[Span] = []
     for first in range(0, count, _PAGE):
         page = await _control(to, "fetch", first=first, count=_PAGE)
-        spans.extend(s for s in page.events[3] if valid_span(s))
+        spans.extend(unpack_spans(page.events[3]))
     return spans, dropped
 
 

@@ -30,7 +30,7 @@ events of the function with the thread-local legacy profiler); a config with
 at once on the loop.
 
 A span is a list ``[worker, track, name, category, start_ns, end_ns, args]``
-(msgpack values only); ``track`` groups a worker's spans into rows
+(it travels in columns: :func:`pack_spans`); ``track`` groups a worker's spans into rows
 (``calls``, ``serving``, ``backward``); times are :func:`time.perf_counter_ns`
 (``CLOCK_MONOTONIC`` on Linux) plus ``skew_ns`` (tests shift it to play a
 host with another clock). Under ``torch.profiler`` the caller's spans are also
@@ -45,6 +45,7 @@ import contextvars
 import functools
 import inspect
 import itertools
+import json
 import pickletools
 import threading
 import time
@@ -86,7 +87,9 @@ __all__ = [
     "Span",
     "Tracer",
     "current_serve",
+    "pack_spans",
     "tracer_of",
+    "unpack_spans",
     "valid_span",
 ]
 
@@ -98,7 +101,10 @@ current_serve: contextvars.ContextVar[_Serve | None] = contextvars.ContextVar(
 )
 
 MAX_SPANS = 2_000_000  # per worker and recording window; beyond, spans are counted, not kept
-MAX_OPS = 5_000  # torch op events shipped back per profiled call
+MAX_OPS = 900  # torch op events shipped back per profiled call
+# Spans shipped back with one answer: the decoder takes arrays of up to
+# max(max_tensors, 1024) items, and spans travel in columns.
+MAX_SHIP = 1_000
 MAX_TORCH_CALLS = 200_000  # calls kept for export_chrome_trace
 
 
@@ -211,6 +217,37 @@ def valid_span(span: Any) -> bool:
         and type(span[5]) is int
         and type(span[6]) is dict
     )
+
+
+def pack_spans(spans: list[Span]) -> list[list[Any]]:
+    """Spans as they travel: seven columns (worker, track, name, category,
+    start, end, args as JSON), so a message of many spans holds eight msgpack
+    arrays rather than two per span (the decoder allows one per 256 bytes)."""
+    columns: list[list[Any]] = [[], [], [], [], [], [], []]
+    for span in spans:
+        for i in range(6):
+            columns[i].append(span[i])
+        columns[6].append(json.dumps(span[6], separators=(",", ":")) if span[6] else "")
+    return columns
+
+
+def unpack_spans(columns: Any) -> list[Span]:
+    """The spans of :func:`pack_spans` (a peer's data: malformed ones are left out)."""
+    if type(columns) is not list or len(columns) != 7:
+        return []
+    if any(type(c) is not list or len(c) != len(columns[0]) for c in columns):
+        return []
+    spans: list[Span] = []
+    for worker, track, name, cat, start, end, raw in zip(*columns, strict=True):
+        span = [worker, track, name, cat, start, end, {}]
+        if type(raw) is str and raw:
+            try:
+                span[6] = json.loads(raw)
+            except ValueError:
+                continue
+        if valid_span(span):
+            spans.append(span)
+    return spans
 
 
 def _payload_bytes(message: Message | None) -> int:
@@ -367,10 +404,8 @@ class CallSpan:
         if self.remote is not None:
             t1, t2, _, shipped = self.remote
             offset = tracer.call_offset(sent, t1, t2, got)
-            if isinstance(shipped, list):
-                for sp in shipped:
-                    if valid_span(sp):  # (a peer's data: malformed ones are left out)
-                        remote.append([*sp[:4], sp[4] - offset, sp[5] - offset, sp[6]])
+            for sp in unpack_spans(shipped):
+                remote.append([*sp[:4], sp[4] - offset, sp[5] - offset, sp[6]])
         if self.record:
             tracer.emit(spans)
         parent = self.parent
@@ -545,7 +580,7 @@ class Tracer:
             first, count = config.get("first", 0), config.get("count", 0)
             if type(first) is not int or type(count) is not int:
                 raise ProtocolError("malformed profiler fetch")
-            return self.spans[first : first + count]
+            return pack_spans(self.spans[first : first + count])
         raise ProtocolError(f"unknown profiler command {command!r}")
 
     async def _serve(self, message: RunWithProfilingReq, t1: int) -> Message:
@@ -593,8 +628,9 @@ class Tracer:
         self.emit(spans)
         shipped: list[Span] = []
         if serve.ship:
-            shipped = spans + serve.shipped
-        return RunWithProfilingResp(message.profiling_id, [t1, t2, what, shipped], result)
+            shipped = (spans + serve.shipped)[:MAX_SHIP]
+        events = [t1, t2, what, pack_spans(shipped)]
+        return RunWithProfilingResp(message.profiling_id, events, result)
 
     def wrap_function(self, func: Any, args: tuple[Any, ...]) -> Any:
         """``func`` timed (and its torch ops recorded when asked) if it runs for

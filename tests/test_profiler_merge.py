@@ -11,7 +11,7 @@ import torch
 
 from aiorpc_autograd import codec
 from aiorpc_autograd.profiler import _lanes, merge, render
-from aiorpc_autograd.tracing import Span, _pickled_name, call_label
+from aiorpc_autograd.tracing import Span, _pickled_name, call_label, pack_spans, unpack_spans
 
 
 def _payload_name(func: object) -> str | None:
@@ -127,3 +127,17 @@ def test_render_draws_a_png(tmp_path: Path) -> None:
     out = tmp_path / "t.png"
     render(path, out, title="test")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spans_travel_in_columns_and_malformed_ones_are_dropped() -> None:
+    spans = [
+        _span("w0", "calls", "a", 1, 2, cat="rpc_call", flow="0:1"),
+        _span("w1", "serving", "b", 3, 4),
+    ]
+    columns = pack_spans(spans)
+    assert len(columns) == 7 and all(len(c) == 2 for c in columns)
+    assert unpack_spans(columns) == spans
+    columns[4][1] = "not an int"
+    columns[6][0] = "{broken json"
+    assert unpack_spans(columns) == []
+    assert unpack_spans([[1], [2]]) == [] and unpack_spans("x") == []
