@@ -69,7 +69,9 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch.autograd.profiler as torch_profiler
 
 from . import codec
 from .codec import (
@@ -99,6 +101,9 @@ from .pool import StopError, WorkerPool, raisable
 from .rendezvous import Address, Rendezvous
 from .transport import Connection, PreAuthGate, connect, serve_tcp, serve_unix
 from .wire import Frame, Limits
+
+if TYPE_CHECKING:
+    from .tracing import CallSpan, Tracer
 
 __all__ = ["RpcAgent", "registered_functions", "register_function"]
 
@@ -247,6 +252,7 @@ class _Pending:
     decode: ResponseDecoder
     timer: asyncio.TimerHandle | None = None
     conn: Connection | None = None  # the connection it went out on (None: queued)
+    span: CallSpan | None = None  # profiling (aiorpc_autograd.tracing)
 
 
 @dataclass(slots=True)
@@ -320,6 +326,10 @@ class RpcAgent:
         self.request_wrapper: RequestWrapper | None = None
         self.response_unwrappers: dict[type[Message], ResponseUnwrapper] = {}
         self.debug_counters: dict[str, Callable[[], int]] = {}
+        # Profiling (aiorpc_autograd.tracing): the tracer while this worker
+        # records spans or serves a profiled request, else None: the one check
+        # the hot paths make when profiling is off.
+        self.tracer: Tracer | None = None
         # Services installed on this agent by the layers above (autograd, rrefs),
         # what they need to be idle before shutdown, and what to do first then.
         self.extensions: dict[str, Any] = {}
@@ -852,13 +862,20 @@ class RpcAgent:
         """
         if not self._running:
             raise RpcError("RPC agent is not running (call init_rpc first)")
+        span = None
+        if self.tracer is not None or torch_profiler._is_profiler_enabled:
+            span = self._begin_span(to, message)
         rid = next(self._ids)
         self._activity += 1
         if self.request_wrapper is not None:
             message = self.request_wrapper(to, message)
         if device_map is None:
             device_map = self.device_maps.for_request(to.name)
+        if span is not None:
+            message = span.wrap(message)  # the profiling wrapper goes outermost
         header, buffers = codec.encode(message, rid, device_map)
+        if span is not None:
+            span.encoded(header, buffers)
         fut = self.loop.create_future()
         pending = _Pending(fut, to.id, decode or self.decode_result)
         if timeout is None:
@@ -866,10 +883,16 @@ class RpcAgent:
         if timeout > 0:
             pending.timer = self.loop.call_later(timeout, self._expire, rid, timeout, to)
         self._pending[rid] = pending
+        if span is not None:
+            span.start(pending)
         if self.fault_injector is not None and self._inject(to.id, message, header, buffers, rid):
             return fut
         self._send(to.id, header, buffers, rid)
         return fut
+
+    def _begin_span(self, to: WorkerInfo, message: Message) -> CallSpan | None:
+        tracer: Tracer | None = self.extensions.get("tracing")
+        return tracer.begin_call(to, message) if tracer is not None else None
 
     def _inject(
         self, peer_id: int, message: Message, header: bytes, buffers: list[memoryview], rid: int
@@ -1014,6 +1037,8 @@ class RpcAgent:
         conn = peer.conn
         if conn is not None and not conn.closed and not peer.queue:
             pending.conn = conn
+            if pending.span is not None:
+                pending.span.written()
             conn.send(header, buffers)
             return
         peer.queue.append((header, buffers, rid))
@@ -1069,6 +1094,8 @@ class RpcAgent:
             pending = self._pending.get(rid)
             if pending is not None:
                 pending.conn = conn
+                if pending.span is not None:
+                    pending.span.written()
                 conn.send(header, buffers)
         return None
 
@@ -1542,6 +1569,8 @@ class RpcAgent:
 
         The current ``contextvars`` context travels with it either way.
         """
+        if self.tracer is not None:
+            func = self.tracer.wrap_function(func, args)
         if inspect.iscoroutinefunction(func):
             return await func(*args, **kwargs)
         result = await self._pool.run(
@@ -1558,6 +1587,8 @@ class RpcAgent:
         peer = conn.peer.id if conn is not None and isinstance(conn.peer, WorkerInfo) else None
         if waits:  # start only once the values its arguments refer to exist
             return self._await_call(self._after(waits, func, args, kwargs), peer)
+        if self.tracer is not None:  # (invoke, on the path above, wraps it itself)
+            func = self.tracer.wrap_function(func, args)
         if inspect.iscoroutinefunction(func):
             return self._await_call(func(*args, **kwargs), peer)
         # The hot path: a pool job and one future, no Task and no coroutine.

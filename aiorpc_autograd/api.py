@@ -17,6 +17,7 @@ from .autograd_service import AutogradService
 from .errors import RpcError
 from .options import RpcOptions, WorkerInfo
 from .rref import RRef, RRefService
+from .tracing import Tracer
 from .transport import new_event_loop
 
 __all__ = [
@@ -95,7 +96,7 @@ async def init_rpc(
         world_size,
         init_method or "env://",
         options or RpcOptions(),
-        services=(AutogradService.install, RRefService.install),
+        services=(AutogradService.install, RRefService.install, Tracer.install),
     )
     _agent = agent
     return agent.info

@@ -81,6 +81,7 @@ from .codec import (
 from .devices import inverse
 from .errors import ConnectionLostError, RemoteError, ResourceLimitError, RpcError, remote_error
 from .options import WorkerInfo
+from .tracing import tracer_of
 
 __all__ = ["AutogradService"]
 
@@ -139,6 +140,10 @@ class _PassRun:
     def compute(
         self, job: Callable[[], list[torch.Tensor | None]], done: Callable[[Any], None]
     ) -> None:
+        tracer = tracer_of(self.service.agent)
+        if tracer is not None:
+            args = {"context_id": self.ctx.context_id(), "pass_id": self.pass_id}
+            job = tracer.timed_job(job, "engine job", args)
         fut = self.service.agent.run_in_executor(job)
 
         def finished(f: asyncio.Future[list[torch.Tensor | None]]) -> None:
@@ -387,6 +392,10 @@ class AutogradService:
         ctx.current_pass = run.engine
         self._runs[key] = run
         run.done.add_done_callback(lambda _: self._runs.pop(key, None))
+        tracer = tracer_of(self.agent)
+        if tracer is not None:
+            args = {"context_id": ctx.context_id(), "pass_id": pass_id}
+            tracer.pass_span(run.done, "backward pass", args)
         me = self.agent.info.id
         # Peers that will get gradients (or a "none") from a recv function here
         # without this worker waiting on anyone get their start with those;

@@ -50,6 +50,12 @@ Run it
     python examples/pipeline_parallel.py                 # driver + 2 stage workers
     python examples/pipeline_parallel.py --world-size 2  # the driver also runs stage 1
     torchrun --nproc-per-node 3 examples/pipeline_parallel.py --plot pipeline.png
+    python examples/pipeline_parallel.py --trace step.json  # the last step's timeline
+    python -m aiorpc_autograd.profiler render step.json step.png
+
+``--trace`` records every worker's spans during the last step
+(:mod:`aiorpc_autograd.profiler`) and writes them as one Chrome trace: open it
+in https://ui.perfetto.dev or ``chrome://tracing``.
 
 The last line printed is ``RESULT {...}`` (JSON) for scripts and tests.
 """
@@ -67,7 +73,7 @@ import torch.nn.functional as F
 from _plumbing import Progress, launch, save_plot
 
 import aiorpc_autograd as rpc
-from aiorpc_autograd import dist_autograd
+from aiorpc_autograd import dist_autograd, profiler
 from aiorpc_autograd.optim import DistributedOptimizer
 
 INPUT_DIM = 32
@@ -165,11 +171,18 @@ async def train_pipeline(world_size: int, args: argparse.Namespace) -> tuple[lis
     losses: list[float] = []
     bar = Progress(args.steps, "pipeline ")
     started = time.perf_counter()
-    for x, y in batches(args):
+    for step, (x, y) in enumerate(batches(args)):
+        traced = args.trace and step == args.steps - 1  # the last step: warmed up
+        if traced:
+            await profiler.start()
         async with dist_autograd.context() as context_id:
             loss = F.cross_entropy(await model(x), y)
             await dist_autograd.backward(context_id, [loss])
             await optimizer.step(context_id)
+        if traced:
+            trace = await profiler.stop(args.trace)
+            spans = sum(e["ph"] == "X" for e in trace["traceEvents"])
+            bar.print(f"timeline of step {step + 1} ({spans} spans) written to {args.trace}")
         losses.append(loss.item())
         bar.update(len(losses), f"loss {losses[-1]:.4f}")
     seconds = time.perf_counter() - started
@@ -272,6 +285,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", type=float, default=0.25, help="last loss / first loss")
     parser.add_argument("--tolerance", type=float, default=1e-3, help="largest loss difference")
     parser.add_argument("--plot", metavar="PATH", help="write both loss curves to this PNG")
+    parser.add_argument(
+        "--trace",
+        metavar="PATH",
+        help="write the merged timeline of the last step (Chrome/Perfetto JSON) here",
+    )
     return parser.parse_args()
 
 

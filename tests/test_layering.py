@@ -13,9 +13,11 @@ Layers, each importing only those above it::
                                                through an interface it is given)
     5. transport (asyncio protocols)           layers 1-2: it moves frames and
                                                knows nothing of messages
-    6. agent (and rref, autograd_service)     anything but the api layer
+    6. agent (and rref, autograd_service,     anything but the api layer
+       tracing)
     7. api and the other public entry modules  ``__init__`` only re-exports
-       (dist_autograd, optim, nn, testing)
+       (dist_autograd, optim, nn, testing,
+       profiler)
     8. sync (the synchronous facade)           anything; nothing else in the
                                                package imports it
 
@@ -59,9 +61,12 @@ RULES: dict[str, frozenset[str] | None] = {
 # Only the api layer itself may import the api module: ``__init__`` (which
 # re-exports it) and the other public entry modules (``dist_autograd`` and
 # ``optim`` of API.md, ``nn`` for RemoteModule, ``testing`` for fault
-# injection), which are built on the public calls and find the current agent
-# through it. Nothing below the api layer may. A new public entry module goes here.
-API_IMPORTERS = frozenset({"__init__", "api", "dist_autograd", "optim", "nn", "sync", "testing"})
+# injection, ``profiler`` for the group timeline), which are built on the
+# public calls and find the current agent through it. Nothing below the api
+# layer may. A new public entry module goes here.
+API_IMPORTERS = frozenset(
+    {"__init__", "api", "dist_autograd", "optim", "nn", "profiler", "sync", "testing"}
+)
 
 # The synchronous facade sits above the api layer: only its own modules import it.
 TOP_LAYER = "sync"

@@ -124,12 +124,22 @@ def test_rnn_model_parallel_loss_falls() -> None:
 
 
 @pytest.mark.timeout(90)
-def test_pipeline_matches_the_single_process_run() -> None:
+def test_pipeline_matches_the_single_process_run(tmp_path: Path) -> None:
+    trace_path = tmp_path / "step.json"
     result = run_example(
         "pipeline_parallel.py",
         *("--steps", "15", "--batch-size", "128", "--micro-batch", "32", "--width", "256"),
         *("--lr", "0.1", "--seed", "3", "--target", "0.8", "--tolerance", "1e-5"),
+        *("--trace", str(trace_path)),
     )
+    # --trace: the last step's merged timeline, one process row per worker.
+    trace = json.loads(trace_path.read_text())
+    rows = {e["args"]["name"] for e in trace["traceEvents"] if e.get("name") == "process_name"}
+    assert rows == {"driver", "stage1", "stage2"}
+    names = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"}
+    assert "rpc_async#__main__.run_last_stage(driver -> stage2)" in names
+    assert {"backward pass", "engine job"} <= names
+    assert any(e["ph"] == "f" for e in trace["traceEvents"])
     assert result["steps"] == 15
     # The same seed gives the same model and batches: the same curve, up to rounding.
     assert result["loss_first"] == pytest.approx(result["local_loss_first"], abs=1e-6)
