@@ -17,7 +17,26 @@ Invariants:
 * ``_inflight`` counts requests this worker is serving and has not answered;
 * a frame that does not decode (:class:`ProtocolError`) drops its connection
   only; an error raised while *serving* a request goes back as an
-  ``ExceptionMsg`` and never touches the connection.
+  ``ExceptionMsg`` and never touches the connection;
+* requests go out only on connections this worker opened, so requests arrive
+  only on connections it accepted and responses only on ones it opened; a
+  response is accepted only on the connection its request went out on (a
+  response for an id not pending there drops that connection: a forgery);
+* flow control: a connection that answers requests stops reading while its
+  replies are not read (``max_pending_reply_bytes``) or while
+  ``max_concurrent_requests`` of its requests are being served.
+
+Liveness
+--------
+A peer is *declared gone* once, after which ``peer_gone_hooks`` run (the
+layers drop what they hold for it): when a heartbeat probe to it went
+unanswered for ``heartbeat_timeout`` (silence counted from the last frame it
+sent), when it refused a new connection (nobody listens at its address any
+more), or when its connection was lost and no new one could be opened within
+``heartbeat_timeout``. Probes go to peers with calls pending and to the peers
+the layers hold state for (``liveness_watchers``); a silent connection gets one
+probe after ``min(heartbeat_interval, heartbeat_timeout / 2)``, so the idle
+cost is one small frame per interval per watched peer.
 
 Plain functions run in a thread pool so the loop keeps serving; ``async def``
 functions are awaited on the loop. Handlers for further message kinds (RRefs,
@@ -40,7 +59,7 @@ import ssl
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -85,6 +104,10 @@ RequestWrapper = Callable[[WorkerInfo, Message], Message]
 # (action, delay) for an outgoing message, or None: see aiorpc_autograd.testing.
 FaultHook = Callable[[Message], "tuple[str, float] | None"]
 ResponseUnwrapper = Callable[[int, Message], Message]
+
+# Ids of timed-out requests remembered per connection (their late answers are
+# not forgeries); past this, the oldest are forgotten.
+_MAX_ABANDONED = 100_000
 
 # Functions callable by name (rpc.register); process-wide like Python imports.
 _REGISTERED: dict[str, Callable[..., Any]] = {}
@@ -143,6 +166,10 @@ def exception_message(worker: str, exc: BaseException) -> ExceptionMsg:
     if isinstance(exc, StopError) and exc.__cause__ is not None:
         exc = exc.__cause__  # report the StopIteration it carries
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if isinstance(exc, ConnectionLostError) and exc.worker:
+        # Serving failed because *another* worker was lost: name that one, so
+        # the caller's error is a ConnectionLostError naming the lost worker.
+        return ExceptionMsg(exc.worker, _type_name(ConnectionLostError(exc.worker)), str(exc), tb)
     return ExceptionMsg(worker, _type_name(exc), str(exc), tb)
 
 
@@ -161,7 +188,7 @@ class _Peer:
     address: Address
     conn: Connection | None = None
     queue: list[tuple[bytes, list[memoryview], int]] = field(default_factory=list)
-    connecting: asyncio.Task[None] | None = None
+    connecting: asyncio.Task[BaseException | None] | None = None
 
 
 class RpcAgent:
@@ -174,6 +201,11 @@ class RpcAgent:
     """
 
     def __init__(self, name: str, options: RpcOptions, rdv: Rendezvous) -> None:
+        # peer_gone_hooks: called once (on the loop) when a peer is declared
+        #   gone, with the error saying why; see "Liveness" in the module doc.
+        # liveness_watchers: each returns the ids of the peers a layer holds
+        #   state for; those are probed (and connected to) like peers with
+        #   calls pending, so that their loss is noticed.
         self.info = WorkerInfo(name, rdv.rank)
         self.options = options
         self.loop = asyncio.get_running_loop()
@@ -218,6 +250,13 @@ class RpcAgent:
         self.extensions: dict[str, Any] = {}
         self.idle_checks: list[Callable[[], bool]] = []
         self.before_shutdown: list[Callable[[], None]] = []
+        self.peer_gone_hooks: list[Callable[[WorkerInfo, RpcError], None]] = []
+        self.liveness_watchers: list[Callable[[], Iterable[int]]] = []
+        self._gone: dict[int, RpcError] = {}
+        self._suspects: dict[int, asyncio.Task[None]] = {}
+        # Per connection we opened: ids of requests sent on it that timed out,
+        # whose late answers are dropped silently (oldest first, capped).
+        self._abandoned: dict[Connection, dict[int, None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -392,6 +431,8 @@ class RpcAgent:
         self._running = False
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for task in self._suspects.values():
+            task.cancel()
         for server in self._servers:
             server.close()
         for peer in self._peers.values():
@@ -651,11 +692,14 @@ class RpcAgent:
         if peer.connecting is None:
             peer.connecting = self.loop.create_task(self._connect(peer))
 
-    async def _connect(self, peer: _Peer) -> None:
+    async def _connect(self, peer: _Peer, limit: float | None = None) -> BaseException | None:
+        """Open the connection to ``peer`` and send what is queued for it;
+        returns None, or the error that failed it (the queued calls fail too)."""
         addr = peer.address
         # A peer that accepts but never completes the TLS/auth handshake (hung,
         # say) must not hold the queued calls forever.
-        limit = self.options.heartbeat_timeout
+        if limit is None:
+            limit = self.options.heartbeat_timeout
         try:
             if addr.unix_path and self._use_unix and addr.host_id == _host_id():
                 opening = connect(self._make_client, path=addr.unix_path)
@@ -672,17 +716,25 @@ class RpcAgent:
         except (OSError, ConnectionLostError, AuthenticationError, TimeoutError) as exc:
             peer.connecting = None
             peer.queue.clear()
+            name = peer.info.name
             error: RpcError
             if isinstance(exc, AuthenticationError):
                 error = exc
             elif isinstance(exc, TimeoutError):
                 error = ConnectionLostError(
-                    f"worker {peer.info.name!r} did not complete the connection in {limit}s"
+                    f"worker {name!r} did not complete the connection in {limit:.3g}s", worker=name
                 )
             else:
-                error = ConnectionLostError(f"cannot connect to worker {peer.info.name!r}: {exc}")
+                error = ConnectionLostError(
+                    f"cannot connect to worker {name!r}: {exc}", worker=name
+                )
             self._fail_pending(lambda p: p.peer == peer.info.id and p.conn is None, error)
-            return
+            if isinstance(exc, ConnectionRefusedError):
+                # Nobody listens at its address any more: the worker is gone.
+                self._declare_gone(peer.info, error)
+            else:  # try again later (now, the calls just failed would fail twice)
+                self._suspect(peer.info, first_try_after=self._probe_retry)
+            return error
         peer.conn = conn
         peer.connecting = None
         queue, peer.queue = peer.queue, []
@@ -691,9 +743,17 @@ class RpcAgent:
             if pending is not None:
                 pending.conn = conn
                 conn.send(header, buffers)
+        return None
 
     def reply(self, conn: Connection, rid: int, message: Message) -> None:
-        """Send the response to request ``rid`` (dropped if the peer is gone)."""
+        """Send the response to request ``rid`` (dropped if the peer is gone).
+
+        Every request dispatched from ``conn`` is answered through here exactly
+        once: this is where its slot of ``max_concurrent_requests`` is freed.
+        """
+        conn.serving -= 1
+        if conn.serving < self.options.max_concurrent_requests:
+            conn.hold_reading("busy", False)
         if conn.closed:
             log.debug("dropping the reply to %s: connection closed", conn.peer_label)
             return
@@ -735,6 +795,9 @@ class RpcAgent:
             self.options.auth_token,
             client=client,
             shm_threshold=self._shm_threshold,
+            # Replies flow on accepted connections only: pausing reads on a
+            # connection we opened would stop the answers that drain it.
+            write_limit=0 if client else self.options.max_pending_reply_bytes,
         )
 
     def _make_client(self) -> Connection:
@@ -765,10 +828,26 @@ class RpcAgent:
             log.warning("dropping connection from %s: no Hello first", conn.peer_label)
             conn.abort(ProtocolError("the first message must be Hello"))
             return
+        if conn.client:
+            # Requests travel on the requester's own connection; one coming the
+            # other way would escape the flow control of the answering side.
+            log.warning("dropping connection to %s: a request on our connection", conn.peer_label)
+            conn.abort(ProtocolError("a request on a connection the requester did not open"))
+            return
+        claimed = getattr(message, "from_worker", None)
+        if claimed is not None and claimed != conn.peer.id:
+            log.warning(
+                "dropping connection from %s: claims to be worker %s", conn.peer_label, claimed
+            )
+            conn.abort(ProtocolError(f"a request from worker {conn.peer.id} claims {claimed}"))
+            return
         self.dispatch(conn, rid, message)
 
     def dispatch(self, conn: Connection, rid: int, message: Message) -> None:
-        """Run the handler of a request and answer it."""
+        """Run the handler of a request and answer it (through :meth:`reply`)."""
+        conn.serving += 1
+        if conn.serving >= self.options.max_concurrent_requests:
+            conn.hold_reading("busy", True)
         handler = self.handlers.get(type(message))
         try:
             if handler is None:
@@ -795,11 +874,16 @@ class RpcAgent:
 
     def _on_response(self, conn: Connection, rid: int, message: Message) -> None:
         pending = self._pending.get(rid)
-        if pending is None:
-            return  # timed out or cancelled already (or a heartbeat's ack)
-        if not isinstance(conn.peer, WorkerInfo) or conn.peer.id != pending.peer:
+        if pending is None or pending.conn is not conn:
+            if rid == 0 and isinstance(message, RRefAck) and conn.client:
+                return  # a heartbeat's ack (last_received is already updated)
+            late = self._abandoned.get(conn)
+            if pending is None and late is not None and rid in late:
+                del late[rid]  # the answer to a call that timed out here
+                return
+            # Not a request sent on this connection: forged, or a confused peer.
             log.warning("dropping connection from %s: answer to a foreign request", conn.peer_label)
-            conn.abort(ProtocolError("response to a request this peer was not sent"))
+            conn.abort(ProtocolError(f"response to request {rid}, not pending on this connection"))
             return
         del self._pending[rid]
         if pending.timer is not None:
@@ -825,6 +909,7 @@ class RpcAgent:
 
     def _on_lost(self, conn: Connection, exc: BaseException | None) -> None:
         self._incoming.discard(conn)
+        self._abandoned.pop(conn, None)
         info = conn.peer
         if not isinstance(info, WorkerInfo):
             return
@@ -836,35 +921,158 @@ class RpcAgent:
         reason = f": {exc}" if exc else ""
         self._fail_pending(
             lambda p: p.conn is conn,
-            ConnectionLostError(f"lost the connection to worker {info.name!r}{reason}"),
+            ConnectionLostError(
+                f"lost the connection to worker {info.name!r}{reason}", worker=info.name
+            ),
+        )
+        self._suspect(info)
+
+    # ------------------------------------------------------------------ liveness
+
+    def peer_gone(self, worker: int | WorkerInfo) -> bool:
+        """True once ``worker`` was declared gone (see the module doc)."""
+        return (worker.id if isinstance(worker, WorkerInfo) else worker) in self._gone
+
+    def _live_conn(self, worker_id: int) -> bool:
+        peer = self._peers.get(worker_id)
+        if peer is not None and peer.conn is not None and not peer.conn.closed:
+            return True
+        return any(
+            not c.closed and isinstance(c.peer, WorkerInfo) and c.peer.id == worker_id
+            for c in self._incoming
         )
 
+    def _declare_gone(self, info: WorkerInfo, error: RpcError) -> None:
+        """Declare ``info`` gone (once): fail what waits on it, run the hooks."""
+        if not self._running or info.id in self._gone or info.id == self.info.id:
+            return
+        self._gone[info.id] = error
+        log.warning("worker %r is gone: %s", info.name, error)
+        self._fail_pending(lambda p: p.peer == info.id, error)
+        for hook in list(self.peer_gone_hooks):
+            try:
+                hook(info, error)
+            except Exception:  # one layer's failure must not skip the others
+                log.exception("a peer_gone hook failed for worker %r", info.name)
+
+    @property
+    def _probe_retry(self) -> float:
+        limit = self.options.heartbeat_timeout
+        return min(self.options.heartbeat_interval or limit / 4, limit / 4)
+
+    def _suspect(self, info: WorkerInfo, first_try_after: float = 0.0) -> None:
+        """``info``'s connection was lost (or could not be opened): find out
+        whether it is gone, unless a connection with it is still up."""
+        wid = info.id
+        if (
+            not self._running
+            or wid == self.info.id
+            or wid in self._gone
+            or wid in self._suspects
+            or self._live_conn(wid)
+        ):
+            return
+        self._suspects[wid] = self.loop.create_task(
+            self._probe_peer(self._peers[wid], first_try_after)
+        )
+
+    async def _probe_peer(self, peer: _Peer, first_try_after: float) -> None:
+        """Reconnect to a suspect until a connection is up (alive), it refuses
+        (gone, see :meth:`_connect`) or ``heartbeat_timeout`` passed (gone)."""
+        wid = peer.info.id
+        limit = self.options.heartbeat_timeout
+        deadline = time.monotonic() + limit
+        retry = self._probe_retry
+        try:
+            await asyncio.sleep(first_try_after)
+            while self._running and wid not in self._gone and not self._live_conn(wid):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._declare_gone(
+                        peer.info,
+                        ConnectionLostError(
+                            f"lost the connection to worker {peer.info.name!r} and could not "
+                            f"open a new one within heartbeat_timeout={limit}s",
+                            worker=peer.info.name,
+                        ),
+                    )
+                    return
+                if peer.connecting is None:
+                    peer.connecting = self.loop.create_task(self._connect(peer, remaining))
+                if await asyncio.shield(peer.connecting) is None:
+                    return  # connected: alive
+                await asyncio.sleep(min(retry, max(deadline - time.monotonic(), 0)))
+        finally:
+            if self._suspects.get(wid) is asyncio.current_task():
+                del self._suspects[wid]
+
+    def _liveness_targets(self) -> set[Connection]:
+        """Connections to probe: those with calls pending, and those to the
+        peers the layers hold state for (opened if need be)."""
+        targets = {p.conn for p in self._pending.values() if p.conn is not None}
+        watched: set[int] = set()
+        for watcher in self.liveness_watchers:
+            watched.update(watcher())
+        watched -= self._gone.keys() | {self.info.id}
+        for wid in watched:
+            peer = self._peers.get(wid)
+            if peer is None:
+                continue
+            if peer.conn is not None and not peer.conn.closed:
+                targets.add(peer.conn)
+            elif peer.connecting is None and wid not in self._suspects:
+                peer.connecting = self.loop.create_task(self._connect(peer))
+        return targets
+
     async def _heartbeat_loop(self) -> None:
-        """Probe peers that owe us answers; drop those silent for too long."""
+        """Probe silent connections to peers we depend on; a peer silent for
+        ``heartbeat_timeout`` with a probe unanswered is declared gone.
+
+        Wakes exactly when the next probe or deadline is due, so a hung peer is
+        detected within ``heartbeat_timeout`` of the last frame it sent.
+        """
         interval = self.options.heartbeat_interval
         limit = self.options.heartbeat_timeout
+        probe_after = min(interval, limit / 2)
         probe, _ = codec.encode(Heartbeat(), 0)  # id 0: the ack matches nothing
         while True:
-            await asyncio.sleep(min(interval, limit / 2))
             now = time.monotonic()
-            for conn in {p.conn for p in self._pending.values() if p.conn is not None}:
+            wake = now + probe_after
+            for conn in self._liveness_targets():
                 if conn.closed:
                     continue
-                if conn.probe_sent > conn.last_received:  # a probe is unanswered
-                    if now - conn.probe_sent > limit:
-                        conn.abort(
-                            ConnectionLostError(
-                                f"worker {conn.peer_label!r} sent nothing for "
-                                f"{now - conn.last_received:.1f}s and did not answer a "
-                                f"heartbeat (heartbeat_timeout={limit}s)"
-                            )
-                        )
-                elif now - conn.last_received >= interval:
+                last = conn.last_received
+                if conn.probe_sent > last:  # a probe is unanswered
+                    # The probe gets as long as a steady one would: a connection
+                    # that was idle until now is not judged on its old silence.
+                    dead_at = max(last + limit, conn.probe_sent + limit - probe_after)
+                    if now < dead_at:
+                        wake = min(wake, dead_at)
+                        continue
+                    info = conn.peer
+                    error = ConnectionLostError(
+                        f"worker {conn.peer_label!r} sent nothing for {now - last:.1f}s and "
+                        f"did not answer a heartbeat (heartbeat_timeout={limit}s)",
+                        worker=getattr(info, "name", None),
+                    )
+                    conn.abort(error)
+                    if isinstance(info, WorkerInfo):
+                        self._declare_gone(info, error)
+                elif now - last >= probe_after:
                     conn.probe_sent = now
                     conn.send(probe, [])
+                    wake = min(wake, max(last + limit, now + limit - probe_after))
+                else:
+                    wake = min(wake, last + probe_after)
+            await asyncio.sleep(max(wake - time.monotonic(), 0.005))
 
     def _expire(self, rid: int, timeout: float, to: WorkerInfo) -> None:
         pending = self._pending.pop(rid, None)
+        if pending is not None and pending.conn is not None and not pending.conn.closed:
+            late = self._abandoned.setdefault(pending.conn, {})
+            late[rid] = None
+            if len(late) > _MAX_ABANDONED:
+                del late[next(iter(late))]  # its answer, if it ever comes, drops the link
         if pending is not None and not pending.future.done():
             pending.future.set_exception(
                 RpcTimeoutError(f"call to worker {to.name!r} timed out after {timeout}s")

@@ -16,12 +16,23 @@ A pass on one worker is a :class:`_PassRun`: the engine's
 It is done when the engine is done and every request it sent was answered;
 the ``BackwardStartReq`` that first reached this worker is answered then, so
 the root's ``backward`` returns only when every worker's part is done.
+
+Failures: a worker learns that a peer is gone through the agent's
+``peer_gone_hooks`` (it probes the creators and participants of the contexts it
+holds, see ``liveness_watchers``). Then every pass of a context that peer took
+part in fails here and is aborted onward (the abort names the lost worker, so
+the root raises a :class:`ConnectionLostError` naming it); a context whose
+creator is gone is released here and the release sent on; a context whose
+every link here is gone, or that the gone peer made here, is released here
+(no release can reach it any more). Contexts a peer makes here are capped per
+peer (``RpcOptions.max_peer_contexts``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +42,7 @@ import torch
 from . import codec
 from .agent import RpcAgent
 from .autograd import (
+    _ID_BITS,
     BackwardPass,
     ContextContainer,
     DistAutogradContext,
@@ -54,7 +66,7 @@ from .codec import (
     RRefFetchCall,
 )
 from .devices import inverse
-from .errors import RemoteError, remote_error
+from .errors import ConnectionLostError, RemoteError, ResourceLimitError, RpcError, remote_error
 from .options import WorkerInfo
 
 __all__ = ["AutogradService"]
@@ -158,6 +170,10 @@ class AutogradService:
         self.agent = agent
         self.container = ContextContainer(agent.info.id)
         self._runs: dict[tuple[int, int], _PassRun] = {}
+        # Contexts that a peer's request created here: peer id -> context ids,
+        # and context id -> that peer (capped per peer; see _on_forward).
+        self._made_by_peer: dict[int, set[int]] = {}
+        self._maker: dict[int, int] = {}
 
     @classmethod
     def install(cls, agent: RpcAgent) -> AutogradService:
@@ -175,6 +191,8 @@ class AutogradService:
             1 for run in self._runs.values() if not run.done.done()
         )
         agent.extensions["autograd"] = self
+        agent.peer_gone_hooks.append(self.on_peer_gone)
+        agent.liveness_watchers.append(self._watched_peers)
         return self
 
     # -- helpers ---------------------------------------------------------------
@@ -231,9 +249,29 @@ class AutogradService:
         self._record_recv(ctx, message)
         return message.wrapped
 
+    def _context_for_peer(self, context_id: int, peer: int) -> DistAutogradContext:
+        """The context, created on behalf of ``peer`` if new here.
+
+        Raises:
+            ResourceLimitError: ``peer`` made ``max_peer_contexts`` contexts here.
+        """
+        ctx = self.container.get(context_id)
+        if ctx is not None:
+            return ctx
+        made = self._made_by_peer.setdefault(peer, set())
+        limit = self.agent.options.max_peer_contexts
+        if len(made) >= limit:
+            raise ResourceLimitError(
+                f"worker {self.agent.info.name!r} holds {len(made)} autograd contexts made by "
+                f"worker {self.agent.worker_info(peer).name!r}: max_peer_contexts={limit}"
+            )
+        made.add(context_id)
+        self._maker[context_id] = peer
+        return self.container.get_or_create(context_id)
+
     async def _on_forward(self, message: Message) -> Message:
         assert isinstance(message, ForwardAutogradReq)
-        ctx = self.container.get_or_create(message.context_id)
+        ctx = self._context_for_peer(message.context_id, message.from_worker)
         self._record_recv(ctx, message)
         handler = self.agent.handlers.get(type(message.wrapped))
         if handler is None or isinstance(message.wrapped, ForwardAutogradReq):
@@ -264,6 +302,9 @@ class AutogradService:
     def release(self, context_id: int, exclude: int | None = None) -> None:
         """Release a context here and send the release to the workers it knows."""
         ctx = self.container.release(context_id)
+        maker = self._maker.pop(context_id, None)
+        if maker is not None:
+            self._made_by_peer[maker].discard(context_id)
         if ctx is None:
             return
         for key in [k for k in self._runs if k[0] == context_id]:
@@ -271,6 +312,8 @@ class AutogradService:
         if not self.agent.running:
             return
         for worker_id in ctx.known_worker_ids() - {self.agent.info.id, exclude}:
+            if self.agent.peer_gone(worker_id):
+                continue
             fut = self.send(worker_id, CleanupAutogradContextReq(context_id))
             fut.add_done_callback(_ignore_result)
 
@@ -339,7 +382,11 @@ class AutogradService:
         name = type(exc).__qualname__
         if type(exc).__module__ != "builtins":
             name = f"{type(exc).__module__}.{name}"
-        return remote_error(self.agent.info.name, name, str(exc), tb)
+        worker = self.agent.info.name
+        if isinstance(exc, ConnectionLostError) and exc.worker:
+            worker = exc.worker  # a lost participant: name it, not this worker
+            name = f"{ConnectionLostError.__module__}.{ConnectionLostError.__qualname__}"
+        return remote_error(worker, name, str(exc), tb)
 
     def _abort_everywhere(
         self, ctx: DistAutogradContext, pass_id: int, error: BaseException
@@ -354,8 +401,10 @@ class AutogradService:
             run.fail(error)
         if not self.agent.running:
             return
-        reason = f"{type(error).__name__}: {error}"
+        reason = _abort_reason(error)
         for worker_id in ctx.known_worker_ids() - {self.agent.info.id}:
+            if self.agent.peer_gone(worker_id):
+                continue
             fut = self.send(worker_id, BackwardAbortReq(ctx.context_id(), pass_id, reason))
             fut.add_done_callback(_ignore_result)
 
@@ -390,9 +439,73 @@ class AutogradService:
         assert isinstance(message, BackwardAbortReq)
         ctx = self.container.get(message.context_id)
         if ctx is not None:
-            error = RuntimeError(f"backward pass aborted: {message.reason}")
+            error: Exception = RuntimeError(f"backward pass aborted: {message.reason}")
+            lost = _LOST_REASON.match(message.reason)
+            if lost is not None:  # keep the type and the name of the lost worker
+                error = ConnectionLostError(
+                    f"backward pass aborted: {message.reason}", worker=lost["worker"]
+                )
             self._abort_everywhere(ctx, message.pass_id, error)
         return BackwardStartResp()
+
+    # -- liveness --------------------------------------------------------------
+
+    def _watched_peers(self) -> set[int]:
+        """The peers this worker's contexts depend on: creators and participants."""
+        ids: set[int] = set()
+        for ctx in self.container.contexts():
+            ids.add(ctx.context_id() >> _ID_BITS)
+            ids.update(ctx.known_worker_ids())
+        return ids
+
+    def on_peer_gone(self, info: WorkerInfo, error: RpcError) -> None:
+        """``info`` is gone for good: fail and abort the passes it took part
+        in, and release the contexts that can no longer be released otherwise."""
+        me = self.agent.info.id
+        lost = (
+            error
+            if isinstance(error, ConnectionLostError)
+            else ConnectionLostError(str(error), worker=info.name)
+        )
+        lost.worker = lost.worker or info.name
+        for ctx in self.container.contexts():
+            cid = ctx.context_id()
+            if cid >> _ID_BITS == info.id:  # its creator is gone: release everywhere
+                self.release(cid, exclude=info.id)
+                continue
+            known = ctx.known_worker_ids() - {me}
+            made_by_it = self._maker.get(cid) == info.id
+            if info.id not in known and not made_by_it:
+                continue
+            passes = {pass_id for (c, pass_id) in self._runs if c == cid}
+            for pass_id in passes:
+                self._abort_everywhere(ctx, pass_id, lost)
+            creator = cid >> _ID_BITS
+            if creator != me and (made_by_it or all(self.agent.peer_gone(w) for w in known)):
+                # No release can reach this part any more (it would come
+                # through the gone worker): drop it here only.
+                self._release_here(cid, lost)
+        self._made_by_peer.pop(info.id, None)
+
+    def _release_here(self, context_id: int, error: BaseException) -> None:
+        if self.container.release(context_id) is None:
+            return
+        maker = self._maker.pop(context_id, None)
+        if maker is not None:
+            self._made_by_peer.get(maker, set()).discard(context_id)
+        for key in [k for k in self._runs if k[0] == context_id]:
+            self._runs.pop(key).fail(error)
+
+
+# A BackwardAbortReq reason that says a worker was lost (see _abort_reason).
+_LOST_REASON = re.compile(r"lost worker '(?P<worker>[^']*)'")
+
+
+def _abort_reason(error: BaseException) -> str:
+    if isinstance(error, ConnectionLostError) and error.worker:
+        # Parsed by _on_abort: the receivers fail with a ConnectionLostError too.
+        return f"lost worker {error.worker!r}: {error}"
+    return f"{type(error).__name__}: {error}"
 
 
 def _ignore_result(fut: asyncio.Future[Any]) -> None:

@@ -11,10 +11,16 @@ Every error the library raises on purpose derives from :class:`RpcError`::
      │                        the raised error is also an instance of it, so
      │                        ``except ValueError`` works across the wire
      ├── ConnectionLostError  (also a ConnectionError) a peer went away while
-     │                        requests to it were in flight
+     │    │                   requests to it were in flight; ``worker`` names it
+     │    └── <RemoteError+ConnectionLostError>  a remote part (a backward
+     │                        pass's) failed because *its* peer was lost: both
+     │                        a RemoteError and a ConnectionLostError, naming
+     │                        the lost worker
      ├── ProtocolError        a malformed or oversized frame; the connection that
      │                        carried it is dropped, the agent keeps serving
-     └── AuthenticationError  a peer failed the shared-secret handshake
+     ├── AuthenticationError  a peer failed the shared-secret handshake
+     └── ResourceLimitError   a peer asked for more state than its per-peer
+                              limit (``RpcOptions.max_peer_contexts``...)
 
 Remote failures travel as data (worker, type name, message, traceback text) and
 are rebuilt on the caller by :func:`remote_error`.
@@ -30,6 +36,7 @@ __all__ = [
     "ConnectionLostError",
     "ProtocolError",
     "RemoteError",
+    "ResourceLimitError",
     "RpcError",
     "RpcTimeoutError",
     "remote_error",
@@ -45,7 +52,29 @@ class RpcTimeoutError(RpcError, TimeoutError):
 
 
 class ConnectionLostError(RpcError, ConnectionError):
-    """The connection to a peer was lost while requests to it were in flight."""
+    """The connection to a peer was lost while requests to it were in flight.
+
+    Attributes:
+        worker: the name of the lost worker, when known (else None).
+    """
+
+    worker: str | None
+
+    def __init__(self, message: str = "", *, worker: str | None = None) -> None:
+        super().__init__(message)
+        self.worker = worker
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_connection_lost, (str(self), self.worker))
+
+
+def _connection_lost(message: str, worker: str | None) -> ConnectionLostError:
+    return ConnectionLostError(message, worker=worker)
+
+
+class ResourceLimitError(RpcError):
+    """A peer asked this worker to hold more state on its behalf than the
+    per-peer limit allows (see ``RpcOptions.max_peer_contexts``)."""
 
 
 class ProtocolError(RpcError):
@@ -90,6 +119,19 @@ class RemoteError(RpcError):
         )
 
 
+class RemoteConnectionLostError(RemoteError, ConnectionLostError):  # type: ignore[misc]
+    """A remote part failed because a peer was lost: ``worker`` (always set) names the lost
+    worker; both ``except RemoteError`` and ``except ConnectionLostError`` work."""
+
+
+_CONNECTION_LOST_NAMES = frozenset(
+    {
+        "ConnectionLostError",
+        f"{__name__}.ConnectionLostError",
+        "aiorpc_autograd.ConnectionLostError",
+    }
+)
+
 _REMOTE_SUBCLASSES: dict[type[BaseException], type[RemoteError]] = {}
 
 # Built-in exceptions whose constructors or semantics make them unsafe to mix in
@@ -133,6 +175,8 @@ def remote_error(
         A :class:`RemoteError`; for a built-in exception type, an instance of a
         subclass of both :class:`RemoteError` and that built-in type.
     """
+    if type_name in _CONNECTION_LOST_NAMES:
+        return RemoteConnectionLostError(worker, type_name, message, traceback_text)
     base = _builtin_exception(type_name)
     cls: type[RemoteError] = RemoteError
     if base is not None:

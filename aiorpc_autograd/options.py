@@ -45,11 +45,26 @@ class RpcOptions:
         max_message_size: largest frame (header and tensor data) accepted, in bytes.
         max_header_size: largest msgpack header accepted, in bytes.
         max_tensors: most tensors accepted in one message.
-        heartbeat_interval: seconds between liveness probes on a connection
-            with calls in flight; 0 disables them.
-        heartbeat_timeout: a peer silent this long while calls to it are in
-            flight is considered dead: its connection is dropped and those
-            calls fail with ``ConnectionLostError``.
+        heartbeat_interval: a connection silent this many seconds gets a
+            liveness probe, if it has calls in flight or leads to a peer this
+            worker holds state for (autograd contexts, RRefs); 0 disables probes.
+        heartbeat_timeout: a probed peer silent this long (counted from the
+            last frame received from it) is considered dead: its connection is
+            dropped, the calls in flight to it fail with ``ConnectionLostError``
+            and the peer is declared gone. A peer whose connection was lost is
+            declared gone when it refuses a new connection, or when none could
+            be opened within this many seconds.
+        max_pending_reply_bytes: per-connection flow control: while more than
+            this many bytes of replies wait to be written to a connection (its
+            peer reads slowly or not at all), no new request is read from it.
+        max_concurrent_requests: most requests from one connection served at
+            once; further ones wait unread. With ``max_pending_reply_bytes``
+            this bounds what a peer that does not read can pin: about
+            ``max_pending_reply_bytes`` plus the replies of
+            ``max_concurrent_requests`` requests.
+        max_peer_contexts: most distributed autograd contexts one peer may
+            create on this worker; a request over it fails with
+            ``ResourceLimitError``.
         listen_host: address the TCP listener binds to.
         use_unix_sockets: connect to workers on the same host over Unix sockets.
         shm_threshold: between workers on one host (Unix sockets), tensor
@@ -68,6 +83,9 @@ class RpcOptions:
     ssl_client: _ssl.SSLContext | None = None
     heartbeat_interval: float = 2.0
     heartbeat_timeout: float = 10.0
+    max_pending_reply_bytes: int = 16 << 20
+    max_concurrent_requests: int = 128
+    max_peer_contexts: int = 10_000
     max_message_size: int = 4 << 30
     max_header_size: int = 64 << 20
     max_tensors: int = 65536
@@ -82,7 +100,14 @@ class RpcOptions:
             raise ValueError(f"rpc_timeout must be >= 0, got {self.rpc_timeout}")
         if self.num_worker_threads < 1:
             raise ValueError(f"num_worker_threads must be >= 1, got {self.num_worker_threads}")
-        for name in ("max_message_size", "max_header_size", "max_tensors"):
+        for name in (
+            "max_message_size",
+            "max_header_size",
+            "max_tensors",
+            "max_pending_reply_bytes",
+            "max_concurrent_requests",
+            "max_peer_contexts",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.shm_threshold < 0:

@@ -78,6 +78,10 @@ class Connection(asyncio.BufferedProtocol):
         client: this side opened the connection.
         shm_threshold: on a Unix socket, send buffers of at least this many
             bytes through shared memory once the peer offers it (0: never).
+        write_limit: flow control for the side that answers requests: while
+            more than this many bytes wait in the transport's write buffer
+            (the peer does not read), no further frame is read or delivered,
+            until the buffer drained to a quarter of it; 0: off.
     """
 
     def __init__(
@@ -88,7 +92,21 @@ class Connection(asyncio.BufferedProtocol):
         auth_token: str | None = None,
         client: bool = False,
         shm_threshold: int = 0,
+        write_limit: int = 0,
     ) -> None:
+        self.client = client
+        # Flow control (see pause_writing): above this many buffered bytes the
+        # connection stops delivering frames; 0: the transport's default limits
+        # and no read pause.
+        self._write_limit = write_limit
+        # Why frames are not delivered now ("writes", or the owner's reasons),
+        # and the frames of the last read that arrived meanwhile.
+        self._read_pauses: set[str] = set()
+        self._held: collections.deque[Frame] = collections.deque()
+        self._reading_paused = False
+        self._resume_scheduled = False
+        # Requests from this peer being served; kept by the owner (the agent).
+        self.serving = 0
         self._reader = FrameReader(limits, direct_threshold=_DIRECT_THRESHOLD)
         self._limits = limits
         self._shm_threshold = shm_threshold
@@ -128,6 +146,8 @@ class Connection(asyncio.BufferedProtocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.last_received = time.monotonic()
+        if self._write_limit > 0:
+            self._transport.set_write_buffer_limits(high=self._write_limit)
         if self._handshake is None:
             self._up()
         else:
@@ -156,6 +176,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._held.clear()
         error = self._error or exc
         if self._shm_tx is not None:
             self._shm_tx.close()
@@ -175,9 +196,15 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        if self._write_limit > 0:
+            # The peer does not read what we write: read nothing new from it
+            # either, so what it can make us buffer stays bounded.
+            self.hold_reading("writes", True)
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._write_limit > 0:
+            self.hold_reading("writes", False)
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -204,17 +231,52 @@ class Connection(asyncio.BufferedProtocol):
         for frame in frames:
             if self._closed:
                 return
-            if frame.flags:
-                try:
-                    if frame.flags == FLAG_CONTROL:
-                        self._control(frame.header)
-                        continue
-                    frame = self._unplace(frame)
-                except ProtocolError as exc:
-                    log.warning("dropping connection from %s: %s", self.peer_label, exc)
-                    self.abort(exc)
+            if self._read_pauses or self._held:  # paused by an earlier frame
+                self._held.append(frame)
+            else:
+                self._deliver(frame)
+
+    def _deliver(self, frame: Frame) -> None:
+        if frame.flags:
+            try:
+                if frame.flags == FLAG_CONTROL:
+                    self._control(frame.header)
                     return
-            self._on_frame(self, frame)
+                frame = self._unplace(frame)
+            except ProtocolError as exc:
+                log.warning("dropping connection from %s: %s", self.peer_label, exc)
+                self.abort(exc)
+                return
+        self._on_frame(self, frame)
+
+    def hold_reading(self, reason: str, hold: bool) -> None:
+        """Stop (``hold``) or resume reading and delivering frames for ``reason``.
+
+        Frames are delivered only while no reason holds them; those of a read
+        already received are kept (in order) until then. Idempotent per reason.
+        """
+        if hold:
+            self._read_pauses.add(reason)
+            if not self._reading_paused and self._transport is not None and not self.closed:
+                self._reading_paused = True
+                self._transport.pause_reading()
+            return
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses.discard(reason)
+        if not self._read_pauses and not self._resume_scheduled:
+            self._resume_scheduled = True  # not from inside a callback of ours
+            self._loop.call_soon(self._deliver_held)
+
+    def _deliver_held(self) -> None:
+        self._resume_scheduled = False
+        while self._held and not self._read_pauses and not self._closed:
+            self._deliver(self._held.popleft())
+        if self._read_pauses or self._closed or not self._reading_paused:
+            return
+        self._reading_paused = False
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def _unplace(self, frame: Frame) -> Frame:
         if frame.flags != FLAG_SHM:
