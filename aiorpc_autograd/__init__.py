@@ -10,7 +10,9 @@ from . import dist_autograd
 from .api import (
     get_debug_info,
     get_worker_info,
+    get_worker_infos,
     init_rpc,
+    membership_events,
     register,
     remote,
     rpc_async,
@@ -24,9 +26,12 @@ from .errors import (
     ConnectionLostError,
     ProtocolError,
     RemoteError,
+    ResourceLimitError,
     RpcError,
     RpcTimeoutError,
+    WorkerLeftError,
 )
+from .membership import MembershipEvent
 from .options import RpcOptions, WorkerInfo
 from .rref import RRef
 
@@ -35,17 +40,22 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "ConnectionLostError",
+    "MembershipEvent",
     "ProtocolError",
     "RemoteError",
+    "ResourceLimitError",
     "RpcError",
     "RpcOptions",
     "RRef",
     "RpcTimeoutError",
     "WorkerInfo",
+    "WorkerLeftError",
     "dist_autograd",
     "get_debug_info",
     "get_worker_info",
+    "get_worker_infos",
     "init_rpc",
+    "membership_events",
     "register",
     "remote",
     "rpc_async",

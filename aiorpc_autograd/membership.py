@@ -50,26 +50,19 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 
-from .errors import RpcError
+from .errors import RpcError, WorkerLeftError
 from .options import WorkerInfo
 from .rendezvous import Address, Rendezvous
 
 if TYPE_CHECKING:
     from .agent import RpcAgent
 
-__all__ = ["Membership", "MembershipEvent", "WorkerLeftError"]
+__all__ = ["Membership", "MembershipEvent", "WorkerLeftError"]  # the error: from errors
 
 log = logging.getLogger(__name__)
 
 PREFIX = "aiorpc/dyn/"
 _POLL = 0.05  # seconds between the watcher's looks at the version
-
-
-class WorkerLeftError(RpcError, ValueError):
-    """The worker left the group (or died and was removed from it).
-
-    Also a ``ValueError``, as for any worker name that is not in the group.
-    """
 
 
 @dataclass(frozen=True)
@@ -170,10 +163,10 @@ class Membership:
             if new is None:
                 return int(store.add(PREFIX + "version", 0))
             packed = _pack(new)
-            if bytes(store.compare_set(key, current, packed)) == packed:
+            if bytes(store.compare_set(key, current, packed)) == packed:  # type: ignore[arg-type]
                 break
         version = int(store.add(PREFIX + "version", 1))
-        store.set(f"{PREFIX}v/{version}", b"1")
+        store.set(f"{PREFIX}v/{version}", b"1")  # type: ignore[arg-type]
         return version
 
     # -- join ----------------------------------------------------------------------
@@ -196,10 +189,10 @@ class Membership:
                 addr = await self._address(holder, deadline)
                 alive = addr is not None and await asyncio.to_thread(_alive, addr)
                 if alive:
-                    what = "name" if holder[1] == name else "rank"
+                    what = f"name {name!r}" if holder[1] == name else f"rank {rank}"
                     raise ValueError(
                         f"worker {holder[1]!r} (rank {holder[0]}) of the running group holds the "
-                        f"{what} {name if what == 'name' else rank!r}: names and ranks must be unique"
+                        f"{what}: names and ranks must be unique"
                     )
                 await self.rdv.call(
                     self.rdv.store.set, _key("why", holder), b"replaced", deadline=deadline
@@ -358,9 +351,7 @@ class Membership:
                 continue
             why = self._lost.pop(rank, "")
             if not why:
-                why = (
-                    await self.rdv.call(self._get, _key("why", old), deadline=deadline)
-                ).decode()
+                why = (await self.rdv.call(self._get, _key("why", old), deadline=deadline)).decode()
             del self._members[rank]
             info = WorkerInfo(old[1], old[0])
             self.agent.remove_peer(info, why or "left")

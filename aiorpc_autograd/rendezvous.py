@@ -132,7 +132,7 @@ class Rendezvous:
                 w = world_size
             # One kind of group per store: a fixed-size group and a dynamic one
             # cannot share it (what each would expect of the other is undefined).
-            current = bytes(store.compare_set(_MODE_KEY, "", mode))
+            current = bytes(store.compare_set(_MODE_KEY, "", mode))  # type: ignore[arg-type]
             if current != mode:
                 raise ValueError(
                     f"the group at {init_method} is {current.decode()!r} and this worker asked "
@@ -225,6 +225,8 @@ class Rendezvous:
         """Announce this worker is done with the store; the host (rank 0) waits,
         up to ``timeout``, until all others are, so nobody loses the store early."""
         store = self.store
+        if self.world_size is None:
+            return  # a dynamic group: the store's host simply stays
         deadline = time.monotonic() + min(timeout, _CHUNK)
         key = f"{self.prefix}left"
         try:
