@@ -1061,9 +1061,10 @@ class RpcAgent:
             or self._live_conn(wid)
         ):
             return
-        self._suspects[wid] = self.loop.create_task(
-            self._probe_peer(self._peers[wid], first_try_after)
-        )
+        peer = self._peers.get(wid)
+        if peer is None or peer.info != info:
+            return  # it left the (dynamic) group: nothing to find out
+        self._suspects[wid] = self.loop.create_task(self._probe_peer(peer, first_try_after))
 
     async def _probe_peer(self, peer: _Peer, first_try_after: float) -> None:
         """Reconnect to a suspect until a connection is up (alive), it refuses

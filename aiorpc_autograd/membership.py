@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "aiorpc/dyn/"
 _POLL = 0.05  # seconds between the watcher's looks at the version
+_ACK_WAIT = 10.0  # seconds a join or leave waits for the members to apply it
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,8 @@ class Membership:
             if addr is not None:
                 addresses.append(addr)
         await self._ack(version)
+        # Every member knows this worker before its first call reaches one.
+        await self.wait_seen(version, max(0.0, min(deadline - time.monotonic(), _ACK_WAIT)))
         return addresses
 
     async def wait_seen(self, version: int, timeout: float) -> None:
@@ -257,7 +260,7 @@ class Membership:
         try:
             version = await self.rdv.call(self._change, remove, deadline=deadline)
             self._members.pop(me[0], None)
-            await self.wait_seen(version, max(0.0, min(deadline - time.monotonic(), 10.0)))
+            await self.wait_seen(version, max(0.0, min(deadline - time.monotonic(), _ACK_WAIT)))
         except RpcError as exc:
             log.warning("could not leave the group cleanly: %s", exc)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import queue
 import socket
@@ -273,7 +274,15 @@ def _tcp_store(
     """
     wait = world_size is not None
     if rank == 0:
-        listen_fd = socket.create_server((host, port)).detach()  # the store owns it
+        try:
+            listen_fd = socket.create_server((host, port)).detach()  # the store owns it
+        except OSError as exc:
+            if wait or exc.errno != errno.EADDRINUSE:
+                raise
+            # A dynamic group's rank 0 is already up (its store listens here): this
+            # worker joins as a client, and the membership check refuses a live
+            # holder of its rank.
+            return TCPStore(host, port, None, False, timeout, wait_for_workers=False)
         return TCPStore(
             host, port, world_size, True, timeout, wait_for_workers=wait, master_listen_fd=listen_fd
         )
