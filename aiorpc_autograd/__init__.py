@@ -10,7 +10,9 @@ from . import dist_autograd
 from .api import (
     get_debug_info,
     get_worker_info,
+    get_worker_infos,
     init_rpc,
+    membership_events,
     register,
     remote,
     rpc_async,
@@ -28,7 +30,9 @@ from .errors import (
     ResourceLimitError,
     RpcError,
     RpcTimeoutError,
+    WorkerLeftError,
 )
+from .membership import MembershipEvent
 from .options import RpcOptions, WorkerInfo
 from .rref import RRef
 
@@ -37,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "ConnectionLostError",
+    "MembershipEvent",
     "ProtocolError",
     "RemoteError",
     "ResourceLimitError",
@@ -45,10 +50,13 @@ __all__ = [
     "RRef",
     "RpcTimeoutError",
     "WorkerInfo",
+    "WorkerLeftError",
     "dist_autograd",
     "get_debug_info",
     "get_worker_info",
+    "get_worker_infos",
     "init_rpc",
+    "membership_events",
     "register",
     "remote",
     "rpc_async",

@@ -93,9 +93,11 @@ from .errors import (
     RemoteError,
     RpcError,
     RpcTimeoutError,
+    WorkerLeftError,
     remote_error,
 )
 from .handshake import confirm_mac, record_mac, run_id, run_key
+from .membership import Membership
 from .options import RpcOptions, WorkerInfo
 from .pool import StopError, WorkerPool, raisable
 from .rendezvous import Address, Rendezvous
@@ -293,6 +295,12 @@ class RpcAgent:
         self._group = ""
         self._peers: dict[int, _Peer] = {}
         self._by_name: dict[str, WorkerInfo] = {}
+        # Dynamic groups: the membership service, this worker's own record,
+        # and the workers that left (name or rank -> why).
+        self.membership: Membership | None = None
+        self._me: Address | None = None
+        self._departed: dict[str | int, str] = {}
+        self._peer_maps: dict[str, DeviceMap] = {}
         # The maps CUDA tensors travel by (set at rendezvous; see devices.py).
         self._own_maps = {peer: normalize_map(m, peer) for peer, m in options.device_maps.items()}
         self.device_maps = DeviceMaps({}, {})
@@ -439,30 +447,27 @@ class RpcAgent:
         )
         if token:
             me = me.signed(secrets.token_bytes(32), lambda body: record_mac(token, group, body))
-        records = await self._rdv.exchange_records(me)
-        # Our own record as we wrote it, whatever the store returns for it.
-        records[self.info.id] = me.pack()
+        self._me = me
         self._group = group
-        if token:
-            addresses = await self._authenticate_group(token, group, records)
+        if self._rdv.world_size is None:
+            # A dynamic group: no run to bind records to (members come and go);
+            # each record's MAC is checked as it is read (_add_address), and the
+            # handshake is keyed by the token and the group.
+            if token:
+                self._run_key = run_key(token, run_id(group, []))
+            self.membership = Membership(self, self._rdv)
+            deadline = time.monotonic() + opts.rendezvous_timeout
+            addresses = await self.membership.join(me, deadline)
         else:
-            addresses = [Address.unpack(record) for record in records]
-            for addr in addresses:
-                if addr.mac:
-                    raise AuthenticationError(
-                        f"worker {addr.name!r} (rank {addr.rank}) uses an auth_token "
-                        "and this worker has none"
-                    )
+            records = await self._rdv.exchange_records(me)
+            # Our own record as we wrote it, whatever the store returns for it.
+            records[self.info.id] = me.pack()
+            if token:
+                addresses = await self._authenticate_group(token, group, records)
+            else:
+                addresses = [Address.unpack(record) for record in records]
         # Both ends of every map check it on the same records: both raise.
         validate_group(self.info.name, [(a.name, a.cuda_devices, a.device_maps) for a in addresses])
-        self.device_maps = DeviceMaps(
-            self._own_maps,
-            {
-                a.name: normalize_map(a.device_maps.get(self.info.name, {}), self.info.name)
-                for a in addresses
-                if a.rank != self.info.id
-            },
-        )
         seen: dict[str, int] = {}
         for addr in addresses:
             if addr.name in seen:
@@ -471,9 +476,7 @@ class RpcAgent:
                     f"and rank {addr.rank}: names must be unique"
                 )
             seen[addr.name] = addr.rank
-            info = WorkerInfo(addr.name, addr.rank)
-            self._peers[addr.rank] = _Peer(info, addr)
-            self._by_name[addr.name] = info
+            self._add_address(addr)
         # Running from here on: requests that arrived early are served now, and
         # what they run may use the API (RRefs, nested calls).
         self._running = True
@@ -481,6 +484,82 @@ class RpcAgent:
         for conn, frame in early:
             if not conn.closed:
                 self._on_frame(conn, frame)
+        if self.membership is not None:
+            self.membership.start()
+
+    def _add_address(self, addr: Address) -> WorkerInfo:
+        """Make the worker at ``addr`` a peer (its record checked first).
+
+        Raises:
+            AuthenticationError: its record does not prove this group's token.
+        """
+        token, group = self.options.auth_token, self._group
+        if token and not (
+            addr.mac and hmac.compare_digest(addr.mac, record_mac(token, group, addr.body()))
+        ):
+            raise AuthenticationError(
+                f"the address record of worker {addr.name!r} (rank {addr.rank}) does not "
+                "verify: it holds another auth_token (or none), or the store was tampered with"
+            )
+        if not token and addr.mac:
+            raise AuthenticationError(
+                f"worker {addr.name!r} (rank {addr.rank}) uses an auth_token "
+                "and this worker has none"
+            )
+        info = WorkerInfo(addr.name, addr.rank)
+        self._peers[addr.rank] = _Peer(info, addr)
+        self._by_name[addr.name] = info
+        self._gone.pop(addr.rank, None)  # a new incarnation of a rank that died
+        self._departed.pop(addr.name, None)
+        self._departed.pop(addr.rank, None)
+        if addr.rank != self.info.id:
+            self._peer_maps[addr.name] = normalize_map(
+                addr.device_maps.get(self.info.name, {}), self.info.name
+            )
+        self.device_maps = DeviceMaps(self._own_maps, self._peer_maps)
+        return info
+
+    # ------------------------------------------------------------------ membership
+
+    def add_peer(self, addr: Address) -> WorkerInfo:
+        """A worker joined the (dynamic) group: make it a peer.
+
+        Raises:
+            ValueError: its device maps and ours do not fit, or its name is
+                held by another live rank.
+            AuthenticationError: its record does not prove the group's token.
+        """
+        assert self._me is not None
+        validate_group(
+            self.info.name,
+            [(a.name, a.cuda_devices, a.device_maps) for a in (self._me, addr)],
+        )
+        holder = self._by_name.get(addr.name)
+        if holder is not None and holder.id != addr.rank:
+            raise ValueError(f"worker name {addr.name!r} is held by rank {holder.id}")
+        old = self._peers.get(addr.rank)
+        if old is not None and old.info.name != addr.name:
+            self._by_name.pop(old.info.name, None)
+        return self._add_address(addr)
+
+    def remove_peer(self, info: WorkerInfo, reason: str) -> None:
+        """``info`` left the (dynamic) group (``reason`` says how): new calls to
+        it fail with :class:`WorkerLeftError`; calls already sent get their
+        answer or fail when its connection goes."""
+        peer = self._peers.get(info.id)
+        if peer is None or peer.info != info or info.id == self.info.id:
+            return
+        del self._peers[info.id]
+        self._by_name.pop(info.name, None)
+        self._peer_maps.pop(info.name, None)
+        self.device_maps = DeviceMaps(self._own_maps, self._peer_maps)
+        self._departed[info.name] = self._departed[info.id] = reason
+        error = WorkerLeftError(f"worker {info.name!r} left the group ({reason})")
+        # Calls still queued for a connection never went out: they fail now.
+        self._fail_pending(lambda p: p.peer == info.id and p.conn is None, error)
+        peer.queue.clear()
+        if peer.connecting is not None:
+            peer.connecting.cancel()
 
     async def _authenticate_group(
         self, token: str, group: str, records: list[bytes]
@@ -562,9 +641,17 @@ class RpcAgent:
             for hook in self.before_shutdown:
                 hook()
             try:
-                await self._quiesce(deadline)
+                if self.membership is not None:
+                    # A dynamic group does not stop together: this worker
+                    # leaves once nothing of its own is outstanding.
+                    await self._wait_idle(deadline, lambda: None)
+                    await self.membership.leave(deadline)
+                else:
+                    await self._quiesce(deadline)
             except RpcError as exc:
                 failure = exc
+        elif self.membership is not None:
+            await self.membership.leave(min(deadline, time.monotonic() + 2.0))
         if not graceful:
             reason = "shutdown(graceful=False)"
         elif isinstance(failure, RpcTimeoutError):
@@ -575,7 +662,11 @@ class RpcAgent:
             reason = "graceful shutdown"
         self._say_goodbye(reason, clean=graceful and failure is None)
         host = self._peers.get(0)
-        if graceful and not (host is not None and host.gone is not None and failure is not None):
+        if (
+            graceful
+            and self.membership is None
+            and not (host is not None and host.gone is not None and failure is not None)
+        ):
             # The store's host (rank 0) waits until the others are done with the
             # store; a host that left already is not asked (c10d would log the
             # broken pipe).
@@ -773,6 +864,8 @@ class RpcAgent:
             conn.close()
         self._fail_pending(lambda p: True, error)
         self._pool.shutdown()
+        if self.membership is not None:
+            self.membership.close()
         self._rdv.close()
         await asyncio.sleep(0)  # let the transports run their close callbacks
 
@@ -794,19 +887,27 @@ class RpcAgent:
         if isinstance(to, WorkerInfo):
             peer = self._peers.get(to.id)
             if peer is None or peer.info != to:
+                self._left(to.name)
                 raise ValueError(f"unknown worker {to!r}")
             return to
         if isinstance(to, str):
             info = self._by_name.get(to)
             if info is None:
+                self._left(to)
                 raise ValueError(f"unknown worker name {to!r}")
             return info
         if isinstance(to, int) and not isinstance(to, bool):
             peer = self._peers.get(to)
             if peer is None:
+                self._left(to)
                 raise ValueError(f"unknown worker rank {to}")
             return peer.info
         raise TypeError(f"a worker is a name, a rank or a WorkerInfo, not {type(to).__name__}")
+
+    def _left(self, key: str | int) -> None:
+        reason = self._departed.get(key)
+        if reason is not None:
+            raise WorkerLeftError(f"worker {key!r} left the group ({reason})")
 
     def all_workers(self) -> list[WorkerInfo]:
         """Every worker of the group, by rank."""
@@ -1029,7 +1130,12 @@ class RpcAgent:
         pending = self._pending.get(rid)
         if pending is None:
             return  # already failed or timed out (a delayed send, say)
-        peer = self._peers[peer_id]
+        peer = self._peers.get(peer_id)
+        if peer is None:  # it left the (dynamic) group since the call was made
+            why = self._departed.get(peer_id, "left")
+            error = WorkerLeftError(f"worker {peer_id} left the group ({why})")
+            self._fail_pending(lambda p: p is pending, error)
+            return
         if peer.gone is not None:  # it said Goodbye: it answers nothing more
             gone = peer.gone
             self._fail_pending(lambda p: p is pending, gone)
@@ -1383,9 +1489,10 @@ class RpcAgent:
             or self._live_conn(wid)
         ):
             return
-        self._suspects[wid] = self.loop.create_task(
-            self._probe_peer(self._peers[wid], first_try_after)
-        )
+        peer = self._peers.get(wid)
+        if peer is None or peer.info != info:
+            return  # it left the (dynamic) group: nothing to find out
+        self._suspects[wid] = self.loop.create_task(self._probe_peer(peer, first_try_after))
 
     async def _probe_peer(self, peer: _Peer, first_try_after: float) -> None:
         """Reconnect to a suspect until a connection is up (alive), it refuses

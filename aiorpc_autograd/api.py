@@ -15,6 +15,7 @@ from typing import Any, TypeVar, overload
 from .agent import RpcAgent, register_function
 from .autograd_service import AutogradService
 from .errors import RpcError
+from .membership import MembershipEvent
 from .options import RpcOptions, WorkerInfo
 from .rref import RRef, RRefService
 from .tracing import Tracer
@@ -164,6 +165,28 @@ def get_worker_info(name: str | None = None) -> WorkerInfo:
         ValueError: no worker of that name.
     """
     return current_agent().worker_info(name)
+
+
+def get_worker_infos() -> list[WorkerInfo]:
+    """Every worker of the group now, by rank, this one included: in a dynamic
+    group (``world_size=None``) its current members."""
+    agent = current_agent()
+    return agent.membership.members() if agent.membership else agent.all_workers()
+
+
+def membership_events() -> AsyncIterator[MembershipEvent]:
+    """The joins and leaves of this worker's dynamic group from now on, until
+    it shuts down: ``async for event in rpc.membership_events(): ...``
+    (:class:`MembershipEvent`: ``kind`` ``"join"``/``"leave"``, ``worker``,
+    ``reason``). Each call is a stream of its own.
+
+    Raises:
+        ValueError: this worker's group is fixed-size (it has no changes).
+    """
+    agent = current_agent()
+    if agent.membership is None:
+        raise ValueError("a fixed-size group has no membership changes (init with world_size=None)")
+    return agent.membership.events()
 
 
 def get_debug_info() -> dict[str, int]:

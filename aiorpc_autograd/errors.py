@@ -19,8 +19,10 @@ Every error the library raises on purpose derives from :class:`RpcError`::
      ├── ProtocolError        a malformed or oversized frame; the connection that
      │                        carried it is dropped, the agent keeps serving
      ├── AuthenticationError  a peer failed the shared-secret handshake
-     └── ResourceLimitError   a peer asked for more state than its per-peer
-                              limit (``RpcOptions.max_peer_contexts``...)
+     ├── ResourceLimitError   a peer asked for more state than its per-peer
+     │                        limit (``RpcOptions.max_peer_contexts``...)
+     └── WorkerLeftError      (also a ValueError) the worker left the dynamic
+                              group, or died and was removed from it
 
 Remote failures travel as data (worker, type name, message, traceback text) and
 are rebuilt on the caller by :func:`remote_error`.
@@ -39,6 +41,7 @@ __all__ = [
     "ResourceLimitError",
     "RpcError",
     "RpcTimeoutError",
+    "WorkerLeftError",
     "remote_error",
 ]
 
@@ -70,6 +73,13 @@ class ConnectionLostError(RpcError, ConnectionError):
 
 def _connection_lost(message: str, worker: str | None) -> ConnectionLostError:
     return ConnectionLostError(message, worker=worker)
+
+
+class WorkerLeftError(RpcError, ValueError):
+    """The worker left the (dynamic) group, or died and was removed from it.
+
+    Also a ``ValueError``, as for any worker that is not in the group.
+    """
 
 
 class ResourceLimitError(RpcError):

@@ -123,7 +123,7 @@ class Rendezvous:
     """
 
     def __init__(
-        self, store: Store, rank: int, world_size: int, prefix: str, timeout: float
+        self, store: Store, rank: int, world_size: int | None, prefix: str, timeout: float
     ) -> None:
         self.store = store
         self.rank = rank
@@ -148,26 +148,43 @@ class Rendezvous:
             rank = int(os.environ["RANK"]) if rank is None and "RANK" in os.environ else rank
             if world_size is None and "WORLD_SIZE" in os.environ:
                 world_size = int(os.environ["WORLD_SIZE"])
-        if rank is None or world_size is None:
+        dynamic = world_size is None
+        if rank is None:
             raise ValueError(
-                f"rank and world_size are required with init_method={init_method!r} "
-                "(or set RANK and WORLD_SIZE for env://)"
+                f"rank is required with init_method={init_method!r} (or set RANK for env://)"
             )
-        if world_size < 1 or not 0 <= rank < world_size:
+        if world_size is not None and (world_size < 1 or not 0 <= rank < world_size):
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
+        if dynamic and rank < 0:
+            raise ValueError(f"a rank is >= 0, got {rank}")
+        mode = b"dynamic" if dynamic else b"fixed"
 
-        def connect() -> tuple[Store, int, int]:
-            assert rank is not None and world_size is not None
+        def connect() -> tuple[Store, int, int | None]:
+            assert rank is not None
             delta = timedelta(seconds=timeout)
             address = _store_address(init_method)
             if address is not None:
                 store = _tcp_store(*address, rank, world_size, delta)
-                return store, rank, world_size
-            it = dist.rendezvous(  # type: ignore[attr-defined]
-                init_method, rank=rank, world_size=world_size, timeout=delta
-            )
-            store, r, w = next(it)
-            store.set_timeout(delta)
+                r, w = rank, world_size
+            else:
+                it = dist.rendezvous(  # type: ignore[attr-defined]
+                    init_method,
+                    rank=rank,
+                    world_size=-1 if world_size is None else world_size,
+                    timeout=delta,
+                )
+                store, r, w = next(it)
+                store.set_timeout(delta)
+                w = world_size
+            # One kind of group per store: a fixed-size group and a dynamic one
+            # cannot share it (what each would expect of the other is undefined).
+            current = bytes(store.compare_set(_MODE_KEY, "", mode))  # type: ignore[arg-type]
+            if current != mode:
+                raise ValueError(
+                    f"the group at {init_method} is {current.decode()!r} and this worker asked "
+                    f"for a {mode.decode()!r} one (world_size={world_size}): a group is either "
+                    "fixed-size (every worker passes world_size) or dynamic (world_size=None)"
+                )
             return store, r, w
 
         loop = asyncio.get_running_loop()
@@ -178,6 +195,8 @@ class Rendezvous:
                 if "timeout" in str(exc).lower() or isinstance(exc, TimeoutError):
                     raise RpcTimeoutError(f"rendezvous at {init_method} timed out: {exc}") from exc
                 raise
+        if w is None:  # dynamic: one group on the store, its state under aiorpc/dyn/
+            return cls(store, r, None, "aiorpc/dyn/", timeout)
         # A generation per rank, so re-initialising on one store gets fresh keys;
         # every rank counts the same number of inits, so all agree on it.
         self = cls(store, r, w, "", timeout)
@@ -222,6 +241,7 @@ class Rendezvous:
     async def exchange_records(self, me: Address) -> list[bytes]:
         """Publish this worker's address; every worker's record as stored, by rank."""
         store = self.store
+        assert self.world_size is not None, "a dynamic group has no fixed exchange"
         await self.call(store.set, f"{self.prefix}addr/{self.rank}", me.pack())
         keys = [f"{self.prefix}addr/{r}" for r in range(self.world_size)]
         try:
@@ -236,6 +256,7 @@ class Rendezvous:
 
     async def confirmations(self) -> list[bytes]:
         """Every worker's confirmation of the run, by rank."""
+        assert self.world_size is not None, "a dynamic group confirms no run"
         keys = [f"{self.prefix}confirm/{r}" for r in range(self.world_size)]
         try:
             await self.call(self.store.wait, keys, timedelta(seconds=self.timeout))
@@ -256,6 +277,7 @@ class Rendezvous:
             RpcTimeoutError: ``deadline`` passed.
             RpcError: the store is unreachable.
         """
+        assert self.world_size is not None, "a dynamic group has no group-wide counts"
         delay = _POLL_MIN
         while True:
             count = await self.call(self.store.add, key, 0, deadline=deadline)
@@ -309,6 +331,8 @@ class Rendezvous:
         """Announce this worker is done with the store; the host (rank 0) waits,
         up to ``timeout``, until all others are, so nobody loses the store early."""
         store = self.store
+        if self.world_size is None:
+            return  # a dynamic group: the store's host simply stays
         deadline = time.monotonic() + min(timeout, _CHUNK)
         key = f"{self.prefix}left"
         try:
@@ -330,6 +354,7 @@ _CHUNK = 30.0  # seconds: the longest single store wait
 # almost complete ends at once) to a rate a long wait can afford.
 _POLL_MIN = 0.002
 _POLL_MAX = 0.05
+_MODE_KEY = "aiorpc/mode"  # "fixed" or "dynamic": the kind of group the store hosts
 
 
 def _store_address(init_method: str) -> tuple[str, int] | None:
@@ -346,25 +371,35 @@ def _store_address(init_method: str) -> tuple[str, int] | None:
     return None
 
 
-def _tcp_store(host: str, port: int, rank: int, world_size: int, timeout: timedelta) -> Store:
+def _tcp_store(
+    host: str, port: int, rank: int, world_size: int | None, timeout: timedelta
+) -> Store:
     """A multi-tenant TCPStore hosted by rank 0 that listens on ``host`` only.
 
     torch's handlers bind the store to every interface whatever the URL says;
     here rank 0 binds the socket itself and hands it to the store. Where this
     process already serves a multi-tenant store on that port (a c10d process
-    group made it first), that server is shared, as torch's env:// does.
+    group made it first), that server is shared, as torch's env:// does. In a
+    dynamic group (``world_size`` None) nobody waits for a number of workers,
+    and a rank 0 that finds the port taken joins as a client (the group's
+    rank 0 hosts it; the membership check then refuses a live holder of rank 0).
 
     Raises:
         RpcError: the port is held by something other than a store of this
             process (the message says what holds it).
     """
+    wait = world_size is not None
     if rank != 0:
-        return TCPStore(host, port, world_size, False, timeout, multi_tenant=True)
+        return TCPStore(
+            host, port, world_size, False, timeout, wait_for_workers=wait, multi_tenant=True
+        )
     try:
         sock = socket.create_server((host, port))
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise
+        if not wait:
+            return TCPStore(host, port, None, False, timeout, wait_for_workers=False)
         holder = _port_holder(port)
         if holder not in ("this process", None):
             raise RpcError(
@@ -381,7 +416,14 @@ def _tcp_store(host: str, port: int, rank: int, world_size: int, timeout: timede
                 f"of this process ({err})"
             ) from exc
     return TCPStore(
-        host, port, world_size, True, timeout, multi_tenant=True, master_listen_fd=sock.detach()
+        host,
+        port,
+        world_size,
+        True,
+        timeout,
+        wait_for_workers=wait,
+        multi_tenant=True,
+        master_listen_fd=sock.detach(),
     )
 
 

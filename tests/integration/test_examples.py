@@ -231,3 +231,58 @@ def test_parameter_server_under_torchrun() -> None:
     assert result["trainers"] == 1  # the world size came from torchrun, not --world-size
     assert result["accuracy"] >= 0.6
     assert result["loss_last"] < 0.7 * result["loss_first"]
+
+
+@pytest.mark.timeout(120)
+def test_elastic_parameter_server_survives_a_killed_trainer_and_a_join() -> None:
+    """The ps and trainers 1 and 2; trainer1 is SIGKILLed mid-run, trainer3 joins."""
+    result = run_example(
+        "elastic_parameter_server.py",
+        *("--steps", "300", "--trainer-steps", "150", "--kill-after", "40"),
+        *("--train-size", "4000", "--target", "0.6"),
+        timeout=100,
+    )
+    events = [(e["kind"], e["worker"], e["reason"]) for e in result["events"]]
+    assert ("leave", "trainer1", "lost") in events, events
+    assert ("join", "trainer3", "joined") in events, events
+    assert events.index(("leave", "trainer1", "lost")) < events.index(
+        ("join", "trainer3", "joined")
+    )
+    assert result["steps"] >= 300 and result["by_trainer"].get("trainer3", 0) > 0, result
+    assert result["accuracy"] >= 0.6  # chance is 1/8
+
+
+@pytest.mark.timeout(180)
+def test_elastic_restart_under_torchrun_rejoins_the_running_group() -> None:
+    """The ps on its own; one trainer under ``torchrun --nnodes=1:2 --max-restarts=2``
+    crashes after 30 steps, torchrun restarts it, and it rejoins under its old
+    name: the ps (and its parameters) carried on."""
+    port = free_port()
+    common = ("--port", str(port), "--steps", "200", "--train-size", "4000", "--target", "0.6")
+    script = str(EXAMPLES / "elastic_parameter_server.py")
+    with _started([sys.executable, script, "--role", "ps", *common]) as ps:
+        time.sleep(2.0)  # the ps hosts the store
+        command = [
+            *(sys.executable, "-m", "torch.distributed.run"),
+            *("--nnodes", "1:2", "--nproc-per-node", "1", "--max-restarts", "2"),
+            *("--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"),
+            *("--rdzv-conf", "last_call_timeout=1"),
+            *("--monitor-interval", "0.2"),
+            script,
+            *("--role", "trainer", *common),
+        ]
+        env = _env()
+        env["ELASTIC_CRASH_AFTER"] = "30"
+        trainers = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=150
+        )
+        assert trainers.returncode == 0, trainers.stdout[-3000:] + trainers.stderr[-3000:]
+        output, _ = ps.communicate(timeout=60)
+    assert ps.returncode == 0, output[-4000:]
+    result = result_of(output)
+    events = [(e["kind"], e["worker"]) for e in result["events"]]
+    # trainer1 joined, was lost (or replaced by its restart), and joined again.
+    assert events[0] == ("join", "trainer1"), events
+    assert events.count(("join", "trainer1")) == 2, events
+    assert ("leave", "trainer1") in events[1:3], events
+    assert result["accuracy"] >= 0.6
