@@ -707,6 +707,12 @@ class RpcAgent:
             # A store call to a frozen or vanished store host fails within the
             # heartbeat timeout instead of the rendezvous timeout.
             await self._rdv.bound(min(deadline, time.monotonic() + self.options.heartbeat_timeout))
+            # Peers declared gone before this shutdown began are left out of
+            # the vote (for everyone: whoever knows marks them in the store), so
+            # the survivors' shutdown completes; a peer that dies during the
+            # wait ends it with ConnectionLostError (stop()).
+            for wid in list(self._gone):
+                await self._rdv.mark_dead(wid, deadline)
             last: int | None = None
             for round_ in itertools.count():
                 await self._wait_idle(deadline, stop)
@@ -768,7 +774,12 @@ class RpcAgent:
         while True:
             for peer in self._peers.values():
                 info = peer.info
-                if info.id == self.info.id or info.id in probing or peer.gone is not None:
+                if (
+                    info.id == self.info.id
+                    or info.id in probing
+                    or peer.gone is not None
+                    or info.id in self._gone
+                ):
                     continue
                 probing.add(info.id)
                 self._probe(info, limit).add_done_callback(functools.partial(answered, info))
@@ -844,7 +855,6 @@ class RpcAgent:
         self._fail_pending(lambda p: p.peer == info.id, error)
         if not message.clean:
             self._declare_gone(info, error)
-
 
     async def _close(self, error: RpcError) -> None:
         self._running = False

@@ -281,7 +281,7 @@ class Rendezvous:
         delay = _POLL_MIN
         while True:
             count = await self.call(self.store.add, key, 0, deadline=deadline)
-            if count >= self.world_size:
+            if count >= self.world_size - await self._dead(deadline):
                 return count
             stop()
             if time.monotonic() >= deadline:
@@ -305,6 +305,16 @@ class Rendezvous:
             await self._poll(key, deadline, stop)
         except RpcTimeoutError as exc:
             raise RpcTimeoutError(f"barrier {tag!r} timed out after {timeout}s: {exc}") from exc
+
+    async def mark_dead(self, rank: int, deadline: float) -> None:
+        """Count worker ``rank`` out of this group's shutdown votes (it was
+        declared gone); once, whoever of the survivors marks it first."""
+        if await self.call(self.store.add, f"{self.prefix}dead/{rank}", 1, deadline=deadline) == 1:
+            await self.call(self.store.add, f"{self.prefix}dead", 1, deadline=deadline)
+
+    async def _dead(self, deadline: float) -> int:
+        """How many workers were counted out (:meth:`mark_dead`)."""
+        return int(await self.call(self.store.add, f"{self.prefix}dead", 0, deadline=deadline))
 
     async def vote(
         self, tag: str, veto: bool, deadline: float, stop: Callable[[], None] = lambda: None
@@ -338,7 +348,11 @@ class Rendezvous:
         try:
             await self.bound(deadline)
             left = await self.call(store.add, key, 1, deadline=deadline)
-            while self.rank == 0 and left < self.world_size and time.monotonic() < deadline:
+            while (
+                self.rank == 0
+                and left < self.world_size - await self._dead(deadline)
+                and time.monotonic() < deadline
+            ):
                 await asyncio.sleep(0.01)
                 left = await self.call(store.add, key, 0, deadline=deadline)
         except (RpcError, RuntimeError):

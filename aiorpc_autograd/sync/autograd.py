@@ -15,6 +15,7 @@ the calling thread, and the facade's blocking calls carry it to the loop).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -33,10 +34,16 @@ __all__ = [
 
 
 def backward(
-    context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool = False
+    context_id: int,
+    roots: Sequence[torch.Tensor] | torch.Tensor,
+    retain_graph: bool = False,
+    *,
+    optimizer: Any = None,
 ) -> None:
     """Run the distributed backward pass from the local scalar ``roots`` and
-    block until it is done on every worker (``dist_autograd.backward``).
+    block until it is done on every worker (``dist_autograd.backward``; with
+    ``optimizer``, a facade or async ``DistributedOptimizer``, each owner steps
+    inside the pass).
 
     Raises:
         ValueError: invalid roots.
@@ -45,7 +52,9 @@ def backward(
         RemoteError: the pass failed on some worker (named in the error).
     """
     wait_for(
-        lambda: _dist_autograd.backward(context_id, roots, retain_graph),
+        lambda: _dist_autograd.backward(
+            context_id, roots, retain_graph, optimizer=getattr(optimizer, "_optimizer", optimizer)
+        ),
         "dist_autograd.backward()",
     )
 

@@ -306,13 +306,9 @@ def test_participant_lost_mid_backward(victim: int) -> None:
     assert w0["clean_in"] < HEARTBEAT["heartbeat_timeout"] + 1.0, w0["clean_in"]
     for got in (w0, results[3 - victim]):
         assert not any(got["state"].values()), got["state"]
-        # The survivors' graceful shutdown is not held up by the dead worker:
-        # it ends promptly (API.md: a peer that died ends the wait with a
-        # ConnectionLostError naming it).
-        shutdown = got["shutdown"]
-        assert shutdown is None or isinstance(shutdown, rpc.ConnectionLostError), shutdown
-        if shutdown is not None:
-            assert f"worker{victim}" in str(shutdown), shutdown
+        # The survivors' graceful shutdown succeeds: the dead worker, declared
+        # gone before it began, is counted out of the shutdown vote.
+        assert got["shutdown"] is None, got["shutdown"]
     print(
         f"\nworker{victim} killed: the root raised after {failed_after:.2f}s, the survivor "
         f"was clean {w0['clean_in']:.2f}s later; {error!r:.120}"
