@@ -345,6 +345,9 @@ class RpcAgent:
         self.before_shutdown: list[Callable[[], None]] = []
         self.peer_gone_hooks: list[Callable[[WorkerInfo, RpcError], None]] = []
         self.liveness_watchers: list[Callable[[], Iterable[int]]] = []
+        # A dynamic group's rank that was declared gone joined again (a new
+        # incarnation): the layers forget what they recorded of its death.
+        self.peer_back_hooks: list[Callable[[WorkerInfo], None]] = []
         self._gone: dict[int, RpcError] = {}
         self._leaving = False  # in a graceful shutdown
         self._suspects: dict[int, asyncio.Task[None]] = {}
@@ -509,7 +512,9 @@ class RpcAgent:
         info = WorkerInfo(addr.name, addr.rank)
         self._peers[addr.rank] = _Peer(info, addr)
         self._by_name[addr.name] = info
-        self._gone.pop(addr.rank, None)  # a new incarnation of a rank that died
+        if self._gone.pop(addr.rank, None) is not None:  # a new incarnation of a dead rank
+            for hook in list(self.peer_back_hooks):
+                hook(info)
         self._departed.pop(addr.name, None)
         self._departed.pop(addr.rank, None)
         if addr.rank != self.info.id:
@@ -1306,6 +1311,9 @@ class RpcAgent:
             log.warning("dropping connection from %s: a second Hello", conn.peer_label)
             conn.abort(ProtocolError("a second Hello on one connection"))
             return
+        if isinstance(message, Goodbye):  # a notice, on any connection with the peer
+            self._on_goodbye(conn, message)
+            return
         if conn.client:
             # Requests travel on the requester's own connection; one coming the
             # other way would escape the flow control of the answering side.
@@ -1321,9 +1329,6 @@ class RpcAgent:
             return
         if type(message) is Heartbeat:  # liveness, not work: no activity
             self.dispatch(conn, rid, message)
-            return
-        if isinstance(message, Goodbye):
-            self._on_goodbye(conn, message)
             return
         self._activity += 1
         self.dispatch(conn, rid, message)

@@ -480,6 +480,7 @@ class RRefService:
         agent.idle_checks.append(self._idle)
         agent.before_shutdown.append(self.delete_all_users)
         agent.peer_gone_hooks.append(self.on_peer_gone)
+        agent.peer_back_hooks.append(self._peer_back)
         agent.extensions["rref"] = self
         cls._current = self
         return self
@@ -783,6 +784,10 @@ class RRefService:
         return self._sweep()
 
     # -- peers gone ------------------------------------------------------------------
+
+    def _peer_back(self, info: WorkerInfo) -> None:
+        """A new incarnation of a worker declared gone joined (dynamic group)."""
+        self._gone.pop(info.id, None)
 
     def on_peer_gone(self, info: WorkerInfo, error: RpcError) -> None:
         """``agent.peer_gone_hooks``: ``info`` is gone for good.
