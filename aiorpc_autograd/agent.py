@@ -717,7 +717,7 @@ class RpcAgent:
             # the survivors' shutdown completes; a peer that dies during the
             # wait ends it with ConnectionLostError (stop()).
             for wid in list(self._gone):
-                await self._rdv.mark_dead(wid, deadline)
+                await self._on_store(self._rdv.mark_dead(wid, deadline), deadline)
             last: int | None = None
             for round_ in itertools.count():
                 await self._wait_idle(deadline, stop)
@@ -730,10 +730,14 @@ class RpcAgent:
             watch.cancel()
 
     async def _vote(self, tag: str, veto: bool, deadline: float, stop: Callable[[], None]) -> bool:
-        """One round's vote; a store that fails before ``deadline`` is a lost
-        peer (its host), not a timeout of the shutdown."""
+        """One round's vote (see :meth:`_on_store`)."""
+        return await self._on_store(self._rdv.vote(tag, veto, deadline, stop), deadline)
+
+    async def _on_store(self, step: Awaitable[T], deadline: float) -> T:
+        """A store step of the shutdown; a store that fails before ``deadline``
+        is a lost peer (its host), not a timeout of the shutdown."""
         try:
-            return await self._rdv.vote(tag, veto, deadline, stop)
+            return await step
         except ConnectionLostError:
             raise
         except RpcError as exc:

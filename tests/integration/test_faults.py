@@ -71,8 +71,9 @@ async def call_dying_workers(rank: int, world_size: int, init_method: str) -> di
     ]
     out["self_still_works"] = await rpc.rpc_async("worker0", torch.add, args=(1, 2))
     out["pending_after"] = rpc.get_debug_info()["num_pending_requests"]
-    # The dead never reach the shutdown barrier: the wait ends as soon as the
-    # shutdown's probes find them gone (API.md: ConnectionLostError), in time.
+    # The dead never reach the shutdown vote: those declared gone before it are
+    # counted out (the shutdown succeeds); one found gone during the wait ends
+    # it (API.md: ConnectionLostError) -- in time either way.
     started = time.monotonic()
     out["shutdown_error"] = await await_outcome(rpc.shutdown(timeout=1.0))
     out["shutdown_elapsed"] = time.monotonic() - started
@@ -97,7 +98,7 @@ def test_worker_dying_mid_call_fails_pending_futures() -> None:
     assert w0["self_still_works"] == 3
     assert w0["pending_after"] == 0
     error = w0["shutdown_error"]
-    assert isinstance(error, rpc.ConnectionLostError | rpc.RpcTimeoutError), error
+    assert error is None or isinstance(error, rpc.ConnectionLostError), error
     if isinstance(error, rpc.ConnectionLostError):
         assert "worker1" in str(error) or "worker2" in str(error), error
     assert w0["shutdown_elapsed"] < 3.0
