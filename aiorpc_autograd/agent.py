@@ -348,6 +348,9 @@ class RpcAgent:
         # A dynamic group's rank that was declared gone joined again (a new
         # incarnation): the layers forget what they recorded of its death.
         self.peer_back_hooks: list[Callable[[WorkerInfo], None]] = []
+        # Peers whose last connection failed TLS or token authentication: alive
+        # (they answered), so their silence is not taken for death.
+        self._unverified: set[int] = set()
         self._gone: dict[int, RpcError] = {}
         self._leaving = False  # in a graceful shutdown
         self._suspects: dict[int, asyncio.Task[None]] = {}
@@ -765,7 +768,7 @@ class RpcAgent:
 
         def answered(info: WorkerInfo, fut: asyncio.Future[Any]) -> None:
             probing.discard(info.id)
-            if fut.cancelled() or fut.exception() is None:
+            if fut.cancelled() or fut.exception() is None or info.id in self._unverified:
                 return
             peer = self._peers[info.id]
             if peer.left_cleanly:
@@ -1209,9 +1212,14 @@ class RpcAgent:
             if isinstance(exc, ConnectionRefusedError):
                 # Nobody listens at its address any more: the worker is gone.
                 self._declare_gone(peer.info, error)
+            elif isinstance(exc, (ssl.SSLError, AuthenticationError)):
+                # It answers but cannot be authenticated (TLS or token set up
+                # differently): a configuration error, not a sign of death.
+                self._unverified.add(peer.info.id)
             else:  # try again later (now, the calls just failed would fail twice)
                 self._suspect(peer.info, first_try_after=self._probe_retry)
             return error
+        self._unverified.discard(peer.info.id)
         peer.conn = conn
         peer.connecting = None
         queue, peer.queue = peer.queue, []
@@ -1536,8 +1544,8 @@ class RpcAgent:
                     return
                 if peer.connecting is None:
                     peer.connecting = self.loop.create_task(self._connect(peer, remaining))
-                if await asyncio.shield(peer.connecting) is None:
-                    return  # connected: alive
+                if await asyncio.shield(peer.connecting) is None or wid in self._unverified:
+                    return  # connected, or it answered but failed authentication: alive
                 await asyncio.sleep(min(retry, max(deadline - time.monotonic(), 0)))
         finally:
             if self._suspects.get(wid) is asyncio.current_task():
