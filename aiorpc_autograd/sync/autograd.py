@@ -15,7 +15,6 @@ the calling thread, and the facade's blocking calls carry it to the loop).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
@@ -34,16 +33,11 @@ __all__ = [
 
 
 def backward(
-    context_id: int,
-    roots: Sequence[torch.Tensor] | torch.Tensor,
-    retain_graph: bool = False,
-    *,
-    optimizer: Any = None,
+    context_id: int, roots: Sequence[torch.Tensor] | torch.Tensor, retain_graph: bool = False
 ) -> None:
     """Run the distributed backward pass from the local scalar ``roots`` and
-    block until it is done on every worker (``dist_autograd.backward``; with
-    ``optimizer``, a facade or async ``DistributedOptimizer``, each owner steps
-    inside the pass).
+    block until it is done on every worker (``dist_autograd.backward``; its
+    signature is torch's: the optimizer-in-backward mode is the async API's).
 
     Raises:
         ValueError: invalid roots.
@@ -52,9 +46,7 @@ def backward(
         RemoteError: the pass failed on some worker (named in the error).
     """
     wait_for(
-        lambda: _dist_autograd.backward(
-            context_id, roots, retain_graph, optimizer=getattr(optimizer, "_optimizer", optimizer)
-        ),
+        lambda: _dist_autograd.backward(context_id, roots, retain_graph),
         "dist_autograd.backward()",
     )
 

@@ -273,10 +273,22 @@ def test_elastic_restart_under_torchrun_rejoins_the_running_group() -> None:
         ]
         env = _env()
         env["ELASTIC_CRASH_AFTER"] = "30"
-        trainers = subprocess.run(
-            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=150
+        # In a session of its own, so its workers are killed with it whatever happens.
+        trainers = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
-        assert trainers.returncode == 0, trainers.stdout[-3000:] + trainers.stderr[-3000:]
+        try:
+            log, _ = trainers.communicate(timeout=150)
+        finally:
+            _kill_tree(trainers)
+            trainers.wait()
+        assert trainers.returncode == 0, log[-4000:]
         output, _ = ps.communicate(timeout=60)
     assert ps.returncode == 0, output[-4000:]
     result = result_of(output)
