@@ -302,8 +302,7 @@ async def stateful_trainer(
 
 @pytest.mark.parametrize(
     ("name", "fused"),
-    [(name, False) for name in OPTIMIZERS]
-    + [("adam", True), ("sgd_momentum", True)],
+    [(name, False) for name in OPTIMIZERS] + [("adam", True), ("sgd_momentum", True)],
 )
 def test_stateful_optimizers_one_trainer_match_local(
     group: WorkerGroup, name: str, fused: bool
