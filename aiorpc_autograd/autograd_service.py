@@ -513,19 +513,21 @@ class AutogradService:
             fut = self.send(worker_id, BackwardAbortReq(ctx.context_id(), pass_id, reason))
             fut.add_done_callback(_ignore_result)
 
+    def _run_for_request(
+        self, ctx: DistAutogradContext, message: BackwardStartReq | PropagateGradientsReq
+    ) -> _PassRun | None:
+        """The run of the pass a start or gradient request belongs to (made
+        here if it is the first to reach this worker)."""
+        return self._run_for(
+            ctx, message.pass_id, message.retain_graph, None, message.from_worker, message.optimizer
+        )
+
     async def _on_start(self, message: Message) -> Message:
         assert isinstance(message, BackwardStartReq)
         ctx = self.container.get(message.context_id)
         if ctx is None:
             return BackwardStartResp()  # nothing of this context lives here
-        run = self._run_for(
-            ctx,
-            message.pass_id,
-            message.retain_graph,
-            None,
-            message.from_worker,
-            message.optimizer,
-        )
+        run = self._run_for_request(ctx, message)
         if run is None:  # over already: report how it ended
             error = ctx.finished_passes.get(message.pass_id)
             if error is not None:
@@ -540,14 +542,7 @@ class AutogradService:
     def _on_propagate(self, message: Message) -> Message | Awaitable[Message]:
         assert isinstance(message, PropagateGradientsReq)
         ctx = self.container.retrieve(message.context_id)
-        run = self._run_for(
-            ctx,
-            message.pass_id,
-            message.retain_graph,
-            None,
-            message.from_worker,
-            message.optimizer,
-        )
+        run = self._run_for_request(ctx, message)
         if run is None or run.engine is None:
             raise RuntimeError(f"backward pass {message.pass_id} is over on this worker")
         grads = list(message.grads.tensors)
