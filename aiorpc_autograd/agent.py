@@ -101,7 +101,7 @@ from .membership import Membership
 from .options import RpcOptions, WorkerInfo
 from .pool import StopError, WorkerPool, raisable
 from .rendezvous import Address, Rendezvous
-from .transport import Connection, PreAuthGate, connect, serve_tcp, serve_unix
+from .transport import BusyPoll, Connection, PreAuthGate, connect, serve_tcp, serve_unix
 from .wire import Frame, Limits
 
 if TYPE_CHECKING:
@@ -314,6 +314,8 @@ class RpcAgent:
         self._run_key: bytes | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
+        # Keeps the loop polling for a moment after each message (see BusyPoll).
+        self._busy_poll = BusyPoll(self.loop, options.busy_poll)
         self._inflight = 0
         self._activity = 0
         self._probes: set[int] = set()  # request ids of shutdown liveness probes
@@ -781,7 +783,7 @@ class RpcAgent:
                 )
             elif not isinstance(exc, ConnectionLostError):
                 exc = ConnectionLostError(f"worker {info.name!r} is unreachable: {exc}")
-            lost.append(exc)  # type: ignore[arg-type]
+            lost.append(exc)  # type: ignore[arg-type, unused-ignore]
 
         while True:
             for peer in self._peers.values():
@@ -886,6 +888,7 @@ class RpcAgent:
             conn.close()
         self._fail_pending(lambda p: True, error)
         self._pool.shutdown()
+        self._busy_poll.close()
         if self.membership is not None:
             self.membership.close()
         self._rdv.close()
@@ -1120,7 +1123,7 @@ class RpcAgent:
                 if f.cancelled():
                     cfut.cancel()
                 elif f.exception() is not None:
-                    cfut.set_exception(f.exception())  # type: ignore[arg-type]
+                    cfut.set_exception(f.exception())  # type: ignore[arg-type, unused-ignore]
                 else:
                     cfut.set_result(f.result())
 
@@ -1294,6 +1297,7 @@ class RpcAgent:
             # Replies flow on accepted connections only: pausing reads on a
             # connection we opened would stop the answers that drain it.
             write_limit=0 if client else self.options.max_pending_reply_bytes,
+            busy_poll=self._busy_poll,
         )
 
     def _accept(self) -> Connection:

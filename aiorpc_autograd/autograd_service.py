@@ -455,7 +455,7 @@ class AutogradService:
         if isinstance(step, BaseException):
             slot.set_exception(step)
             return
-        slot.set_result(weakref.WeakMethod(step))  # type: ignore[arg-type]
+        slot.set_result(weakref.WeakMethod(step))  # type: ignore[arg-type, unused-ignore]
         owner = step.__self__  # type: ignore[attr-defined]
         weakref.finalize(owner, self._local_optimizers.pop, optimizer_id, None)
 

@@ -162,7 +162,7 @@ def complete(target: torch.futures.Future[Any], source: asyncio.Future[Any]) -> 
     if source.cancelled():
         target.set_exception(RpcError("the call was cancelled"))
     elif source.exception() is not None:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
+        target.set_exception(source.exception())  # type: ignore[arg-type, unused-ignore]
     else:
         target.set_result(source.result())
 
@@ -226,7 +226,7 @@ def awaitable(fut: torch._C.Future[Any]) -> Future[Any]:
         try:
             value = done.wait()
         except BaseException as exc:
-            out.set_exception(exc)  # type: ignore[arg-type]
+            out.set_exception(exc)  # type: ignore[arg-type, unused-ignore]
             return
         out.set_result(value)
 

@@ -989,3 +989,34 @@ def test_async_functions_with_and_without_suspending(service: WorkerGroup) -> No
     assert got["cancelled"][0] == "RemoteError" and "cancelled" in got["cancelled"][1]
     assert got["timeout_cm"] == 42
     assert got["pending_after"] == 0
+
+
+# ------------------------------------------------------------------ busy polling
+
+
+async def idle_cpu_seconds(settle: float, window: float) -> float:
+    """CPU seconds this process uses over ``window`` seconds of idleness,
+    starting ``settle`` seconds after this call arrived."""
+    await asyncio.sleep(settle)
+    cpu = time.process_time()
+    await asyncio.sleep(window)
+    return time.process_time() - cpu
+
+
+async def check_idle_after_calls(rank: int, world_size: int) -> dict[str, float]:
+    for i in range(50):
+        assert await rpc.rpc_async("worker1", affine, args=(i, 1)) == affine(i, 1)
+    # busy_poll (2 ms by default) keeps each loop polling just after these
+    # messages; then both sleep: a second of idleness costs next to no CPU.
+    remote = rpc.rpc_async("worker1", idle_cpu_seconds, args=(0.1, 1.0))
+    here = await idle_cpu_seconds(0.1, 1.0)
+    return {"caller": here, "callee": await remote, "busy_poll": rpc.RpcOptions().busy_poll}
+
+
+def test_busy_polling_stops_when_idle(service: WorkerGroup) -> None:
+    got = service.call(0, check_idle_after_calls)
+    assert got["busy_poll"] > 0
+    # A loop spinning through the window would use about 1 s; heartbeats
+    # and their short windows use a few ms.
+    assert got["caller"] < 0.1, got
+    assert got["callee"] < 0.1, got

@@ -196,7 +196,7 @@ class RRef(_AsyncRRef[T], Generic[T]):
 
     __slots__ = ()
 
-    def to_here(self, timeout: float | None = -1.0) -> Any:  # type: ignore[override]
+    def to_here(self, timeout: float | None = -1.0) -> Any:  # type: ignore[override, unused-ignore]
         """A copy of the value (the value itself on the owner); blocks.
 
         Raises:
@@ -212,7 +212,7 @@ class RRef(_AsyncRRef[T], Generic[T]):
     # local_value(): the base's (off the agent's loop thread it waits for a
     # value still being created by ``remote``, as torch's does).
 
-    def backward(  # type: ignore[override]
+    def backward(  # type: ignore[override, unused-ignore]
         self, dist_autograd_ctx_id: int = -1, retain_graph: bool = False
     ) -> Any:
         """Run backward from the referenced scalar on its owner; blocks.
