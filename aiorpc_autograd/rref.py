@@ -244,6 +244,11 @@ class RRef(Generic[T]):
                     "`await rref.to_here()` (local_value() waits only off the loop)"
                 )
             return _result(entry.value)  # type: ignore[no-any-return]
+        # Off the loop: a value that exists is read here (a done future is
+        # safe to read from any thread); only a wait goes through the loop.
+        entry = service._owners.get(self._rref_id)
+        if entry is not None and entry.value.done() and _error_of(entry.value) is None:
+            return entry.value.result()  # type: ignore[no-any-return]
         return agent.blocking(lambda: asyncio.ensure_future(self.to_here(0)))
 
     async def to_here(self, timeout: float | None = None) -> T:
