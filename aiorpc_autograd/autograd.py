@@ -50,7 +50,7 @@ import contextvars
 import inspect
 import itertools
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -83,15 +83,46 @@ _ID_MASK = (1 << _ID_BITS) - 1
 _GRAD_STRIPES = tuple(threading.Lock() for _ in range(64))
 
 
+class WouldBlock(Exception):
+    """A job running on the event loop (:func:`no_waiting`) needed a lock that
+    another thread holds: it did nothing yet and must run in the pool."""
+
+
+_no_waiting = threading.local()
+
+
+@contextlib.contextmanager
+def no_waiting() -> Iterator[None]:
+    """For a job run on the event loop thread: :func:`take` raises
+    :class:`WouldBlock` instead of waiting (the holder may be a pool thread
+    that waits for the loop)."""
+    _no_waiting.on = True
+    try:
+        yield
+    finally:
+        _no_waiting.on = False
+
+
+def take(lock: threading.Lock) -> None:
+    """Acquire ``lock``; under :func:`no_waiting`, raise :class:`WouldBlock`
+    rather than wait for it."""
+    if getattr(_no_waiting, "on", False):
+        if not lock.acquire(blocking=False):
+            raise WouldBlock
+    else:
+        lock.acquire()
+
+
 @contextlib.contextmanager
 def hold_grads(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Hold the ``.grad`` slots of ``tensors`` exclusively (blocking) for the
-    duration of the ``with`` body."""
+    """Hold the ``.grad`` slots of ``tensors`` exclusively (blocking, but see
+    :func:`no_waiting`) for the duration of the ``with`` body."""
     # id() values are 16-byte aligned: drop the low bits before striping.
     stripes = sorted({(id(t) >> 4) % len(_GRAD_STRIPES) for t in tensors})
     with contextlib.ExitStack() as stack:
         for i in stripes:
-            stack.enter_context(_GRAD_STRIPES[i])
+            take(_GRAD_STRIPES[i])
+            stack.callback(_GRAD_STRIPES[i].release)
         yield
 
 
@@ -382,10 +413,14 @@ class PassIO(Protocol):
         """Send the gradients of ``recv``'s tensors (None: no gradient) to its sender."""
 
     def compute(
-        self, job: Callable[[], list[torch.Tensor | None]], done: Callable[[Any], None]
+        self,
+        job: Callable[[], list[torch.Tensor | None]],
+        done: Callable[[Any], None],
+        kind: Hashable = None,
     ) -> None:
-        """Run ``job`` off the event loop; call ``done`` with its result or the
-        exception it raised, back on the loop."""
+        """Run ``job``; call ``done`` with its result or the exception it
+        raised, later, on the loop. ``kind`` says which jobs cost alike (the
+        I/O layer may run cheap kinds on the loop, see :func:`no_waiting`)."""
 
     def finished(self, error: BaseException | None) -> None:
         """This worker's part of the pass is over (with ``error`` if it failed)."""
@@ -558,13 +593,23 @@ class BackwardPass:
                 for leaf, grad in zip(leaves, result, strict=True):
                     if grad is not None and id(leaf) not in self._recv_of_leaf:
                         self.ctx.set_gradient(leaf, grad)
-                after()
-                self.ran_after_last_job = True
+                try:
+                    after()
+                    self.ran_after_last_job = True
+                except WouldBlock:
+                    pass  # on the loop and a lock is taken: finished() runs it in the pool
             return result
 
+        # Jobs of one kind cost about the same: the same graph (its output
+        # nodes) into the same number of leaves, with or without the step.
+        kind = (
+            tuple(type(t.grad_fn).__name__ for t in outputs),
+            len(leaves),
+            after is not None,
+        )
         self._running = True
         self.batches += 1
-        self.io.compute(job, lambda result: self._batch_done(leaves, result))
+        self.io.compute(job, lambda result: self._batch_done(leaves, result), kind)
 
     def _gradient_so_far(self, leaf: torch.Tensor) -> torch.Tensor | None:
         """Where the next job's accumulation into ``leaf`` starts: this pass's

@@ -45,10 +45,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import traceback
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
@@ -61,7 +62,9 @@ from .autograd import (
     DistAutogradContext,
     RecvFunction,
     SendFunction,
+    WouldBlock,
     current_context_id,
+    no_waiting,
 )
 from .codec import (
     BackwardAbortReq,
@@ -81,9 +84,12 @@ from .codec import (
 from .devices import inverse
 from .errors import ConnectionLostError, RemoteError, ResourceLimitError, RpcError, remote_error
 from .options import WorkerInfo
+from .pool import raisable
 from .tracing import tracer_of
 
-__all__ = ["AutogradService"]
+__all__ = ["AutogradService", "JobCosts"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +144,16 @@ class _PassRun:
         self.track(self.service.send(recv.peer, msg, recv.device_map))
 
     def compute(
-        self, job: Callable[[], list[torch.Tensor | None]], done: Callable[[Any], None]
+        self,
+        job: Callable[[], list[torch.Tensor | None]],
+        done: Callable[[Any], None],
+        kind: Hashable = None,
     ) -> None:
         tracer = tracer_of(self.service.agent)
         if tracer is not None:
             args = {"context_id": self.ctx.context_id(), "pass_id": self.pass_id}
             job = tracer.timed_job(job, "engine job", args)
-        fut = self.service.agent.run_in_executor(job)
+        fut = self.service.run_job(("engine", kind), job)
 
         def finished(f: asyncio.Future[list[torch.Tensor | None]]) -> None:
             done(f.exception() if f.exception() is not None else f.result())
@@ -199,6 +208,44 @@ class _PassRun:
                 self.done.set_result(None)
 
 
+# A job kind measured under this many seconds runs on the event loop: the
+# pool hop costs 40-80 us here (a thread wake-up there, a loop wake-up back,
+# a GIL hand-off each way: the bench step's caller-side job took 100 us in
+# the pool for 10 us of work), and holding the loop this long delays other
+# frames by no more than decoding a mid-size message does.
+INLINE_BELOW_S = 200e-6
+
+
+class JobCosts:
+    """Where engine jobs and optimizer steps run, chosen with data: a kind of
+    job runs inline on the event loop once a run of it was measured (first in
+    the pool) under ``inline_below`` seconds, and goes back to the pool as
+    soon as one run takes longer. Inline jobs never wait for a lock another
+    thread holds (:func:`~aiorpc_autograd.autograd.no_waiting`): such a job
+    runs in the pool instead."""
+
+    MAX_KINDS = 4096
+
+    def __init__(self, inline_below: float = INLINE_BELOW_S) -> None:
+        self.inline_below = inline_below
+        self._cost: dict[Hashable, float] = {}
+        self.inline_runs = 0  # for tests and the record
+
+    def inline(self, kind: Hashable) -> bool:
+        cost = self._cost.get(kind)
+        return cost is not None and cost < self.inline_below
+
+    def record(self, kind: Hashable, seconds: float) -> None:
+        """A run of ``kind`` took ``seconds`` (from any thread)."""
+        prev = self._cost.get(kind)
+        if prev is None and len(self._cost) >= self.MAX_KINDS:
+            self._cost.clear()  # kinds are per graph shape: a bound, not a cache policy
+        # A slow run counts at once; fast runs lower the estimate gradually.
+        self._cost[kind] = (
+            seconds if prev is None or seconds > prev else 0.75 * prev + 0.25 * seconds
+        )
+
+
 class AutogradService:
     """Distributed autograd on one agent; see the module docstring."""
 
@@ -213,6 +260,7 @@ class AutogradService:
         # Step in backward: optimizer id -> (a future of) a weak reference to
         # the function stepping this worker's local optimizer of that id.
         self._local_optimizers: dict[int, asyncio.Future[Any]] = {}
+        self.job_costs = JobCosts()
 
     @classmethod
     def install(cls, agent: RpcAgent) -> AutogradService:
@@ -250,6 +298,37 @@ class AutogradService:
         """This worker's map for requests to ``peer`` (carried in the metadata)."""
         name = self.agent.worker_info(peer).name
         return dict(self.agent.device_maps.for_request(name) or {})
+
+    def run_job(self, kind: Hashable, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run an engine job or an optimizer step: inline on the loop when
+        jobs of ``kind`` are cheap (:class:`JobCosts`), else in the pool."""
+        costs = self.job_costs
+        if costs.inline(kind):
+            fut: asyncio.Future[T] = self.agent.loop.create_future()
+            t0 = time.perf_counter()
+            try:
+                with no_waiting():
+                    result = fn()
+            except WouldBlock:
+                pass  # nothing ran: the pool waits for the lock instead
+            except BaseException as exc:
+                costs.record(kind, time.perf_counter() - t0)
+                fut.set_exception(raisable(exc))
+                return fut
+            else:
+                costs.record(kind, time.perf_counter() - t0)
+                costs.inline_runs += 1
+                fut.set_result(result)
+                return fut
+
+        def timed() -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                costs.record(kind, time.perf_counter() - t0)
+
+        return self.agent.run_in_executor(timed)
 
     # -- forward: wrapping -------------------------------------------------------
 
@@ -477,8 +556,8 @@ class AutogradService:
         step = ref()
         if step is None:
             raise RuntimeError(f"the optimizer {optimizer_id} was deleted on this worker")
-        # In the pool: an optimizer step is user code of any cost.
-        await self.agent.run_in_executor(lambda: step(context_id))
+        # An optimizer step is user code of any cost: measured (JobCosts).
+        await self.run_job(("optimizer", optimizer_id), lambda: step(context_id))
 
     def _as_remote(self, exc: BaseException) -> BaseException:
         if isinstance(exc, RemoteError) or not isinstance(exc, Exception):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .api import current_agent, remote, rpc_async
-from .autograd import hold_grads
+from .autograd import hold_grads, take
 from .dist_autograd import _service, get_gradients, watch
 from .options import WorkerInfo
 from .rref import RRef
@@ -45,12 +45,16 @@ class _LocalOptimizer:
 
     def step(self, context_id: int) -> None:
         grads = get_gradients(context_id)
-        with self.lock, hold_grads(self.params):
-            # Parameters without a gradient in this context get none, so the
-            # optimizer leaves them alone (a stale .grad must not be reapplied).
-            for p in self.params:
-                p.grad = grads.get(p)
-            self.optim.step()
+        take(self.lock)  # (on the loop: raises WouldBlock rather than wait)
+        try:
+            with hold_grads(self.params):
+                # Parameters without a gradient in this context get none, so the
+                # optimizer leaves them alone (a stale .grad must not be reapplied).
+                for p in self.params:
+                    p.grad = grads.get(p)
+                self.optim.step()
+        finally:
+            self.lock.release()
 
 
 async def _new_local_optimizer(
@@ -76,7 +80,7 @@ async def _new_local_optimizer(
 async def _step(local: RRef[_LocalOptimizer], context_id: int) -> None:
     """Runs on the owner; waits for the local optimizer if still being built."""
     optimizer = await local.to_here()
-    await _service().agent.run_in_executor(lambda: optimizer.step(context_id))
+    await _service().run_job(("optimizer", id(optimizer)), lambda: optimizer.step(context_id))
 
 
 class DistributedOptimizer:

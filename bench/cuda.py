@@ -40,7 +40,8 @@ def _echo(t: torch.Tensor) -> torch.Tensor:
 
 def _make_weight(dim: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(dim, dim, generator=g) / dim**0.5).cuda().requires_grad_()
+    w: torch.Tensor = (torch.randn(dim, dim, generator=g) / dim**0.5).cuda()
+    return w.requires_grad_()
 
 
 def _forward(w: Any, x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +67,10 @@ def _torch_side(rank: int, port: int, sizes: list[int], steps: int, out: Any) ->
 
     loopback.register()
     opts = rpc.TensorPipeRpcBackendOptions(init_method=loopback.init_method(port))
-    opts.set_device_map(f"w{1 - rank}", SAME)
-    rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=opts)
+    opts.set_device_map(f"w{1 - rank}", SAME)  # type: ignore[arg-type]
+    rpc.init_rpc(  # type: ignore[no-untyped-call]
+        f"w{rank}", rank=rank, world_size=2, rpc_backend_options=opts
+    )
     if rank == 0:
         res: dict[str, Any] = {}
         for size in sizes:
@@ -79,14 +82,14 @@ def _torch_side(rank: int, port: int, sizes: list[int], steps: int, out: Any) ->
                 lambda t=t: rpc.rpc_sync("w1", _echo, (t,)), reps
             )
         w = rpc.remote("w1", _make_weight, (512,))
-        opt = DistributedOptimizer(torch.optim.SGD, [w], lr=0.01)
+        opt = DistributedOptimizer(torch.optim.SGD, [w], lr=0.01)  # type: ignore[no-untyped-call]
         x = torch.randn(64, 512, device="cuda:0")
 
         def step() -> None:
             with dist_autograd.context() as cid:
                 y = rpc.rpc_sync("w1", _forward, (w, x))
-                dist_autograd.backward(cid, [y.sum()])
-                opt.step(cid)
+                dist_autograd.backward(cid, [y.sum()])  # type: ignore[attr-defined]
+                opt.step(cid)  # type: ignore[no-untyped-call]
 
         res["step_s"] = _time(step, steps)
         out.put(res)
@@ -119,7 +122,7 @@ def _ours_side(rank: int, port: int, sizes: list[int], steps: int, out: Any) -> 
                     samples.append(time.perf_counter() - t0)
                 res[f"echo_{size >> 20}MiB_s"] = statistics.median(samples[1:])
             w = rpc.remote("w1", _make_weight, (512,))
-            opt = DistributedOptimizer(torch.optim.SGD, [w], lr=0.01)
+            opt = DistributedOptimizer(torch.optim.SGD, [w], lr=0.01)  # type: ignore[no-untyped-call, unused-ignore]
             x = torch.randn(64, 512, device="cuda:0")
             samples = []
             for _ in range(steps + 1):

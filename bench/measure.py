@@ -141,12 +141,15 @@ def autograd_procedure(params: Params, baseline: Mapping[str, float]) -> Procedu
     ``loss = y.sum()`` here, distributed backward, ``DistributedOptimizer``
     step), ``"weight"`` (a copy of the remote weight), ``"worker_rss"`` and
     ``"worker_trimmed_rss"`` (the worker's :func:`bench.workloads.rss_mb` /
-    :func:`bench.workloads.trimmed_rss_mb`).
+    :func:`bench.workloads.trimmed_rss_mb`), ``"fused_step"`` (the step with
+    the optimizer stepped inside the backward pass where the side has that
+    mode; else its ``"step"``).
 
     Order: ``check_steps`` distributed steps whose resulting weight must
     match the same steps run locally; ``warmup`` steps; an RSS mark of both
     processes after ``malloc_trim``; ``steps`` timed steps; RSS of both; RSS
-    of both after ``malloc_trim``; the local steps again, with the agents
+    of both after ``malloc_trim``; ``warmup`` + ``fused_steps`` timed
+    ``"fused_step"`` steps; the local steps again, with the agents
     still up (``local_step_rpc_up_ms``: what the library's background threads
     cost the caller's own compute, for the record).
 
@@ -176,9 +179,19 @@ def autograd_procedure(params: Params, baseline: Mapping[str, float]) -> Procedu
     worker_end = yield "worker_rss"
     caller_trim = workloads.trimmed_rss_mb()
     worker_trim = yield "worker_trimmed_rss"
+    # The optimizer stepped inside the backward pass (ours); torch has no
+    # such mode, its side runs its step (backward, then step) again here.
+    for _ in range(params["warmup"]):
+        yield "fused_step"
+    fused: list[int] = []
+    for _ in range(params["fused_steps"]):
+        t0 = clock()
+        yield "fused_step"
+        fused.append(clock() - t0)
     rpc_up = local_step_baseline(params)
 
     lat = latency_summary_us(samples)
+    fused_lat = latency_summary_us(fused)
     local_ms = baseline["local_step_ms"]
     growth = {
         "rss_growth_caller_mb": caller_end - caller_start,
@@ -195,6 +208,8 @@ def autograd_procedure(params: Params, baseline: Mapping[str, float]) -> Procedu
         "local_step_worst_block_ms": baseline["local_step_worst_block_ms"],
         "local_step_rpc_up_ms": rpc_up["local_step_ms"],
         "overhead_ms": lat["p50_us"] / 1e3 - local_ms,
+        "fused_step_p50_ms": fused_lat["p50_us"] / 1e3,
+        "fused_overhead_ms": fused_lat["p50_us"] / 1e3 - local_ms,
         **growth,
         "rss_growth_mb": sum(max(0.0, growth[f"rss_growth_{p}_mb"]) for p in ("caller", "worker")),
         "rss_retained_mb": sum(
@@ -298,7 +313,7 @@ def local_scaling_step_ms(params: Params, depth: int, microbatches: int) -> floa
         t0 = time.perf_counter()
         opt.zero_grad()
         loss = sum(model(x).sum() for x in chunks)
-        loss.backward()  # type: ignore[union-attr]
+        loss.backward()  # type: ignore[union-attr, unused-ignore]
         opt.step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[params["warmup"] :]) * 1e3

@@ -134,10 +134,16 @@ async def autograd_step(
             await dist_autograd.backward(context_id, [y.sum()])
             await opt.step(context_id)
 
+    async def fused_step() -> None:
+        async with dist_autograd.context() as context_id:
+            y = await rpc.rpc_async(peer, workloads.linear_relu, args=(x, w))
+            await dist_autograd.backward(context_id, [y.sum()], optimizer=opt)
+
     return await drive_async(
         autograd_procedure(params, ctx.baselines["autograd"]),
         {
             "step": step,
+            "fused_step": fused_step,
             "weight": w.to_here,
             "worker_rss": lambda: rpc.rpc_async(peer, workloads.rss_mb),
             "worker_trimmed_rss": lambda: rpc.rpc_async(peer, workloads.trimmed_rss_mb),

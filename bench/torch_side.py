@@ -141,6 +141,7 @@ def autograd_step(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
         autograd_procedure(params, ctx.baselines["autograd"]),
         {
             "step": step,
+            "fused_step": step,  # torch has no optimizer-in-backward mode
             "weight": w.to_here,
             "worker_rss": lambda: rpc.rpc_sync(peer, workloads.rss_mb),
             "worker_trimmed_rss": lambda: rpc.rpc_sync(peer, workloads.trimmed_rss_mb),

@@ -49,7 +49,9 @@ class FakeIO:
         self.propagated.append((recv.message_id, recv.peer, grads))
         self.outbox.append((recv.peer, recv.message_id, grads))
 
-    def compute(self, job: Callable[[], Any], done: Callable[[Any], None]) -> None:
+    def compute(
+        self, job: Callable[[], Any], done: Callable[[Any], None], kind: Any = None
+    ) -> None:
         if self.deferred:
             self.jobs.append((job, done))
         else:

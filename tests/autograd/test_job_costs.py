@@ -1,0 +1,123 @@
+"""Where engine jobs and optimizer steps run (JobCosts): measured first in the
+pool, inline on the loop while cheap, back to the pool when slow or when a
+lock is taken."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import types
+
+import pytest
+import torch
+
+from aiorpc_autograd.autograd import WouldBlock, hold_grads, no_waiting, take
+from aiorpc_autograd.autograd_service import AutogradService, JobCosts
+from aiorpc_autograd.options import WorkerInfo
+from aiorpc_autograd.pool import WorkerPool
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_costs_inline_only_after_a_cheap_measurement() -> None:
+    costs = JobCosts(inline_below=0.001)
+    assert not costs.inline("k")  # never measured: the pool first
+    costs.record("k", 0.0002)
+    assert costs.inline("k")
+    costs.record("k", 0.05)  # one slow run: back to the pool at once
+    assert not costs.inline("k")
+    for _ in range(30):  # fast runs earn it back gradually
+        costs.record("k", 0.0001)
+    assert costs.inline("k")
+    costs.record("slow", 1.0)
+    assert not costs.inline("slow")
+
+
+def test_take_never_waits_under_no_waiting() -> None:
+    lock = threading.Lock()
+    lock.acquire()
+    with no_waiting(), pytest.raises(WouldBlock):
+        take(lock)
+    lock.release()
+    with no_waiting():
+        take(lock)  # free: taken
+    assert lock.locked()
+    lock.release()
+    # hold_grads releases the stripes it took when a later one is busy.
+    a, b = torch.zeros(1), torch.zeros(1)
+    held, release = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with hold_grads([b]):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert held.wait(5)
+    with no_waiting(), pytest.raises(WouldBlock):
+        with hold_grads([a, b]):
+            pass
+    with hold_grads([a]):  # a's stripe was given back
+        pass
+    release.set()
+    t.join(5)
+
+
+async def test_run_job_inline_when_cheap_pool_when_slow_or_locked() -> None:
+    loop = asyncio.get_running_loop()
+    pool = WorkerPool(loop, 2, "t")
+    agent = types.SimpleNamespace(info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run)
+    service = AutogradService(agent)  # type: ignore[arg-type]
+    loop_thread = threading.get_ident()
+
+    def where() -> bool:
+        return threading.get_ident() == loop_thread
+
+    assert await service.run_job("cheap", where) is False  # measured in the pool
+    assert await service.run_job("cheap", where) is True  # then inline
+    assert service.job_costs.inline_runs == 1
+
+    def slow() -> bool:
+        time.sleep(0.01)
+        return where()
+
+    for _ in range(3):
+        assert await service.run_job("slow", slow) is False
+
+    # Errors of an inline job reach the awaiting caller.
+    def boom() -> None:
+        raise ValueError("x")
+
+    service.job_costs.record("boom", 0.0)
+    with pytest.raises(ValueError, match="x"):
+        await service.run_job("boom", boom)
+
+    # A cheap kind whose lock a pool thread holds runs in the pool, once the
+    # lock is free, and only once.
+    t = torch.zeros(1)
+    runs: list[bool] = []
+
+    def job() -> None:
+        with hold_grads([t]):
+            runs.append(where())
+
+    service.job_costs.record("locked", 0.0)
+    entered, leave = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with hold_grads([t]):
+            entered.set()
+            leave.wait(5)
+
+    holding = pool.run(holder)
+    assert await asyncio.to_thread(entered.wait, 5)
+    running = service.run_job("locked", job)
+    await asyncio.sleep(0.05)
+    assert not running.done()  # waits in the pool, not on the loop
+    leave.set()
+    await running
+    await holding
+    assert runs == [False]
+    pool.shutdown()
