@@ -315,7 +315,7 @@ class RpcAgent:
         self._servers: list[asyncio.AbstractServer] = []
         self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
         # Keeps the loop polling for a moment after each message (see BusyPoll).
-        self._busy_poll = BusyPoll(self.loop, options.busy_poll)
+        self._busy_poll = BusyPoll(self.loop, options.busy_poll, lambda: self._pool.busy)
         self._inflight = 0
         self._activity = 0
         self._probes: set[int] = set()  # request ids of shutdown liveness probes

@@ -93,7 +93,8 @@ class RpcOptions:
             each message sent or received, instead of sleeping until the next
             one (yielding the core to other runnable threads meanwhile); an
             answer within the window costs no thread wake-up. Spends up to that
-            much CPU per burst of messages; an idle worker spends none. 0: off.
+            much CPU per burst of messages; an idle worker, and one whose thread
+            pool is computing, spends none. 0: off.
     """
 
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
@@ -119,7 +120,7 @@ class RpcOptions:
     max_unauthenticated_connections: int = 64
     max_pending_fetches_per_peer: int = 10_000
     max_owner_rrefs_per_peer: int = 100_000
-    busy_poll: float = 0.002
+    busy_poll: float = 0.0002
 
     def __post_init__(self) -> None:
         if not self.rpc_timeout >= 0:  # also refuses NaN

@@ -99,6 +99,11 @@ class WorkerPool:
         return self._threads
 
     @property
+    def busy(self) -> bool:
+        """Whether a job is running or waiting."""
+        return self._threads - self._idle - self._free > 0 or bool(self._jobs)
+
+    @property
     def name(self) -> str:
         """The thread name prefix."""
         return self._name

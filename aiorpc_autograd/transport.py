@@ -136,11 +136,22 @@ class BusyPoll:
     polls its sockets without blocking) and calls ``sched_yield`` (so a pool
     thread or another process sharing the core runs first). Once the window
     passed without a poke, the loop sleeps as usual: an idle agent costs no CPU.
+    It also stops while ``paused()`` says so: while this process's own pool
+    computes, a spinning loop only takes a core from it (measured: with the
+    remote layer's matmul on two intra-op threads and both workers unpinned on
+    two cores, a 2 ms window without the pause made the bench step 2.3x
+    torch's instead of 1.2x).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, window: float) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        window: float,
+        paused: Callable[[], bool] | None = None,
+    ) -> None:
         self._loop = loop
         self._window = window
+        self._paused = paused
         self._until = 0.0
         self._handle: asyncio.Handle | None = None
 
@@ -165,6 +176,9 @@ class BusyPoll:
             self._handle = None
 
     def _spin(self) -> None:
+        if self._paused is not None and self._paused():
+            self._handle = None  # the next poke (the job's reply, say) resumes
+            return
         if time.perf_counter() < self._until and not self._loop.is_closed():
             os.sched_yield()
             self._handle = self._loop.call_soon(self._spin)

@@ -60,8 +60,21 @@ async def test_zero_window_never_spins_and_close_stops_for_good() -> None:
     await asyncio.sleep(0)
 
 
+async def test_no_spinning_while_paused() -> None:
+    busy = [True]
+    poll = BusyPoll(asyncio.get_running_loop(), 5.0, lambda: busy[0])
+    poll.poke()
+    await asyncio.sleep(0.01)
+    assert not poll.spinning  # paused: the loop sleeps
+    busy[0] = False
+    poll.poke()
+    await asyncio.sleep(0.01)
+    assert poll.spinning
+    poll.close()
+
+
 def test_option_validation() -> None:
-    assert RpcOptions().busy_poll == 0.002
+    assert RpcOptions().busy_poll == 0.0002
     assert RpcOptions(busy_poll=0).busy_poll == 0
     for bad in (-0.001, float("nan")):
         with pytest.raises(ValueError, match="busy_poll"):

@@ -141,3 +141,17 @@ async def test_exit_waits_for_running_jobs_only() -> None:
     assert pool.join_at_exit(time.monotonic() + 5)
     assert pool.threads == 0
     assert await busy is True
+
+
+async def test_busy_while_a_job_runs_or_waits() -> None:
+    pool = WorkerPool(asyncio.get_running_loop(), 1, "t")
+    assert not pool.busy
+    gate = threading.Event()
+    first = pool.run(lambda: gate.wait(5))
+    second = pool.run(lambda: 2)
+    assert pool.busy
+    gate.set()
+    assert await first is True and await second == 2
+    await asyncio.sleep(0.01)
+    assert not pool.busy
+    pool.shutdown()

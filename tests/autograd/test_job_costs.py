@@ -56,9 +56,8 @@ def test_take_never_waits_under_no_waiting() -> None:
     t = threading.Thread(target=other)
     t.start()
     assert held.wait(5)
-    with no_waiting(), pytest.raises(WouldBlock):
-        with hold_grads([a, b]):
-            pass
+    with no_waiting(), pytest.raises(WouldBlock), hold_grads([a, b]):
+        pass
     with hold_grads([a]):  # a's stripe was given back
         pass
     release.set()

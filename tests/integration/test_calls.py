@@ -1006,7 +1006,7 @@ async def idle_cpu_seconds(settle: float, window: float) -> float:
 async def check_idle_after_calls(rank: int, world_size: int) -> dict[str, float]:
     for i in range(50):
         assert await rpc.rpc_async("worker1", affine, args=(i, 1)) == affine(i, 1)
-    # busy_poll (2 ms by default) keeps each loop polling just after these
+    # busy_poll (200 us by default) keeps each loop polling just after these
     # messages; then both sleep: a second of idleness costs next to no CPU.
     remote = rpc.rpc_async("worker1", idle_cpu_seconds, args=(0.1, 1.0))
     here = await idle_cpu_seconds(0.1, 1.0)
