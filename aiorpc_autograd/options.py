@@ -95,6 +95,13 @@ class RpcOptions:
             answer within the window costs no thread wake-up. Spends up to that
             much CPU per burst of messages; an idle worker, and one whose thread
             pool is computing, spends none. 0: off.
+        malloc_mmap_threshold: if set, ``init_rpc`` fixes glibc's mmap
+            threshold (``mallopt(M_MMAP_THRESHOLD)``, process-wide) at this
+            many bytes: blocks this large are mapped and unmapped on their own
+            instead of being carved from, and kept in, the heaps once glibc's
+            dynamic threshold has risen, so a training loop's RSS stays flat,
+            at the price of fresh pages (page faults) for every such block.
+            0 (default): leave the C library's settings alone.
     """
 
     rpc_timeout: float = DEFAULT_RPC_TIMEOUT
@@ -121,6 +128,7 @@ class RpcOptions:
     max_pending_fetches_per_peer: int = 10_000
     max_owner_rrefs_per_peer: int = 100_000
     busy_poll: float = 0.0002
+    malloc_mmap_threshold: int = 0
 
     def __post_init__(self) -> None:
         if not self.rpc_timeout >= 0:  # also refuses NaN
@@ -154,6 +162,10 @@ class RpcOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, _ssl.SSLContext):
                 raise TypeError(f"{name} must be an ssl.SSLContext or None")
+        if self.malloc_mmap_threshold < 0:
+            raise ValueError(
+                f"malloc_mmap_threshold must be >= 0, got {self.malloc_mmap_threshold}"
+            )
         if not self.busy_poll >= 0:
             raise ValueError(f"busy_poll must be >= 0, got {self.busy_poll}")
         if not (self.heartbeat_interval >= 0 and self.heartbeat_timeout > 0):

@@ -1,9 +1,14 @@
 """BusyPoll: the loop polls (instead of sleeping) for a window after a poke,
-then sleeps again; off at 0; closed for good."""
+then sleeps again; off at 0; closed for good. And the opt-in fixed mmap
+threshold (RpcOptions.malloc_mmap_threshold)."""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -79,3 +84,44 @@ def test_option_validation() -> None:
     for bad in (-0.001, float("nan")):
         with pytest.raises(ValueError, match="busy_poll"):
             RpcOptions(busy_poll=bad)
+
+
+def test_malloc_mmap_threshold_option_fixes_glibc_threshold() -> None:
+    """With the threshold fixed, an 8 MiB block is its own mapping even after
+    a freed 16 MiB block raised glibc's dynamic threshold (which, left alone,
+    serves it from the heap, where freed space stays in RSS)."""
+    assert RpcOptions().malloc_mmap_threshold == 0  # opt-in
+    with pytest.raises(ValueError, match="malloc_mmap_threshold"):
+        RpcOptions(malloc_mmap_threshold=-1)
+    probe = textwrap.dedent(
+        """
+        import ctypes, sys
+        from aiorpc_autograd.agent import fix_mmap_threshold
+
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = Info
+        if sys.argv[1] == "fix":
+            assert fix_mmap_threshold(128 << 10)
+        big = ctypes.create_string_buffer(16 << 20)
+        del big  # freeing a mapped 16 MiB block raises the dynamic threshold
+        before = libc.mallinfo2().hblks
+        block = ctypes.create_string_buffer(8 << 20)  # more than any free heap chunk
+        print(libc.mallinfo2().hblks - before)
+        """
+    )
+    if not hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+    mapped = {
+        mode: int(
+            subprocess.run(
+                [sys.executable, "-c", probe, mode], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for mode in ("dynamic", "fix")
+    }
+    assert mapped == {"dynamic": 0, "fix": 1}
