@@ -211,7 +211,7 @@ class _PassRun:
 # A job kind measured under this many seconds runs on the event loop: the
 # pool hop costs 40-80 us here (a thread wake-up there, a loop wake-up back,
 # a GIL hand-off each way: the bench step's caller-side job took 100 us in
-# the pool for 10 us of work), and holding the loop this long delays other
+# the pool for ~45 us of work), and holding the loop this long delays other
 # frames by no more than decoding a mid-size message does.
 INLINE_BELOW_S = 200e-6
 
