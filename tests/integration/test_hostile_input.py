@@ -14,7 +14,6 @@ is the attacker, so it can name its own memfds to the worker.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import mmap
 import os
 import socket
@@ -31,6 +30,7 @@ import aiorpc_autograd as rpc
 from aiorpc_autograd import api, codec, wire
 from tests.integration.conftest import _LIVE, close_shared_group
 from tests.integration.harness import WorkerGroup, start_service
+from tests.wire.test_shm import sealed_memfd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -323,15 +323,6 @@ def test_msgpack_bomb_is_refused_fast(group: WorkerGroup, target: dict[str, Any]
 
 
 # ------------------------------------------------------------------ finding 3
-
-
-def sealed_memfd(size: int, data: bytes = b"") -> int:
-    fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    if data:
-        os.pwrite(fd, data, 0)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-    return fd
 
 
 def shm_call(name: str, t: torch.Tensor, seg_id: int, fd: int, size: int, rid: int) -> bytes:

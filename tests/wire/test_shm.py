@@ -218,7 +218,9 @@ def test_read_only_and_bytes_sources() -> None:
     assert bytes(out[0]) == data and bytes(out[1]) == data
 
 
-def _sealed(size: int, data: bytes = b"") -> int:
+def sealed_memfd(size: int, data: bytes = b"") -> int:
+    """A memfd of ``size`` bytes (``data`` at its start), sealed against
+    shrinking and growing, as a sender's segment is."""
     import fcntl
 
     fd = os.memfd_create("test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -238,7 +240,7 @@ def test_a_sparse_segment_maps_only_the_placed_bytes() -> None:
     # A peer names a 1 GiB (sparse) segment for a 4 KiB buffer: only 4 KiB
     # are mapped and prefaulted here.
     data = bytes(range(256)) * 16
-    fd = _sealed(1 << 30, data)
+    fd = sealed_memfd(1 << 30, data)
     try:
         rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30)
         before = _rss()
@@ -251,7 +253,7 @@ def test_a_sparse_segment_maps_only_the_placed_bytes() -> None:
 
 
 def test_mapped_bytes_per_connection_are_capped() -> None:
-    fd = _sealed(4 * MiB)
+    fd = sealed_memfd(4 * MiB)
     try:
         rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30, max_mapped=3 * MiB)
         first = rx.take([memoryview(b""), _table((0, 1, fd, 4 * MiB, 2 * MiB))])
@@ -270,7 +272,7 @@ def test_mapped_bytes_per_connection_are_capped() -> None:
 
 def test_copy_mode_buffers_do_not_change_with_the_segment() -> None:
     data = bytes(range(256)) * 4096  # 1 MiB
-    fd = _sealed(2 * MiB, data)
+    fd = sealed_memfd(2 * MiB, data)
     try:
         released: list[int] = []
         shared = ShmReceiver(os.getpid(), released.append, max_bytes=1 << 30)
@@ -288,7 +290,7 @@ def test_copy_mode_buffers_do_not_change_with_the_segment() -> None:
 
 
 def test_copy_buffers_are_reused_once_released_never_while_kept() -> None:
-    fd = _sealed(2 * MiB)
+    fd = sealed_memfd(2 * MiB)
     try:
         rx = ShmReceiver(os.getpid(), lambda _: None, max_bytes=1 << 30, copy=True)
         table = _table((0, 1, fd, 2 * MiB, MiB))
