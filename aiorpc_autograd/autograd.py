@@ -298,6 +298,20 @@ class DistAutogradContext:
         with self._lock:
             return dict(self._grads)
 
+    def clear(self) -> None:
+        """Drop what this context holds (its records, gradients, passes): it
+        was released, and whatever still refers to it (a job still running,
+        an error's traceback) must not keep its tensors alive."""
+        with self._lock:
+            self._sends.clear()
+            self._recvs.clear()
+            self._grads.clear()
+            self._watched.clear()
+        self.current_pass = None
+        self.finished_passes.clear()
+        self.aborted_passes.clear()
+        self.stepped_optimizers.clear()
+
     def __repr__(self) -> str:
         return (
             f"DistAutogradContext(id={self._context_id}, sends={len(self._sends)}, "
@@ -583,6 +597,7 @@ class BackwardPass:
         initial = [self._gradient_so_far(leaf) for leaf in leaves]
 
         after = self.after_last_job if final else None
+        recv_of_leaf = self._recv_of_leaf
 
         def job() -> list[torch.Tensor | None]:
             result = run_local_backward(outputs, grad_outputs, leaves, initial, retain)
@@ -591,7 +606,7 @@ class BackwardPass:
                 # final once stored, so what waits for that runs here, in the
                 # same thread (no hop back to the loop and out again).
                 for leaf, grad in zip(leaves, result, strict=True):
-                    if grad is not None and id(leaf) not in self._recv_of_leaf:
+                    if grad is not None and id(leaf) not in recv_of_leaf:
                         self.ctx.set_gradient(leaf, grad)
                 try:
                     after()
@@ -657,4 +672,10 @@ class BackwardPass:
         if self.done:
             return
         self.done = True
+        # Drop the pass's tensors (roots, records, partial gradients): what
+        # still refers to this engine (its run, an error's frames) must not
+        # keep them alive. A job still running has its own references.
+        self._roots = []
+        self._sends, self._recvs, self._resolved = {}, {}, {}
+        self._reach, self._deps, self._recv_of_leaf, self._recv_grads = {}, {}, {}, {}
         self.io.finished(self.error)

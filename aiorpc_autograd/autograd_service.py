@@ -206,6 +206,11 @@ class _PassRun:
                 self.done.set_exception(self.error)
             else:
                 self.done.set_result(None)
+            # The engine points back here (its I/O): drop the run's side of
+            # that cycle, so the context (its graph, saved tensors and
+            # gradients) is freed by reference counting when it is released,
+            # not at the next full collection.
+            self.engine = None
 
 
 # A job kind measured under this many seconds runs on the event loop: the
@@ -419,14 +424,10 @@ class AutogradService:
 
     def release(self, context_id: int, exclude: int | None = None) -> None:
         """Release a context here and send the release to the workers it knows."""
-        ctx = self.container.release(context_id)
-        maker = self._maker.pop(context_id, None)
-        if maker is not None:
-            self._made_by_peer.get(maker, set()).discard(context_id)
+        error = RuntimeError(f"autograd context {context_id} was released")
+        ctx = self._release_here(context_id, error)
         if ctx is None:
             return
-        for key in [k for k in self._runs if k[0] == context_id]:
-            self._runs.pop(key).fail(RuntimeError(f"autograd context {context_id} was released"))
         if not self.agent.running:
             return
         for worker_id in ctx.known_worker_ids() - {self.agent.info.id, exclude}:
@@ -693,14 +694,18 @@ class AutogradService:
                 self._release_here(cid, lost)
         self._made_by_peer.pop(info.id, None)
 
-    def _release_here(self, context_id: int, error: BaseException) -> None:
-        if self.container.release(context_id) is None:
-            return
+    def _release_here(self, context_id: int, error: BaseException) -> DistAutogradContext | None:
+        """Drop the context here (its passes fail with ``error``); None if absent."""
         maker = self._maker.pop(context_id, None)
         if maker is not None:
             self._made_by_peer.get(maker, set()).discard(context_id)
+        ctx = self.container.release(context_id)
+        if ctx is None:
+            return None
         for key in [k for k in self._runs if k[0] == context_id]:
             self._runs.pop(key).fail(error)
+        ctx.clear()
+        return ctx
 
 
 # A BackwardAbortReq reason that says a worker was lost (see _abort_reason).
