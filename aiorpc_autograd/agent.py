@@ -282,10 +282,10 @@ def fix_mmap_threshold(nbytes: int) -> bool:
     size of every such block freed (up to 32 MiB): from then on a training
     step's tensors and message buffers (128 KiB-1 MiB in the bench's step) come
     from the heaps of whichever threads allocate them, and freed space there is
-    kept. Measured on the bench's worker, 3000 steps: RSS +18 MiB (all of it
-    given back by ``malloc_trim``) with the dynamic threshold, +0.1 MiB fixed
-    at 128 KiB, +2.6 MiB at 1 MiB; but the step took 30% (17%) longer, each
-    block's pages faulted in afresh: hence opt-in (``RpcOptions``).
+    kept. Measured on the bench's worker: +5.6 MiB over 5000 steps with the
+    dynamic threshold (+0.1 MiB after ``malloc_trim``); fixed at 128 KiB the
+    RSS stays flat but the step took 30% longer (17% at 1 MiB), each block's
+    pages faulted in afresh: hence opt-in (``RpcOptions``).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
