@@ -119,11 +119,18 @@ def hold_grads(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     :func:`no_waiting`) for the duration of the ``with`` body."""
     # id() values are 16-byte aligned: drop the low bits before striping.
     stripes = sorted({(id(t) >> 4) % len(_GRAD_STRIPES) for t in tensors})
-    with contextlib.ExitStack() as stack:
+    wait = not getattr(_no_waiting, "on", False)
+    taken: list[threading.Lock] = []
+    try:
         for i in stripes:
-            take(_GRAD_STRIPES[i])
-            stack.callback(_GRAD_STRIPES[i].release)
+            lock = _GRAD_STRIPES[i]
+            if not lock.acquire(wait):
+                raise WouldBlock
+            taken.append(lock)
         yield
+    finally:
+        for lock in reversed(taken):
+            lock.release()
 
 
 def run_local_backward(
@@ -391,6 +398,11 @@ class ContextContainer:
             return list(self._contexts.values())
 
 
+# The graph node that accumulates into a leaf (its ``variable``); a type test
+# costs less than looking for the attribute on every node.
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
+
+
 def _leaf_closure(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The leaves (tensors requiring grad without a grad_fn) ``tensors`` reach."""
     leaves: dict[int, torch.Tensor] = {}
@@ -404,11 +416,11 @@ def _leaf_closure(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
             stack.append(t.grad_fn)
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, torch.Tensor):  # AccumulateGrad
+        if type(node) is _ACCUMULATE_GRAD:
+            variable = node.variable
             leaves[id(variable)] = variable
             continue
         for nxt, _ in node.next_functions:
