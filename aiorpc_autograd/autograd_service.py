@@ -392,7 +392,7 @@ class AutogradService:
         self._maker[context_id] = peer
         return self.container.get_or_create(context_id)
 
-    async def _on_forward(self, message: Message) -> Message:
+    def _on_forward(self, message: Message) -> Message | asyncio.Future[Message]:
         assert isinstance(message, ForwardAutogradReq)
         ctx = self._context_for_peer(message.context_id, message.from_worker)
         self._record_recv(ctx, message)
@@ -402,10 +402,36 @@ class AutogradService:
         token = current_context_id.set(message.context_id)
         try:
             result = handler(message.wrapped)
-            if not isinstance(result, Message):
-                result = await result
+            if not isinstance(result, (Message, asyncio.Future)):
+                # A coroutine: its Task starts here, in the context id's scope.
+                result = asyncio.ensure_future(result)
         finally:
             current_context_id.reset(token)
+        if isinstance(result, Message):
+            return self._forward_response(ctx, message, result)
+        # A future (a plain function's pool job, the hot path): answer from its
+        # callback, no Task of our own.
+        answer: asyncio.Future[Message] = self.agent.loop.create_future()
+
+        def done(inner: asyncio.Future[Message]) -> None:
+            if inner.cancelled():
+                answer.cancel()
+            elif inner.exception() is not None:
+                answer.set_exception(inner.exception())  # type: ignore[arg-type]
+            else:
+                try:
+                    answer.set_result(self._forward_response(ctx, message, inner.result()))
+                except Exception as exc:
+                    answer.set_exception(exc)
+
+        result.add_done_callback(done)
+        return answer
+
+    def _forward_response(
+        self, ctx: DistAutogradContext, message: ForwardAutogradReq, result: Message
+    ) -> Message:
+        """The response to ``message``: ``result``, wrapped with a send function
+        recorded when it carries tensors that require grad."""
         tensors = _grad_tensors(result)
         if not tensors:
             return result
@@ -439,8 +465,11 @@ class AutogradService:
     def _on_cleanup(self, message: Message) -> Message:
         assert isinstance(message, CleanupAutogradContextReq)
         # Releases start at the context's creator (or when it is gone): never
-        # send it one back, it would only cost a message per step.
-        self.release(message.context_id, exclude=message.context_id >> 48)
+        # send it one back, it would only cost a message per step. Released
+        # from the next loop iteration: a training loop's next forward often
+        # comes in the same read, and freeing the step's tensors waits until
+        # it is dispatched (every later read still finds the context gone).
+        self.agent.loop.call_soon(self.release, message.context_id, message.context_id >> 48)
         return CleanupAutogradContextResp()
 
     # -- backward ------------------------------------------------------------------
