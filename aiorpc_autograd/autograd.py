@@ -119,6 +119,7 @@ def hold_grads(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     :func:`no_waiting`) for the duration of the ``with`` body."""
     # id() values are 16-byte aligned: drop the low bits before striping.
     stripes = sorted({(id(t) >> 4) % len(_GRAD_STRIPES) for t in tensors})
+    # take() for each stripe, its no_waiting test hoisted (up to 64 stripes a job).
     wait = not getattr(_no_waiting, "on", False)
     taken: list[threading.Lock] = []
     try:

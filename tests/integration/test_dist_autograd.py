@@ -623,21 +623,41 @@ def set_cycle_collector(enabled: bool) -> tuple[int, int]:
     return alive  # type: ignore[return-value]
 
 
-async def check_contexts_freed_by_refcount(rank: int, world_size: int) -> Any:
-    """One pass in a context watched weakly on every worker it reaches."""
+def freed_weight() -> torch.Tensor:
+    return torch.randn(64, 64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+
+
+def times_rref(x: torch.Tensor, w: rpc.RRef[torch.Tensor]) -> torch.Tensor:
+    return x @ w.local_value()
+
+
+async def check_contexts_freed_by_refcount(rank: int, world_size: int, mode: str) -> Any:
+    """One step in a context watched weakly on every worker it reaches: nested
+    calls, an RRef-held weight, ``mode`` = ``backward``, ``backward_then_step``
+    (``DistributedOptimizer.step``) or ``step_in_backward``."""
+    from aiorpc_autograd.optim import DistributedOptimizer
+
     names = workers(world_size)
-    await asyncio.gather(*(query(w, set_cycle_collector, False) for w in names))
+    w = rpc.remote("worker2", freed_weight)
+    opt = DistributedOptimizer(torch.optim.SGD, [w], lr=0.1)
+    await asyncio.gather(*(query(n, set_cycle_collector, False) for n in names))
     try:
         async with dist_autograd.context() as cid:
             x = param("freed", (64, 64))
             y = await rpc.rpc_async("worker1", hop, args=(x, ["worker2"]))
-            await asyncio.gather(*(query(w, watch_context_weakly, cid) for w in names[:3]))
-            await dist_autograd.backward(cid, [y.sum()])
+            z = await rpc.rpc_async("worker2", times_rref, args=(y, w))
+            await asyncio.gather(*(query(n, watch_context_weakly, cid) for n in names[:3]))
+            if mode == "step_in_backward":
+                await dist_autograd.backward(cid, [z.sum()], optimizer=opt)
+            else:
+                await dist_autograd.backward(cid, [z.sum()])
+                if mode == "backward_then_step":
+                    await opt.step(cid)
         cleaned, contexts = await wait_everywhere(world_size, "num_autograd_contexts")
-        del x, y
-        alive = await asyncio.gather(*(query(w, set_cycle_collector, False) for w in names))
+        del x, y, z
+        alive = await asyncio.gather(*(query(n, set_cycle_collector, False) for n in names))
     finally:
-        await asyncio.gather(*(query(w, set_cycle_collector, True) for w in names))
+        await asyncio.gather(*(query(n, set_cycle_collector, True) for n in names))
     return {"cleaned": cleaned, "contexts": contexts, "alive": alive}
 
 
@@ -895,14 +915,15 @@ def test_cleanup_after_a_backward_pass(group: WorkerGroup) -> None:
     assert got["cleaned"], f"contexts left: {got['after']}"
 
 
-def test_released_contexts_are_freed_by_reference_counting(group: WorkerGroup) -> None:
+@pytest.mark.parametrize("mode", ["backward", "backward_then_step", "step_in_backward"])
+def test_released_contexts_are_freed_by_reference_counting(group: WorkerGroup, mode: str) -> None:
     # What a released context holds (its graph, saved tensors, gradients)
     # must go when it is released, not wait for a full collection: a
     # training loop makes one per step, and memory held by garbage cycles
     # grows with the step rate (1.2 MB a step in the bench's step). (A
     # failed pass's error keeps frames that refer back to the pass: that
     # rare path may wait for the collector.)
-    got = group.call(0, check_contexts_freed_by_refcount)
+    got = group.call(0, check_contexts_freed_by_refcount, mode)
     assert got["cleaned"], f"contexts left: {got['contexts']}"
     # (contexts, recorded tensors) still alive on each worker
     assert [tuple(alive) for alive in got["alive"]] == [(0, 0)] * WORLD, got
