@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .api import current_agent, remote, rpc_async
-from .autograd import hold_grads, take
+from .autograd import grad_stripes, hold_grads, take
 from .dist_autograd import _service, get_gradients, watch
 from .options import WorkerInfo
 from .rref import RRef
@@ -42,17 +42,27 @@ class _LocalOptimizer:
     ) -> None:
         self.params = list(params)
         self.optim = optimizer_class(self.params, *args, **kwargs)
+        self._stripes = grad_stripes(self.params)
 
     def step(self, context_id: int) -> None:
+        """Step with the context's gradients, lent to the parameters' ``.grad``
+        for the step only: ``.grad`` is as it was afterwards (as with PyTorch's
+        functional local optimizers)."""
         grads = get_gradients(context_id)
         take(self.lock)  # (on the loop: raises WouldBlock rather than wait)
         try:
-            with hold_grads(self.params):
-                # Parameters without a gradient in this context get none, so the
-                # optimizer leaves them alone (a stale .grad must not be reapplied).
-                for p in self.params:
-                    p.grad = grads.get(p)
-                self.optim.step()
+            with hold_grads(self.params, self._stripes):
+                saved = [p.grad for p in self.params]
+                try:
+                    # Parameters without a gradient in this context get none, so
+                    # the optimizer leaves them alone (a stale .grad must not be
+                    # reapplied).
+                    for p in self.params:
+                        p.grad = grads.get(p)
+                    self.optim.step()
+                finally:
+                    for p, grad in zip(self.params, saved, strict=True):
+                        p.grad = grad
         finally:
             self.lock.release()
 

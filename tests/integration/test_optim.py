@@ -108,6 +108,11 @@ def set_stale_grads(key: str) -> None:
         p.grad = torch.full_like(p, 100.0)
 
 
+def read_grads(key: str) -> list[torch.Tensor | None]:
+    """On a parameter server: its parameters' ``.grad``."""
+    return [None if p.grad is None else p.grad.clone() for p in _PARAMS[key]]
+
+
 def setup_params(
     group: WorkerGroup, key: str, ps1: list[torch.Tensor], ps2: list[torch.Tensor]
 ) -> None:
@@ -386,6 +391,54 @@ def test_parameters_without_gradient_are_left_alone(group: WorkerGroup) -> None:
     assert torch.equal(snapshots[0][2], c0) and torch.equal(snapshots[1][2], c0)
     assert torch.equal(snapshots[2][0], snapshots[1][0])
     assert not torch.equal(snapshots[2][2], c0)
+
+
+async def grad_slot_trainer(rank: int, world_size: int, key: str) -> list[Any]:
+    """A step with each mode, on parameters with a stale ``.grad`` (PS1) and
+    without one (PS2); what their ``.grad`` holds after each."""
+    (a, stale), (c,) = await all_param_rrefs(key)
+    await rpc.rpc_async(PS1, set_stale_grads, (key,))
+    opt = DistributedOptimizer(torch.optim.SGD, [a, stale, c], lr=0.5, momentum=0.9)
+    seen: list[Any] = []
+    for fused in (False, True):
+        async with dist_autograd.context() as cid:
+            loss = ((await a.to_here()) * 2.0).sum() + (await c.to_here()).sum()
+            if fused:
+                await dist_autograd.backward(cid, [loss], optimizer=opt)
+            else:
+                await dist_autograd.backward(cid, [loss])
+                await opt.step(cid)
+        seen.append(
+            [await rpc.rpc_async(ps, read_grads, (key,)) for ps in (PS1, PS2)]
+            + [[await p.to_here() for p in (a, stale, c)]]
+        )
+    return seen
+
+
+def test_a_step_leaves_dot_grad_as_it_was(group: WorkerGroup) -> None:
+    """The context's gradients are lent to ``.grad`` for the step only (as
+    PyTorch's functional local optimizers never touch it): a stale ``.grad``
+    stays, an absent one stays absent, in both modes; and the step used the
+    context's gradients, not the stale ones."""
+    key = "grad-slot"
+    a0, stale0, c0 = torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0]), torch.tensor([-1.0, 3.0])
+    setup_params(group, key, [a0, stale0], [c0])
+    try:
+        seen = group.call(0, grad_slot_trainer, key)
+    finally:
+        teardown_params(group, key)
+    hundred = torch.full((2,), 100.0)
+    for ps1_grads, ps2_grads, _ in seen:
+        assert all(g is not None and torch.equal(g, hundred) for g in ps1_grads), ps1_grads
+        assert ps2_grads == [None]
+    local = [t.clone().requires_grad_() for t in (a0, stale0, c0)]
+    opt = torch.optim.SGD(local, lr=0.5, momentum=0.9)
+    for step in range(2):
+        opt.zero_grad(set_to_none=True)
+        ((local[0] * 2.0).sum() + local[2].sum()).backward()
+        opt.step()
+        for g, w in zip(seen[step][2], local, strict=True):
+            assert torch.allclose(g, w.detach()), (seen, local)
 
 
 # --------------------------------------------------------------------- errors
