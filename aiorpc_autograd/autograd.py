@@ -51,6 +51,7 @@ import inspect
 import itertools
 import threading
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import torch
@@ -63,6 +64,7 @@ __all__ = [
     "RecvFunction",
     "SendFunction",
     "current_context_id",
+    "grad_stripes",
     "hold_grads",
     "reachable_leaves",
     "run_local_backward",
@@ -113,12 +115,23 @@ def take(lock: threading.Lock) -> None:
         lock.acquire()
 
 
-@contextlib.contextmanager
-def hold_grads(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Hold the ``.grad`` slots of ``tensors`` exclusively (blocking, but see
-    :func:`no_waiting`) for the duration of the ``with`` body."""
+def grad_stripes(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """The stripes (indices into the ``.grad`` slot locks, in taking order)
+    that guard ``tensors``: what :func:`hold_grads` takes; a holder of a fixed
+    set of tensors may compute them once."""
     # id() values are 16-byte aligned: drop the low bits before striping.
-    stripes = sorted({(id(t) >> 4) % len(_GRAD_STRIPES) for t in tensors})
+    return sorted({(id(t) >> 4) % len(_GRAD_STRIPES) for t in tensors})
+
+
+@contextlib.contextmanager
+def hold_grads(
+    tensors: Iterable[torch.Tensor], stripes: Sequence[int] | None = None
+) -> Iterator[None]:
+    """Hold the ``.grad`` slots of ``tensors`` exclusively (blocking, but see
+    :func:`no_waiting`) for the duration of the ``with`` body. ``stripes``:
+    ``grad_stripes(tensors)``, if the caller has it."""
+    if stripes is None:
+        stripes = grad_stripes(tensors)
     # take() for each stripe, its no_waiting test hoisted (up to 64 stripes a job).
     wait = not getattr(_no_waiting, "on", False)
     taken: list[threading.Lock] = []
@@ -296,10 +309,26 @@ class DistAutogradContext:
         with self._lock:
             return self._grads.get(leaf)
 
+    def gradients_of(self, leaves: Iterable[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The gradients of ``leaves`` so far (None where there is none)."""
+        with self._lock:
+            get = self._grads.get
+            return [get(leaf) for leaf in leaves]
+
     def set_gradient(self, leaf: torch.Tensor, grad: torch.Tensor) -> None:
         """Make ``grad`` the gradient of ``leaf`` in this context."""
         with self._lock:
             self._grads[leaf] = grad
+
+    def set_gradients(
+        self, leaves: Iterable[torch.Tensor], grads: Iterable[torch.Tensor | None]
+    ) -> None:
+        """Make each of ``grads`` its leaf's gradient in this context (None:
+        leave that leaf's alone)."""
+        with self._lock:
+            for leaf, grad in zip(leaves, grads, strict=True):
+                if grad is not None:
+                    self._grads[leaf] = grad
 
     def gradients(self) -> dict[torch.Tensor, torch.Tensor]:
         """Leaf tensor -> gradient accumulated in this context."""
@@ -495,10 +524,17 @@ class BackwardPass:
             self._reach[_ROOT] = _leaf_closure(self._roots)
         for mid, send in self._sends.items():
             self._reach[mid] = _leaf_closure(send.tensors)
-        self._deps: dict[int, set[int]] = {}  # id(leaf) -> source keys reaching it
+        # id(leaf) -> the source keys reaching it (one shared set per key
+        # when a single source reaches a leaf: the common case, and cheap).
+        self._deps: dict[int, AbstractSet[int]] = {}
         for key, leaves in self._reach.items():
+            alone = frozenset((key,))
             for leaf in leaves:
-                self._deps.setdefault(id(leaf), set()).add(key)
+                keys = self._deps.get(id(leaf))
+                if keys is None:
+                    self._deps[id(leaf)] = alone
+                else:
+                    self._deps[id(leaf)] = keys | alone
         self._recv_of_leaf: dict[int, RecvFunction] = {
             id(t): recv for recv in self._recvs.values() for t in recv.tensors
         }
@@ -605,12 +641,17 @@ class BackwardPass:
         if not outputs or not inputs:
             self._advance()
             return
-        leaves = list(inputs.values())
+        # The context's leaves first, then the recv functions' tensors (whose
+        # accumulation in this pass starts at this pass's sum).
+        recv_of_leaf = self._recv_of_leaf
+        leaves = [leaf for key, leaf in inputs.items() if key not in recv_of_leaf]
+        n_context = len(leaves)
+        leaves += [leaf for key, leaf in inputs.items() if key in recv_of_leaf]
         retain = self.retain_graph or not final
-        initial = [self._gradient_so_far(leaf) for leaf in leaves]
+        initial = self.ctx.gradients_of(leaves[:n_context])
+        initial += [self._recv_grad_so_far(leaf) for leaf in leaves[n_context:]]
 
         after = self.after_last_job if final else None
-        recv_of_leaf = self._recv_of_leaf
 
         def job() -> list[torch.Tensor | None]:
             result = run_local_backward(outputs, grad_outputs, leaves, initial, retain)
@@ -618,9 +659,7 @@ class BackwardPass:
                 # The last job: this worker's gradients in the context are
                 # final once stored, so what waits for that runs here, in the
                 # same thread (no hop back to the loop and out again).
-                for leaf, grad in zip(leaves, result, strict=True):
-                    if grad is not None and id(leaf) not in recv_of_leaf:
-                        self.ctx.set_gradient(leaf, grad)
+                self.ctx.set_gradients(leaves[:n_context], result[:n_context])
                 try:
                     after()
                     self.ran_after_last_job = True
@@ -637,21 +676,27 @@ class BackwardPass:
         )
         self._running = True
         self.batches += 1
-        self.io.compute(job, lambda result: self._batch_done(leaves, result), kind)
+        stored = n_context if after is not None else 0
+        self.io.compute(
+            job, lambda result: self._batch_done(leaves, n_context, stored, result), kind
+        )
 
-    def _gradient_so_far(self, leaf: torch.Tensor) -> torch.Tensor | None:
-        """Where the next job's accumulation into ``leaf`` starts: this pass's
-        sum for a recv function's tensor, the context's gradient otherwise."""
-        recv = self._recv_of_leaf.get(id(leaf))
-        if recv is None:
-            return self.ctx.gradient(leaf)
+    def _recv_grad_so_far(self, leaf: torch.Tensor) -> torch.Tensor | None:
+        """Where the next job's accumulation into a recv function's tensor
+        starts: this pass's sum so far."""
+        recv = self._recv_of_leaf[id(leaf)]
         return self._recv_grads[recv.message_id][self._recv_index(recv, leaf)]
 
     @staticmethod
     def _recv_index(recv: RecvFunction, leaf: torch.Tensor) -> int:
         return next(i for i, t in enumerate(recv.tensors) if t is leaf)
 
-    def _batch_done(self, leaves: list[torch.Tensor], result: Any) -> None:
+    def _batch_done(
+        self, leaves: list[torch.Tensor], n_context: int, stored: int, result: Any
+    ) -> None:
+        """A job is over: ``leaves[:n_context]`` are the context's leaves (the
+        first ``stored`` of them already stored by the job), the rest recv
+        functions' tensors."""
         self._running = False
         if self.done:
             return
@@ -661,13 +706,11 @@ class BackwardPass:
             return
         # The job started each accumulation at the gradient so far: its
         # results replace it.
-        for leaf, grad in zip(leaves, result, strict=True):
-            if grad is None:
-                continue
-            recv = self._recv_of_leaf.get(id(leaf))
-            if recv is None:
-                self.ctx.set_gradient(leaf, grad)
-            else:
+        if stored < n_context:
+            self.ctx.set_gradients(leaves[stored:n_context], result[stored:n_context])
+        for leaf, grad in zip(leaves[n_context:], result[n_context:], strict=True):
+            if grad is not None:
+                recv = self._recv_of_leaf[id(leaf)]
                 self._recv_grads[recv.message_id][self._recv_index(recv, leaf)] = grad
         self._advance()
 
