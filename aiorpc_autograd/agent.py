@@ -134,8 +134,22 @@ _REGISTERED: dict[str, Callable[..., Any]] = {}
 serving_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
     "aiorpc_serving_connection", default=None
 )
+
+
 # While a payload is encoded: the worker it goes to (an RRef forked into it is
 # held there). Unset where the sender does not know it for sure.
+def _busy_poll_window(options: RpcOptions) -> float:
+    """``options.busy_poll``, or ``busy_poll_pinned`` if this process may run
+    on one CPU only (see :class:`RpcOptions`)."""
+    if options.busy_poll == 0:
+        return 0.0
+    try:
+        pinned = len(os.sched_getaffinity(0)) == 1
+    except (AttributeError, OSError):  # no affinity on this platform
+        pinned = False
+    return options.busy_poll_pinned if pinned else options.busy_poll
+
+
 sending_to: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "aiorpc_sending_to", default=None
 )
@@ -340,7 +354,7 @@ class RpcAgent:
         self._servers: list[asyncio.AbstractServer] = []
         self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
         # Keeps the loop polling for a moment after each message (see BusyPoll).
-        self._busy_poll = BusyPoll(self.loop, options.busy_poll, lambda: self._pool.busy)
+        self._busy_poll = BusyPoll(self.loop, _busy_poll_window(options), lambda: self._pool.busy)
         self._inflight = 0
         self._activity = 0
         self._probes: set[int] = set()  # request ids of shutdown liveness probes

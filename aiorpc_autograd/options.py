@@ -95,6 +95,13 @@ class RpcOptions:
             answer within the window costs no thread wake-up. Spends up to that
             much CPU per burst of messages; an idle worker, and one whose thread
             pool is computing, spends none. 0: off.
+        busy_poll_pinned: the window used instead of ``busy_poll`` when this
+            process may run on one CPU only (its affinity when the agent
+            starts; unless ``busy_poll`` is 0): a spinning loop there competes
+            only with this process's own threads (it pauses while its pool
+            computes, and yields the core to any other runnable thread), so
+            it can afford to stay hot across a whole training step; with
+            several CPUs it would take one from torch's intra-op threads.
         malloc_mmap_threshold: if set, ``init_rpc`` fixes glibc's mmap
             threshold (``mallopt(M_MMAP_THRESHOLD)``, process-wide) at this
             many bytes: blocks this large are mapped and unmapped on their own
@@ -128,6 +135,7 @@ class RpcOptions:
     max_pending_fetches_per_peer: int = 10_000
     max_owner_rrefs_per_peer: int = 100_000
     busy_poll: float = 0.0002
+    busy_poll_pinned: float = 0.002
     malloc_mmap_threshold: int = 0
 
     def __post_init__(self) -> None:
@@ -166,8 +174,9 @@ class RpcOptions:
             raise ValueError(
                 f"malloc_mmap_threshold must be >= 0, got {self.malloc_mmap_threshold}"
             )
-        if not self.busy_poll >= 0:
-            raise ValueError(f"busy_poll must be >= 0, got {self.busy_poll}")
+        for name in ("busy_poll", "busy_poll_pinned"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.heartbeat_interval >= 0 and self.heartbeat_timeout > 0):
             raise ValueError("heartbeat_interval must be >= 0 and heartbeat_timeout > 0")
         if not isinstance(self.device_maps, dict) or not all(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import subprocess
 import sys
 import textwrap
@@ -80,10 +81,37 @@ async def test_no_spinning_while_paused() -> None:
 
 def test_option_validation() -> None:
     assert RpcOptions().busy_poll == 0.0002
+    assert RpcOptions().busy_poll_pinned == 0.002
     assert RpcOptions(busy_poll=0).busy_poll == 0
-    for bad in (-0.001, float("nan")):
-        with pytest.raises(ValueError, match="busy_poll"):
-            RpcOptions(busy_poll=bad)
+    for name in ("busy_poll", "busy_poll_pinned"):
+        for bad in (-0.001, float("nan")):
+            with pytest.raises(ValueError, match=name):
+                RpcOptions(**{name: bad})
+
+
+def test_busy_poll_window_follows_the_process_affinity() -> None:
+    """The longer window only for a process confined to one CPU (read in a
+    child process pinned to each choice); busy_poll=0 turns both off."""
+    probe = textwrap.dedent(
+        """
+        import os, sys
+        from aiorpc_autograd.agent import _busy_poll_window
+        from aiorpc_autograd.options import RpcOptions
+        os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
+        print(_busy_poll_window(RpcOptions()), _busy_poll_window(RpcOptions(busy_poll=0)),
+              _busy_poll_window(RpcOptions(busy_poll_pinned=0.0005)))
+        """
+    )
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def window(pin: list[int]) -> list[float]:
+        cmd = [sys.executable, "-c", probe, ",".join(map(str, pin))]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+        return [float(v) for v in out.stdout.split()]
+
+    assert window(cpus[:1]) == [0.002, 0.0, 0.0005]
+    if len(cpus) > 1:
+        assert window(cpus[:2]) == [0.0002, 0.0, 0.0002]
 
 
 def test_malloc_mmap_threshold_option_fixes_glibc_threshold() -> None:
