@@ -278,12 +278,22 @@ class Rendezvous:
             RpcError: the store is unreachable.
         """
         assert self.world_size is not None, "a dynamic group has no group-wide counts"
+        world = self.world_size
         delay = _POLL_MIN
         while True:
             count = await self.call(self.store.add, key, 0, deadline=deadline)
-            if count >= self.world_size - await self._dead(deadline):
+            if count >= world - await self._dead(deadline):
                 return count
-            stop()
+            try:
+                stop()
+            except RpcError:
+                # The count read here may predate a peer's leave: one that saw
+                # it complete (after this read) may be gone already, and was
+                # found so while the read was in flight. Read it once more.
+                count = await self.call(self.store.add, key, 0, deadline=deadline)
+                if count >= world - await self._dead(deadline):
+                    return count
+                raise
             if time.monotonic() >= deadline:
                 raise RpcTimeoutError(f"{count} of {self.world_size} workers arrived")
             await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
