@@ -135,21 +135,8 @@ serving_connection: contextvars.ContextVar[Connection | None] = contextvars.Cont
     "aiorpc_serving_connection", default=None
 )
 
-
 # While a payload is encoded: the worker it goes to (an RRef forked into it is
 # held there). Unset where the sender does not know it for sure.
-def _busy_poll_window(options: RpcOptions) -> float:
-    """``options.busy_poll``, or ``busy_poll_pinned`` if this process may run
-    on one CPU only (see :class:`RpcOptions`)."""
-    if options.busy_poll == 0:
-        return 0.0
-    try:
-        pinned = len(os.sched_getaffinity(0)) == 1
-    except (AttributeError, OSError):  # no affinity on this platform
-        pinned = False
-    return options.busy_poll_pinned if pinned else options.busy_poll
-
-
 sending_to: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "aiorpc_sending_to", default=None
 )
@@ -306,6 +293,18 @@ def fix_mmap_threshold(nbytes: int) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes))
     except (OSError, AttributeError):
         return False
+
+
+def _busy_poll_window(options: RpcOptions) -> float:
+    """``options.busy_poll``, or ``busy_poll_pinned`` if this process may run
+    on one CPU only (see :class:`RpcOptions`)."""
+    if options.busy_poll == 0:
+        return 0.0
+    try:
+        pinned = len(os.sched_getaffinity(0)) == 1
+    except (AttributeError, OSError):  # no affinity on this platform
+        pinned = False
+    return options.busy_poll_pinned if pinned else options.busy_poll
 
 
 class RpcAgent:

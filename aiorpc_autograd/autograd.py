@@ -676,7 +676,7 @@ class BackwardPass:
         )
         self._running = True
         self.batches += 1
-        stored = n_context if after is not None else 0
+        stored = after is not None
         self.io.compute(
             job, lambda result: self._batch_done(leaves, n_context, stored, result), kind
         )
@@ -692,11 +692,11 @@ class BackwardPass:
         return next(i for i, t in enumerate(recv.tensors) if t is leaf)
 
     def _batch_done(
-        self, leaves: list[torch.Tensor], n_context: int, stored: int, result: Any
+        self, leaves: list[torch.Tensor], n_context: int, stored: bool, result: Any
     ) -> None:
-        """A job is over: ``leaves[:n_context]`` are the context's leaves (the
-        first ``stored`` of them already stored by the job), the rest recv
-        functions' tensors."""
+        """A job is over: ``leaves[:n_context]`` are the context's leaves
+        (their gradients already stored by the job if ``stored``), the rest
+        recv functions' tensors."""
         self._running = False
         if self.done:
             return
@@ -706,8 +706,8 @@ class BackwardPass:
             return
         # The job started each accumulation at the gradient so far: its
         # results replace it.
-        if stored < n_context:
-            self.ctx.set_gradients(leaves[stored:n_context], result[stored:n_context])
+        if not stored:
+            self.ctx.set_gradients(leaves[:n_context], result[:n_context])
         for leaf, grad in zip(leaves[n_context:], result[n_context:], strict=True):
             if grad is not None:
                 recv = self._recv_of_leaf[id(leaf)]

@@ -278,11 +278,10 @@ class Rendezvous:
             RpcError: the store is unreachable.
         """
         assert self.world_size is not None, "a dynamic group has no group-wide counts"
-        world = self.world_size
         delay = _POLL_MIN
         while True:
-            count = await self.call(self.store.add, key, 0, deadline=deadline)
-            if count >= world - await self._dead(deadline):
+            count, complete = await self._count(key, deadline)
+            if complete:
                 return count
             try:
                 stop()
@@ -290,14 +289,20 @@ class Rendezvous:
                 # The count read here may predate a peer's leave: one that saw
                 # it complete (after this read) may be gone already, and was
                 # found so while the read was in flight. Read it once more.
-                count = await self.call(self.store.add, key, 0, deadline=deadline)
-                if count >= world - await self._dead(deadline):
+                count, complete = await self._count(key, deadline)
+                if complete:
                     return count
                 raise
             if time.monotonic() >= deadline:
                 raise RpcTimeoutError(f"{count} of {self.world_size} workers arrived")
             await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0.0)))
             delay = min(delay * 2, _POLL_MAX)
+
+    async def _count(self, key: str, deadline: float) -> tuple[int, bool]:
+        """The counter ``key``, and whether it reached the live world size."""
+        assert self.world_size is not None
+        count = int(await self.call(self.store.add, key, 0, deadline=deadline))
+        return count, count >= self.world_size - await self._dead(deadline)
 
     async def barrier(
         self, tag: str, timeout: float, stop: Callable[[], None] = lambda: None
