@@ -300,15 +300,20 @@ def fix_mmap_threshold(nbytes: int) -> bool:
 _TIMER_SLACK = 0.002
 
 
-def _busy_poll_window(options: RpcOptions) -> float:
+def on_one_cpu() -> bool:
+    """Whether this process may run on one CPU only (its affinity now): its
+    threads then take turns on that CPU instead of running side by side."""
+    try:
+        return len(os.sched_getaffinity(0)) == 1
+    except (AttributeError, OSError):  # no affinity on this platform
+        return False
+
+
+def _busy_poll_window(options: RpcOptions, pinned: bool) -> float:
     """``options.busy_poll``, or ``busy_poll_pinned`` if this process may run
     on one CPU only (see :class:`RpcOptions`)."""
     if options.busy_poll == 0:
         return 0.0
-    try:
-        pinned = len(os.sched_getaffinity(0)) == 1
-    except (AttributeError, OSError):  # no affinity on this platform
-        pinned = False
     return options.busy_poll_pinned if pinned else options.busy_poll
 
 
@@ -357,8 +362,13 @@ class RpcAgent:
         self._run_key: bytes | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
+        # Confined to one CPU when the agent starts (workers pinned one per
+        # core): the loop and the pool take turns on it.
+        self.pinned = on_one_cpu()
         # Keeps the loop polling for a moment after each message (see BusyPoll).
-        self._busy_poll = BusyPoll(self.loop, _busy_poll_window(options), lambda: self._pool.busy)
+        self._busy_poll = BusyPoll(
+            self.loop, _busy_poll_window(options, self.pinned), lambda: self._pool.busy
+        )
         self._inflight = 0
         self._activity = 0
         self._probes: set[int] = set()  # request ids of shutdown liveness probes

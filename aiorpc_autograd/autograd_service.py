@@ -219,6 +219,11 @@ class _PassRun:
 # the pool for ~45 us of work), and holding the loop this long delays other
 # frames by no more than decoding a mid-size message does.
 INLINE_BELOW_S = 200e-6
+# On a worker confined to one CPU the pool runs nothing in parallel with the
+# loop (they take turns on that CPU), so a hop buys only the loop's freedom to
+# read other frames meanwhile: longer jobs run inline too (pinned A/B of the
+# bench's step in backward: the worker's backward 1.00-1.03 -> 0.92-0.97 ms).
+INLINE_BELOW_PINNED_S = 2e-3
 
 
 class JobCosts:
@@ -265,7 +270,7 @@ class AutogradService:
         # Step in backward: optimizer id -> (a future of) a weak reference to
         # the function stepping this worker's local optimizer of that id.
         self._local_optimizers: dict[int, asyncio.Future[Any]] = {}
-        self.job_costs = JobCosts()
+        self.job_costs = JobCosts(INLINE_BELOW_PINNED_S if agent.pinned else INLINE_BELOW_S)
 
     @classmethod
     def install(cls, agent: RpcAgent) -> AutogradService:

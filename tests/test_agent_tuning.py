@@ -95,11 +95,13 @@ def test_busy_poll_window_follows_the_process_affinity() -> None:
     probe = textwrap.dedent(
         """
         import os, sys
-        from aiorpc_autograd.agent import _busy_poll_window
+        from aiorpc_autograd.agent import _busy_poll_window, on_one_cpu
         from aiorpc_autograd.options import RpcOptions
         os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
-        print(_busy_poll_window(RpcOptions()), _busy_poll_window(RpcOptions(busy_poll=0)),
-              _busy_poll_window(RpcOptions(busy_poll_pinned=0.0005)))
+        pinned = on_one_cpu()
+        print(_busy_poll_window(RpcOptions(), pinned),
+              _busy_poll_window(RpcOptions(busy_poll=0), pinned),
+              _busy_poll_window(RpcOptions(busy_poll_pinned=0.0005), pinned))
         """
     )
     cpus = sorted(os.sched_getaffinity(0))

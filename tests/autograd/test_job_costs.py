@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from aiorpc_autograd.autograd import WouldBlock, hold_grads, no_waiting, take
-from aiorpc_autograd.autograd_service import AutogradService, JobCosts
+from aiorpc_autograd.autograd_service import (
+    INLINE_BELOW_PINNED_S,
+    INLINE_BELOW_S,
+    AutogradService,
+    JobCosts,
+)
 from aiorpc_autograd.options import WorkerInfo
 from aiorpc_autograd.pool import WorkerPool
 
@@ -67,7 +72,9 @@ def test_take_never_waits_under_no_waiting() -> None:
 async def test_run_job_inline_when_cheap_pool_when_slow_or_locked() -> None:
     loop = asyncio.get_running_loop()
     pool = WorkerPool(loop, 2, "t")
-    agent = types.SimpleNamespace(info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run)
+    agent = types.SimpleNamespace(
+        info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run, pinned=False
+    )
     service = AutogradService(agent)  # type: ignore[arg-type]
     loop_thread = threading.get_ident()
 
@@ -120,3 +127,20 @@ async def test_run_job_inline_when_cheap_pool_when_slow_or_locked() -> None:
     await holding
     assert runs == [False]
     pool.shutdown()
+
+
+def test_a_worker_on_one_cpu_runs_longer_jobs_inline() -> None:
+    """Pinned to one CPU the pool computes nothing in parallel with the loop:
+    the inline bound is 2 ms there, 200 us otherwise (a 1 ms job kind runs
+    inline only on the pinned worker)."""
+    bounds = {}
+    for pinned in (False, True):
+        agent = types.SimpleNamespace(info=WorkerInfo("w", 0), loop=None, pinned=pinned)
+        costs = AutogradService(agent).job_costs  # type: ignore[arg-type]
+        costs.record("engine", 0.001)
+        bounds[pinned] = (costs.inline_below, costs.inline("engine"))
+    assert bounds == {
+        False: (INLINE_BELOW_S, False),
+        True: (INLINE_BELOW_PINNED_S, True),
+    }
+    assert INLINE_BELOW_S == 200e-6 and INLINE_BELOW_PINNED_S == 2e-3
