@@ -160,3 +160,28 @@ def test_reachable_leaves() -> None:
     assert {id(t) for t in reachable_leaves([x])} == {id(x)}  # a leaf reaches itself
     assert reachable_leaves([c]) == []
     assert {id(t) for t in reachable_leaves([z, x, y])} == {id(x), id(w)}
+
+
+def test_a_send_functions_leaves_are_walked_once_and_again_after_an_in_place_op(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import aiorpc_autograd.autograd as engine
+
+    walks: list[int] = []
+    walk = engine._leaf_closure
+
+    def counted(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        walks.append(1)
+        return walk(tensors)
+
+    monkeypatch.setattr(engine, "_leaf_closure", counted)
+    x = torch.ones(2, requires_grad=True)
+    w = torch.ones(2, requires_grad=True)
+    y = x * 2
+    send = SendFunction(1, 1, [y])
+    assert [id(t) for t in send.leaves()] == [id(x)]
+    assert [id(t) for t in send.leaves()] == [id(x)]
+    assert len(walks) == 1
+    y.mul_(w)  # a new grad_fn on the sent tensor, reaching w too
+    assert {id(t) for t in send.leaves()} == {id(x), id(w)}
+    assert len(walks) == 2

@@ -1163,3 +1163,91 @@ def test_hooks_run_in_a_distributed_backward_as_in_local_autograd(group: WorkerG
         assert got is not None and want is not None, name
         torch.testing.assert_close(got, want)
     assert result["dotgrad"] == [None, None]
+
+
+# ------------------------------------------------------------------ the leaf walk off the backward
+
+_WALK_LOG: list[tuple[str, int]] = []
+
+
+def log_walks(on: bool) -> None:
+    """Log, in this worker, frames written and send functions' leaf walks
+    (``on``), or stop logging."""
+    from aiorpc_autograd import autograd as engine
+    from aiorpc_autograd.transport import Connection
+
+    if not on:
+        for owner, name, original in _WALK_UNDO:
+            setattr(owner, name, original)
+        _WALK_UNDO.clear()
+        return
+    _WALK_LOG.clear()
+    flush, walk = Connection._flush, engine._leaf_closure
+
+    def logged_flush(conn: Connection) -> None:
+        _WALK_LOG.append(("write", sum(len(c) for c in conn._outbox)))
+        flush(conn)
+
+    def logged_walk(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        _WALK_LOG.append(("walk", len(tensors)))
+        return walk(tensors)
+
+    _WALK_UNDO[:] = [(Connection, "_flush", flush), (engine, "_leaf_closure", walk)]
+    Connection._flush = logged_flush  # type: ignore[method-assign]
+    engine._leaf_closure = logged_walk
+
+
+_WALK_UNDO: list[tuple[Any, str, Any]] = []
+
+
+def walk_log() -> list[tuple[str, int]]:
+    return list(_WALK_LOG)
+
+
+def deep_tanh(x: torch.Tensor) -> torch.Tensor:
+    y = x
+    for i in range(8):
+        y = (y * param(f"deep{i}", (512,))).tanh()
+    return y
+
+
+async def walked_pass(rank: int, world_size: int) -> dict[str, Any]:
+    await rpc.rpc_async("worker1", log_walks, args=(True,))
+    try:
+        x = torch.ones(512, requires_grad=True)
+        async with dist_autograd.context() as cid:
+            y = await rpc.rpc_async("worker1", deep_tanh, args=(x,))
+            await asyncio.sleep(0.05)
+            before = await rpc.rpc_async("worker1", walk_log)
+            await dist_autograd.backward(cid, [y.sum()])
+            grad = dist_autograd.get_gradients(cid)[x]
+        log = await rpc.rpc_async("worker1", walk_log)
+    finally:
+        await rpc.rpc_async("worker1", log_walks, args=(False,))
+    return {"before": before, "log": log, "grad": grad}
+
+
+def test_the_leaf_walk_runs_once_after_the_reply_is_written(group: WorkerGroup) -> None:
+    """The worker walks its reply's graph to the leaves once, right after the
+    reply's frame is written (not before it, which would delay the reply),
+    before any backward pass, which reuses that walk; gradients are unchanged."""
+    got = group.call(0, walked_pass)
+    assert ("walk", 1) in got["before"]
+    log = got["log"]
+    walks = [i for i, (what, _) in enumerate(log) if what == "walk"]
+    assert len(walks) == 1, log
+    # The reply (a 512-float tensor, 2 KiB) was written before the walk.
+    assert any(what == "write" and n >= 2048 for what, n in log[: walks[0]]), log
+    x = torch.ones(512, requires_grad=True)
+    torch.autograd.backward([_local_deep_tanh(x).sum()])
+    assert torch.allclose(got["grad"], x.grad)
+
+
+def _local_deep_tanh(x: torch.Tensor) -> torch.Tensor:
+    y = x
+    for i in range(8):
+        key = f"worker1:deep{i}:512:float32"
+        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        w = (torch.randn(512, generator=gen, dtype=torch.float64) * 0.7).float()
+        y = (y * w).tanh()
+    return y
