@@ -125,6 +125,23 @@ def teardown_params(group: WorkerGroup, key: str) -> None:
     group.call(PS2_RANK, drop_params, key)
 
 
+def call_with_params(
+    group: WorkerGroup,
+    key: str,
+    ps1: list[torch.Tensor],
+    ps2: list[torch.Tensor],
+    fn: Callable[..., Any],
+    *args: Any,
+) -> Any:
+    """``fn(*args)`` on rank 0 with parameters ``key`` set up on the servers
+    (dropped afterwards, also when it fails)."""
+    setup_params(group, key, ps1, ps2)
+    try:
+        return group.call(0, fn, *args)
+    finally:
+        teardown_params(group, key)
+
+
 async def all_param_rrefs(key: str) -> tuple[list[rpc.RRef[torch.Tensor]], ...]:
     return tuple(
         await asyncio.gather(*(rpc.rpc_async(ps, param_rrefs, (key,)) for ps in (PS1, PS2)))
@@ -316,11 +333,9 @@ def test_stateful_optimizers_one_trainer_match_local(
     each steps in the backward pass."""
     key, steps = f"stateful-{name}-{fused}", 6
     (w1, w2, u, b), x, y = model_init()
-    setup_params(group, key, [w1], [w2, u])
-    try:
-        got, losses = group.call(0, stateful_trainer, key, name, steps, fused)
-    finally:
-        teardown_params(group, key)
+    got, losses = call_with_params(
+        group, key, [w1], [w2, u], stateful_trainer, key, name, steps, fused
+    )
 
     optimizer_class, kwargs = OPTIMIZERS[name]
     local = [t.clone().requires_grad_() for t in (w1, w2, u, b)]
@@ -367,11 +382,7 @@ async def partial_trainer(rank: int, world_size: int, key: str) -> list[list[tor
 def test_parameters_without_gradient_are_left_alone(group: WorkerGroup) -> None:
     key = "partial"
     a0, stale0, c0 = torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0]), torch.tensor([-1.0, 3.0])
-    setup_params(group, key, [a0, stale0], [c0])
-    try:
-        snapshots = group.call(0, partial_trainer, key)
-    finally:
-        teardown_params(group, key)
+    snapshots = call_with_params(group, key, [a0, stale0], [c0], partial_trainer, key)
 
     local = [t.clone().requires_grad_() for t in (a0, stale0, c0)]
     opt = torch.optim.SGD(local, lr=0.5, momentum=0.9, weight_decay=0.1)
@@ -422,11 +433,7 @@ def test_a_step_leaves_dot_grad_as_it_was(group: WorkerGroup) -> None:
     context's gradients, not the stale ones."""
     key = "grad-slot"
     a0, stale0, c0 = torch.tensor([1.0, 2.0]), torch.tensor([5.0, 6.0]), torch.tensor([-1.0, 3.0])
-    setup_params(group, key, [a0, stale0], [c0])
-    try:
-        seen = group.call(0, grad_slot_trainer, key)
-    finally:
-        teardown_params(group, key)
+    seen = call_with_params(group, key, [a0, stale0], [c0], grad_slot_trainer, key)
     hundred = torch.full((2,), 100.0)
     for ps1_grads, ps2_grads, _ in seen:
         assert all(g is not None and torch.equal(g, hundred) for g in ps1_grads), ps1_grads
@@ -489,11 +496,9 @@ async def failing_step_trainer(rank: int, world_size: int, key: str) -> dict[str
 
 def test_error_on_one_owner_raises_at_the_caller_after_the_others(group: WorkerGroup) -> None:
     key = "failing"
-    setup_params(group, key, [torch.tensor([1.0, 2.0])], [torch.tensor([3.0])])
-    try:
-        got = group.call(0, failing_step_trainer, key)
-    finally:
-        teardown_params(group, key)
+    got = call_with_params(
+        group, key, [torch.tensor([1.0, 2.0])], [torch.tensor([3.0])], failing_step_trainer, key
+    )
     err = got["error"]
     assert isinstance(err, rpc.RemoteError) and isinstance(err, ValueError), err
     assert err.worker == PS2 and "step refused on worker4" in err.remote_message
@@ -527,11 +532,7 @@ async def step_right_away(rank: int, world_size: int, key: str) -> torch.Tensor:
 
 def test_first_step_waits_for_the_local_optimizers(group: WorkerGroup) -> None:
     key = "slow-init"
-    setup_params(group, key, [torch.tensor([1.0, 2.0])], [])
-    try:
-        got = group.call(0, step_right_away, key)
-    finally:
-        teardown_params(group, key)
+    got = call_with_params(group, key, [torch.tensor([1.0, 2.0])], [], step_right_away, key)
     assert torch.equal(got, torch.tensor([0.5, 1.5]))
 
 
@@ -877,11 +878,7 @@ def test_a_forgotten_await_is_loud(group: WorkerGroup) -> None:
     already). An un-awaited ``step``: the context's exit raises, naming it,
     and nothing was stepped. Started as tasks or gathered: no complaint."""
     key = "forgetful"
-    setup_params(group, key, [torch.tensor([1.0, 2.0])], [])
-    try:
-        got = group.call(0, forgetful_trainer, key)
-    finally:
-        teardown_params(group, key)
+    got = call_with_params(group, key, [torch.tensor([1.0, 2.0])], [], forgetful_trainer, key)
     start = torch.tensor([1.0, 2.0])
 
     case = got["backward"]
@@ -934,11 +931,9 @@ def test_step_in_backward_error_fails_the_pass(group: WorkerGroup) -> None:
     owner's error; the owner that refused did not step (the other may have,
     depending on whether the abort overtook its part of the pass)."""
     key = "fused-failing"
-    setup_params(group, key, [torch.tensor([1.0, 2.0])], [torch.tensor([3.0])])
-    try:
-        got = group.call(0, failing_fused_trainer, key)
-    finally:
-        teardown_params(group, key)
+    got = call_with_params(
+        group, key, [torch.tensor([1.0, 2.0])], [torch.tensor([3.0])], failing_fused_trainer, key
+    )
     err = got["error"]
     assert isinstance(err, rpc.RemoteError) and isinstance(err, ValueError), err
     assert err.worker == PS2 and "step refused on worker4" in err.remote_message
