@@ -136,8 +136,11 @@ serving_connection: contextvars.ContextVar[Connection | None] = contextvars.Cont
 )
 
 # While a payload is encoded: the worker it goes to (an RRef forked into it is
-# held there). Unset where the sender does not know it for sure.
-sending_to: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+# held there), and whether it goes as a request, on this worker's own
+# connection to it, ahead of every later request to it (a user RRef sent so to
+# its owner is no fork in flight: the user's delete can only come after it).
+# Unset where the sender does not know the worker for sure.
+sending_to: contextvars.ContextVar[tuple[int, bool] | None] = contextvars.ContextVar(
     "aiorpc_sending_to", default=None
 )
 # While a call's arguments are decoded: futures the call must wait for before
@@ -1147,7 +1150,7 @@ class RpcAgent:
                 "rpc_async must be called on the RPC agent's event loop; use rpc_sync"
             )
         info = self.worker_info(to)
-        token = sending_to.set(info.id)
+        token = sending_to.set((info.id, True))
         try:
             message = self.call_message(func, args, kwargs)
         finally:
@@ -1806,7 +1809,7 @@ class RpcAgent:
         return await self.invoke(func, args, kwargs)
 
     def _result_message(self, value: Any, peer: int | None) -> PythonRet:
-        token = sending_to.set(peer)
+        token = sending_to.set(None if peer is None else (peer, False))
         try:
             return PythonRet(codec.dump_payload(value, self.options.allow_pickle))
         finally:

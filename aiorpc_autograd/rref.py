@@ -21,8 +21,15 @@ Passing an RRef in a payload *forks* it (PyTorch's protocol):
   owner's ack, ``RRefChildAccept`` to the parent, which drops its hold -- so a
   fork in flight never lets the owner free the value, even if the parent
   drops its own reference meanwhile;
-* a user sends it to the owner: the owner resolves it to its own value and
-  sends ``RRefChildAccept`` to the parent (the fork id is a phantom).
+* a user sends it to the owner: the owner resolves it to its own value. In a
+  request on the user's own connection (``rpc_async``, ``remote``), the user
+  names its own fork and holds nothing: its ``RRefUserDelete`` of that fork
+  can only travel behind the request, every handler decodes a request's
+  arguments as its frame arrives, and the owner handle made then keeps the
+  value. Elsewhere (in a response, which travels on the other connection) it
+  sends a phantom fork id and keeps the RRef as a pending child until the
+  owner, which does not know that fork, sends ``RRefChildAccept`` (PyTorch's
+  protocol does this in both cases: one more message and answer each way).
 
 A user's delete waits until it is confirmed. A graceful shutdown sends the
 deletes of every live user RRef and waits for them.
@@ -827,19 +834,31 @@ class RRefService:
 
     def dump(self, rref: RRef[Any]) -> tuple[Any, ...]:
         """Persistent id of an RRef being sent: forks it (see module doc)."""
-        fork_id = self.new_id()
         me = self.agent.info.id
-        child = sending_to.get()  # where it goes, when the sender knows for sure
+        owner = rref._owner
+        to = sending_to.get()  # where it goes, when the sender knows for sure
+        child = None if to is None else to[0]
+        if (
+            child == owner.id
+            and to is not None
+            and to[1]
+            and not rref.is_owner()
+            # (an injected delay may reorder our requests)
+            and self.agent.fault_injector is None
+        ):
+            # A request to its owner, ahead of our delete of this fork: it
+            # names the fork the owner knows, nothing is held for it.
+            return ("RRef", owner.id, owner.name, list(rref._rref_id), list(rref._fork_id), me)
+        fork_id = self.new_id()
         if rref.is_owner():
             entry = self._owners.get(rref._rref_id)
             assert entry is not None, "an owner handle keeps its entry"
             # Early fork registration; the child holds it (if it dies, it goes).
             entry.forks[fork_id] = _UNKNOWN if child is None else child
-        elif rref._owner.id not in self._gone:
+        elif owner.id not in self._gone:
             self._pending_children[fork_id] = rref
             if child is not None:
                 self._children_at[fork_id] = child
-        owner = rref._owner
         return ("RRef", owner.id, owner.name, list(rref._rref_id), list(fork_id), me)
 
     def load(self, pid: tuple[Any, ...]) -> RRef[Any]:
@@ -850,8 +869,9 @@ class RRefService:
         owner = WorkerInfo(owner_name, owner_id)
         if owner_id == me:
             # Ours: a plain owner handle. A parent that is the owner registered
-            # the fork id (early registration): drop it; a user parent waits
-            # for our accept (the fork id was a phantom).
+            # the fork id (early registration): drop it; a user parent that
+            # names a fork we do not know waits for our accept (the fork id is
+            # a phantom); one naming its own fork holds nothing.
             entry = self._lookup(rref_id, self._requester())
             rref = RRef._make(self, owner, rref_id, rref_id, True)
             if not entry.value.done():
@@ -859,7 +879,7 @@ class RRefService:
                 wait_before_call(entry.value)
             if parent == me:
                 self._fork_of_owner_gone(rref_id, fork_id)
-            else:
+            elif fork_id not in entry.forks:
                 self._notify(parent, RRefChildAccept(list(fork_id)))
             return rref
         if parent == owner_id:
@@ -918,7 +938,7 @@ class RRefService:
             fut = self.agent.loop.create_future()
             fut.set_exception(fresh_error(failure))
         else:
-            token = sending_to.set(to.id)
+            token = sending_to.set((to.id, True))
             try:
                 call = self.agent.call_message(func, args, kwargs)
             finally:
@@ -1043,7 +1063,7 @@ class RRefService:
         requester = self._requester()
 
         def ret(value: Any) -> Message:
-            token = sending_to.set(None if requester == _UNKNOWN else requester)
+            token = sending_to.set(None if requester == _UNKNOWN else (requester, False))
             try:
                 return RRefFetchRet(codec.dump_payload(value, allow))
             finally:

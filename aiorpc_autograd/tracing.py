@@ -583,37 +583,61 @@ class Tracer:
             return pack_spans(self.spans[first : first + count])
         raise ProtocolError(f"unknown profiler command {command!r}")
 
-    async def _serve(self, message: RunWithProfilingReq, t1: int) -> Message:
-        from .agent import exception_message  # the agent layer's error format
-
+    def _serve(self, message: RunWithProfilingReq, t1: int) -> Awaitable[Message]:
+        """Run the wrapped request's handler now, as if it came unwrapped (its
+        arguments are decoded in the order frames arrive: an RRef in them
+        before a later delete of it), in the serve's scope; answer once done."""
         inner = message.wrapped
         caller = self.agent.worker_info(message.profiling_id[0]).name
         serve = _Serve(caller, message.profiling_id, message.config, t1)
         token = current_serve.set(serve)
         self._serving += 1
         self._update()
-        status = "ok"
+        outcome: Message | asyncio.Future[Message] | Exception
         try:
             handler = self.agent.handlers.get(type(inner))
             if handler is None or isinstance(inner, RunWithProfilingReq):
                 raise ProtocolError(f"cannot profile {type(inner).__name__}")
             result = handler(inner)
-            if not isinstance(result, Message):
-                result = await result
+            # A coroutine's Task starts here, in the serve's scope.
+            outcome = result if isinstance(result, Message) else asyncio.ensure_future(result)
+        except Exception as exc:
+            outcome = exc
+        finally:
+            current_serve.reset(token)
+        return self._answer(message, serve, outcome)
+
+    async def _answer(
+        self,
+        message: RunWithProfilingReq,
+        serve: _Serve,
+        outcome: Message | asyncio.Future[Message] | Exception,
+    ) -> Message:
+        from .agent import exception_message  # the agent layer's error format
+
+        inner, t1 = message.wrapped, serve.t1
+        status = "ok"
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            result = outcome if isinstance(outcome, Message) else await outcome
+        except asyncio.CancelledError:
+            if isinstance(outcome, asyncio.Future):
+                outcome.cancel()
+            raise
         except Exception as exc:
             status = type(exc).__name__
             result = exception_message(self.agent.info.name, exc)
         finally:
-            current_serve.reset(token)
             self._serving -= 1
             self._update()
         t_result = self.now()
         prefix, what = call_label(inner)  # named as the caller names it
         if what in _GENERIC:
             what = serve.fn_name or what
-        name = f"{prefix}#{what}({caller} -> {self.worker})"
+        name = f"{prefix}#{what}({serve.caller} -> {self.worker})"
         me = self.worker
-        flow = f"{message.profiling_id[0]}:{message.profiling_id[1]}"
+        flow = f"{serve.profiling_id[0]}:{serve.profiling_id[1]}"
         args = _call_args(inner)  # for gradients: the send function they are for
         t2 = self.now()
         spans: list[Span] = [

@@ -967,6 +967,99 @@ def test_fork_in_flight_while_parent_drops_its_reference(group: WorkerGroup) -> 
     assert_settled(group)
 
 
+async def return_held(key: str) -> rpc.RRef[Box]:
+    """On a user: give the held RRef back to the caller (in the response)."""
+    return _HELD.pop(key)
+
+
+async def call_back_for(key: str, to: str) -> tuple[Any, bool]:
+    """On the owner: ask user ``to`` for its RRef of our value (it comes back
+    in a response), then read it here."""
+    r = await rpc.rpc_async(to, return_held, (key,))
+    return (await r.to_here()).v, r.is_owner()
+
+
+async def check_rref_to_its_owner(rank: int, world_size: int) -> dict[str, Any]:
+    """A user sends its RRef to the owner in a call (plain, profiled, a
+    remote() argument) and drops it at once: the owner's value lives through
+    the call, and no RRefChildAccept comes back; in a response the user holds
+    it (a pending child) until the owner's accept."""
+    from aiorpc_autograd.codec import RRefChildAccept
+
+    agent = api.current_agent()
+    accepts: list[Any] = []
+    handler = agent.handlers[RRefChildAccept]
+
+    def counting(message: Any) -> Any:
+        accepts.append(message.fork_id)
+        return handler(message)
+
+    agent.handlers[RRefChildAccept] = counting
+    out: dict[str, Any] = {}
+    try:
+        # The owner's loop is held meanwhile: the call and the delete reach
+        # it in one read.
+        r = rpc.remote("worker1", Box, (31, "to-owner-1"))
+        await r.to_here()
+        blocker = rpc.rpc_async("worker1", block_loop_async, (0.3,))
+        await asyncio.sleep(0.05)
+        fut = rpc.rpc_async("worker1", fetch_later, (r, 0.3))
+        out["pending_after_call"] = agent.debug_info()["num_pending_rref_children"]
+        del r
+        gc.collect()
+        out["call"] = await fut
+        await blocker
+
+        # Profiled, as is the call and not the delete (torch's profiler on
+        # around the call only): the owner decodes the call's arguments first
+        # all the same.
+        r = rpc.remote("worker1", Box, (32, "to-owner-2"))
+        await r.to_here()
+        blocker = rpc.rpc_async("worker1", block_loop_async, (0.3,))
+        await asyncio.sleep(0.05)
+        with torch.autograd.profiler.profile():
+            fut = rpc.rpc_async("worker1", fetch_later, (r, 0.3))
+        del r
+        gc.collect()
+        out["profiled_call"] = await fut
+        await blocker
+
+        r = rpc.remote("worker1", Box, (33, "to-owner-3"))
+        await r.to_here()
+        created = rpc.remote("worker1", fetch_later, (r, 0.3))
+        del r
+        gc.collect()
+        out["remote_argument"] = await created.to_here()
+        del created
+        out["accepts_in_requests"] = len(accepts)
+
+        r = rpc.remote("worker1", Box, (34, "to-owner-4"))
+        await r.to_here()
+        _HELD["to-owner-4"] = r
+        del r
+        out["response"] = await rpc.rpc_async("worker1", call_back_for, ("to-owner-4", "worker0"))
+        out["response_accepted"] = await wait_until(
+            lambda: len(accepts) == 1 and agent.debug_info()["num_pending_rref_children"] == 0
+        )
+    finally:
+        agent.handlers[RRefChildAccept] = handler
+    return out
+
+
+def test_an_rref_sent_to_its_owner_in_a_request_needs_no_accept(group: WorkerGroup) -> None:
+    got = group.call(0, check_rref_to_its_owner)
+    assert got == {
+        "pending_after_call": 0,
+        "call": (31, True),
+        "profiled_call": (32, True),
+        "remote_argument": (33, True),
+        "accepts_in_requests": 0,
+        "response": (34, True),
+        "response_accepted": True,
+    }
+    assert_settled(group)
+
+
 # --------------------------------------------------------------------- counts
 
 
