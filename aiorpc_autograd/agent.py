@@ -1028,6 +1028,7 @@ class RpcAgent:
         timeout: float | None = None,
         decode: ResponseDecoder | None = None,
         device_map: DeviceMap | None = None,
+        write_now: bool = False,
     ) -> asyncio.Future[Any]:
         """Send a request; the future resolves to ``decode(response)``.
 
@@ -1041,6 +1042,10 @@ class RpcAgent:
             device_map: the map its CUDA tensors travel by; None: this
                 worker's map for ``to`` (the autograd layer passes the inverse
                 map of a recv function for gradients).
+            write_now: write it (and what was sent before it on its
+                connection) at once, not with what the rest of this loop turn
+                sends: a notice the peer can handle while it would otherwise
+                wait, instead of before the request that follows it.
 
         Raises:
             RpcError: the agent is not running.
@@ -1073,7 +1078,7 @@ class RpcAgent:
             span.start(pending)
         if self.fault_injector is not None and self._inject(to.id, message, header, buffers, rid):
             return fut
-        self._send(to.id, header, buffers, rid)
+        self._send(to.id, header, buffers, rid, write_now)
         return fut
 
     def _begin_span(self, to: WorkerInfo, message: Message) -> CallSpan | None:
@@ -1211,7 +1216,14 @@ class RpcAgent:
             return codec.load_payload(message.value, self.options.allow_pickle)
         raise ProtocolError(f"unexpected response {type(message).__name__}")
 
-    def _send(self, peer_id: int, header: bytes, buffers: list[memoryview], rid: int) -> None:
+    def _send(
+        self,
+        peer_id: int,
+        header: bytes,
+        buffers: list[memoryview],
+        rid: int,
+        write_now: bool = False,
+    ) -> None:
         pending = self._pending.get(rid)
         if pending is None:
             return  # already failed or timed out (a delayed send, say)
@@ -1231,6 +1243,8 @@ class RpcAgent:
             if pending.span is not None:
                 pending.span.written()
             conn.send(header, buffers)
+            if write_now:
+                conn.flush()
             return
         peer.queue.append((header, buffers, rid))
         if peer.connecting is None:

@@ -295,13 +295,22 @@ class AutogradService:
     # -- helpers ---------------------------------------------------------------
 
     def send(
-        self, worker_id: int, message: Message, device_map: dict[str, str] | None = None
+        self,
+        worker_id: int,
+        message: Message,
+        device_map: dict[str, str] | None = None,
+        write_now: bool = False,
     ) -> asyncio.Future[Any]:
         """A request to ``worker_id`` with no timeout (liveness is the
         connection's business); the future's errors are the caller's."""
         info = self.agent.worker_info(worker_id)
         return self.agent.request(
-            info, message, timeout=0, decode=lambda m: m, device_map=device_map
+            info,
+            message,
+            timeout=0,
+            decode=lambda m: m,
+            device_map=device_map,
+            write_now=write_now,
         )
 
     def _device_map(self, peer: int) -> dict[str, str]:
@@ -486,7 +495,10 @@ class AutogradService:
         for worker_id in ctx.known_worker_ids() - {self.agent.info.id, exclude}:
             if self.agent.peer_gone(worker_id):
                 continue
-            fut = self.send(worker_id, CleanupAutogradContextReq(context_id))
+            # Written at once: a training loop's next step sends its forward
+            # right after, and the worker, idle until then, handles the
+            # release first instead of before that forward.
+            fut = self.send(worker_id, CleanupAutogradContextReq(context_id), write_now=True)
             fut.add_done_callback(_ignore_result)
 
     def _on_cleanup(self, message: Message) -> Message:

@@ -453,6 +453,11 @@ class Connection(asyncio.BufferedProtocol):
         self.last_received = time.monotonic()
         if self._busy_poll is not None:
             self._busy_poll.poke()
+        if self._outbox:
+            # What this turn sent goes out before we spend time on what came
+            # in (a request's flush would otherwise wait behind the answer to
+            # an earlier notice, read in the same loop iteration).
+            self._flush()
         try:
             if self._handshake is not None:
                 frames = self._handshake_received(nbytes)
@@ -639,6 +644,10 @@ class Connection(asyncio.BufferedProtocol):
         if not self._outbox:
             self._loop.call_soon(self._flush)
         self._outbox += encode_frame(header, buffers, flags, self._tx_mac)
+
+    def flush(self) -> None:
+        """Write the frames sent so far now, not at the end of this loop turn."""
+        self._flush()
 
     def _flush(self) -> None:
         chunks, self._outbox = self._outbox, []

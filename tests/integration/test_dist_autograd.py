@@ -1251,3 +1251,61 @@ def _local_deep_tanh(x: torch.Tensor) -> torch.Tensor:
         w = (torch.randn(512, generator=gen, dtype=torch.float64) * 0.7).float()
         y = (y * w).tanh()
     return y
+
+
+# ------------------------------------------------------------------ releases go out at once
+
+_RELEASED: dict[int, float] = {}
+
+
+def log_releases(on: bool) -> None:
+    """Note, in this worker, when each context is released here (``on``), or stop."""
+    from aiorpc_autograd.autograd_service import AutogradService
+
+    if not on:
+        for owner, name, original in _RELEASE_UNDO:
+            setattr(owner, name, original)
+        _RELEASE_UNDO.clear()
+        return
+    _RELEASED.clear()
+    original = AutogradService._release_here
+
+    def logged(self: AutogradService, context_id: int, error: BaseException) -> Any:
+        _RELEASED.setdefault(context_id, time.monotonic())
+        return original(self, context_id, error)
+
+    _RELEASE_UNDO[:] = [(AutogradService, "_release_here", original)]
+    AutogradService._release_here = logged  # type: ignore[method-assign]
+
+
+_RELEASE_UNDO: list[tuple[Any, str, Any]] = []
+
+
+def released_at(context_id: int) -> float | None:
+    return _RELEASED.get(context_id)
+
+
+async def release_then_block(rank: int, world_size: int) -> dict[str, Any]:
+    await rpc.rpc_async("worker1", log_releases, args=(True,))
+    try:
+        x = torch.ones(4, requires_grad=True)
+        async with dist_autograd.context() as cid:
+            y = await rpc.rpc_async("worker1", torch.mul, args=(x, 2))
+            await dist_autograd.backward(cid, [y.sum()])
+        # Block this loop right after the release, as a training loop's next
+        # step keeps it busy: the release must be on the wire already.
+        time.sleep(0.3)
+        unblocked = time.monotonic()
+        released = await rpc.rpc_async("worker1", released_at, args=(cid,))
+    finally:
+        await rpc.rpc_async("worker1", log_releases, args=(False,))
+    return {"released": released, "unblocked": unblocked}
+
+
+def test_a_context_release_is_written_at_once(group: WorkerGroup) -> None:
+    """Leaving a context writes its release to the workers it knows before the
+    releasing loop turn ends: the worker releases its part while the creator
+    is still busy (not with, and before, the creator's next request)."""
+    got = group.call(0, release_then_block)
+    assert got["released"] is not None
+    assert got["released"] < got["unblocked"], got
