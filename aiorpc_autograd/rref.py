@@ -839,9 +839,7 @@ class RRefService:
         to = sending_to.get()  # where it goes, when the sender knows for sure
         child = None if to is None else to[0]
         if (
-            child == owner.id
-            and to is not None
-            and to[1]
+            to == (owner.id, True)
             and not rref.is_owner()
             # (an injected delay may reorder our requests)
             and self.agent.fault_injector is None
