@@ -998,31 +998,21 @@ async def check_rref_to_its_owner(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         # The owner's loop is held meanwhile: the call and the delete reach
-        # it in one read.
-        r = rpc.remote("worker1", Box, (31, "to-owner-1"))
-        await r.to_here()
-        blocker = rpc.rpc_async("worker1", block_loop_async, (0.3,))
-        await asyncio.sleep(0.05)
-        fut = rpc.rpc_async("worker1", fetch_later, (r, 0.3))
-        out["pending_after_call"] = agent.debug_info()["num_pending_rref_children"]
-        del r
-        gc.collect()
-        out["call"] = await fut
-        await blocker
-
-        # Profiled, as is the call and not the delete (torch's profiler on
-        # around the call only): the owner decodes the call's arguments first
-        # all the same.
-        r = rpc.remote("worker1", Box, (32, "to-owner-2"))
-        await r.to_here()
-        blocker = rpc.rpc_async("worker1", block_loop_async, (0.3,))
-        await asyncio.sleep(0.05)
-        with torch.autograd.profiler.profile():
-            fut = rpc.rpc_async("worker1", fetch_later, (r, 0.3))
-        del r
-        gc.collect()
-        out["profiled_call"] = await fut
-        await blocker
+        # it in one read. Profiled, as is the call and not the delete (torch's
+        # profiler on around the call only), the owner decodes the call's
+        # arguments first all the same.
+        for v, profiled in ((31, False), (32, True)):
+            r = rpc.remote("worker1", Box, (v, f"to-owner-{v}"))
+            await r.to_here()
+            blocker = rpc.rpc_async("worker1", block_loop_async, (0.3,))
+            await asyncio.sleep(0.05)
+            with torch.autograd.profiler.profile(enabled=profiled):
+                fut = rpc.rpc_async("worker1", fetch_later, (r, 0.3))
+            out.setdefault("pending_after_call", agent.debug_info()["num_pending_rref_children"])
+            del r
+            gc.collect()
+            out["profiled_call" if profiled else "call"] = await fut
+            await blocker
 
         r = rpc.remote("worker1", Box, (33, "to-owner-3"))
         await r.to_here()
