@@ -1177,9 +1177,7 @@ def log_walks(on: bool) -> None:
     from aiorpc_autograd.transport import Connection
 
     if not on:
-        for owner, name, original in _WALK_UNDO:
-            setattr(owner, name, original)
-        _WALK_UNDO.clear()
+        _unpatch()
         return
     _WALK_LOG.clear()
     flush, walk = Connection._flush, engine._leaf_closure
@@ -1192,12 +1190,23 @@ def log_walks(on: bool) -> None:
         _WALK_LOG.append(("walk", len(tensors)))
         return walk(tensors)
 
-    _WALK_UNDO[:] = [(Connection, "_flush", flush), (engine, "_leaf_closure", walk)]
-    Connection._flush = logged_flush  # type: ignore[method-assign]
-    engine._leaf_closure = logged_walk
+    _patch((Connection, "_flush", logged_flush), (engine, "_leaf_closure", logged_walk))
 
 
-_WALK_UNDO: list[tuple[Any, str, Any]] = []
+_UNDO: list[tuple[Any, str, Any]] = []
+
+
+def _patch(*patches: tuple[Any, str, Any]) -> None:
+    """Set ``owner.name = new`` for each patch, in this worker, until :func:`_unpatch`."""
+    for owner, name, new in patches:
+        _UNDO.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, new)
+
+
+def _unpatch() -> None:
+    while _UNDO:
+        owner, name, original = _UNDO.pop()
+        setattr(owner, name, original)
 
 
 def walk_log() -> list[tuple[str, int]]:
@@ -1263,9 +1272,7 @@ def log_releases(on: bool) -> None:
     from aiorpc_autograd.autograd_service import AutogradService
 
     if not on:
-        for owner, name, original in _RELEASE_UNDO:
-            setattr(owner, name, original)
-        _RELEASE_UNDO.clear()
+        _unpatch()
         return
     _RELEASED.clear()
     original = AutogradService._release_here
@@ -1274,11 +1281,7 @@ def log_releases(on: bool) -> None:
         _RELEASED.setdefault(context_id, time.monotonic())
         return original(self, context_id, error)
 
-    _RELEASE_UNDO[:] = [(AutogradService, "_release_here", original)]
-    AutogradService._release_here = logged  # type: ignore[method-assign]
-
-
-_RELEASE_UNDO: list[tuple[Any, str, Any]] = []
+    _patch((AutogradService, "_release_here", logged))
 
 
 def released_at(context_id: int) -> float | None:
