@@ -276,8 +276,8 @@ def _scaling_params(quick: bool) -> Params:
         "dim": 64,
         "batch": 32,
         "lr": 1e-3,
-        "steps": 20 if quick else 100,
-        "warmup": 5 if quick else 20,
+        "steps": 20 if quick else 300,
+        "warmup": 5 if quick else 30,
     }
 
 
