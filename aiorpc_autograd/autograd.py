@@ -151,11 +151,13 @@ def run_local_backward(
     outputs: Sequence[torch.Tensor],
     grad_outputs: Sequence[torch.Tensor],
     leaves: Sequence[torch.Tensor],
-    initial: Sequence[torch.Tensor | None],
+    initial: Sequence[torch.Tensor | None] | None,
     retain_graph: bool,
+    stripes: Sequence[int] | None = None,
 ) -> list[torch.Tensor | None]:
     """Local autograd from ``outputs`` into ``leaves``, starting each leaf's
-    accumulation at ``initial``; return the leaves' accumulated gradients.
+    accumulation at ``initial`` (None: at no gradient); return the leaves'
+    accumulated gradients. ``stripes``: ``grad_stripes(leaves)``, if known.
 
     Runs ``torch.autograd.backward`` (hooks, ``AccumulateGrad`` and its hooks
     included) with each leaf's ``.grad`` temporarily set to its ``initial``
@@ -163,11 +165,17 @@ def run_local_backward(
     the backward raised. Blocks while another job or optimizer step holds one
     of these ``.grad`` slots.
     """
-    with hold_grads(leaves):
+    with hold_grads(leaves, stripes):
         saved = [leaf.grad for leaf in leaves]
         try:
-            for leaf, grad in zip(leaves, initial, strict=True):
-                leaf.grad = grad
+            if initial is None:
+                # Usually no leaf has a .grad: then there is nothing to clear.
+                if any(grad is not None for grad in saved):
+                    for leaf in leaves:
+                        leaf.grad = None
+            else:
+                for leaf, grad in zip(leaves, initial, strict=True):
+                    leaf.grad = grad
             torch.autograd.backward(
                 list(outputs), list(grad_outputs), retain_graph=retain_graph, inputs=list(leaves)
             )
@@ -199,19 +207,27 @@ class SendFunction(_AutogradFunction):
 
     def __init__(self, message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
         super().__init__(message_id, peer, tensors)
-        # (the tensors' grad_fns, the leaves they reach) once computed
-        self._reach: tuple[list[Any], list[torch.Tensor]] | None = None
+        # (the tensors' grad_fns, the leaves they reach, their stripes) once computed
+        self._reach: tuple[list[Any], list[torch.Tensor], list[int]] | None = None
 
     def leaves(self) -> list[torch.Tensor]:
         """The leaves its tensors reach: walked once (a graph never changes
         under a node), again only if an in-place op gave one a new grad_fn.
         The I/O layer calls it once the message is out, while the worker
         waits, to take the walk (~1 us a node) off the backward pass."""
+        return self._walked()[1]
+
+    def stripes(self) -> list[int]:
+        """``grad_stripes(self.leaves())``, computed with the walk."""
+        return self._walked()[2]
+
+    def _walked(self) -> tuple[list[Any], list[torch.Tensor], list[int]]:
         fns = [t.grad_fn for t in self.tensors]
         reach = self._reach
         if reach is None or any(a is not b for a, b in zip(reach[0], fns, strict=True)):
-            reach = self._reach = (fns, _leaf_closure(self.tensors))
-        return reach[1]
+            leaves = _leaf_closure(self.tensors)
+            reach = self._reach = (fns, leaves, grad_stripes(leaves))
+        return reach
 
 
 class RecvFunction(_AutogradFunction):
@@ -319,6 +335,11 @@ class DistAutogradContext:
     def has_finished_pass(self) -> bool:
         """Whether a backward pass in this context finished here without error."""
         return any(error is None for error in self.finished_passes.values())
+
+    def has_gradients(self) -> bool:
+        """Whether any leaf has a gradient in this context."""
+        with self._lock:
+            return bool(self._grads)
 
     def gradient(self, leaf: torch.Tensor) -> torch.Tensor | None:
         """The gradient of ``leaf`` accumulated in this context so far, or None."""
@@ -638,39 +659,47 @@ class BackwardPass:
     def _run(self, keys: list[int], final: bool) -> None:
         outputs: list[torch.Tensor] = []
         grad_outputs: list[torch.Tensor] = []
-        inputs: dict[int, torch.Tensor] = {}
+        used: list[int] = []
         for key in keys:
             grads = self._resolved[key]
             tensors = self._roots if key == _ROOT else self._sends[key].tensors
             if grads is None:
                 continue
-            used = False
+            n = len(outputs)
             for t, g in zip(tensors, grads, strict=True):
                 if g is not None:
                     outputs.append(t)
                     grad_outputs.append(g)
-                    used = True
-            if used:
-                for leaf in self._reach[key]:
-                    inputs[id(leaf)] = leaf
+            if len(outputs) > n:
+                used.append(key)
         self._ran.update(keys)
-        if not outputs or not inputs:
+        stripes: list[int] | None = None
+        if len(used) == 1:
+            reach = self._reach[used[0]]  # (distinct leaves)
+            if used[0] != _ROOT:
+                stripes = self._sends[used[0]].stripes()
+        else:
+            reach = list({id(leaf): leaf for key in used for leaf in self._reach[key]}.values())
+        if not outputs or not reach:
             self._advance()
             return
         # The context's leaves first, then the recv functions' tensors (whose
         # accumulation in this pass starts at this pass's sum).
         recv_of_leaf = self._recv_of_leaf
-        leaves = [leaf for key, leaf in inputs.items() if key not in recv_of_leaf]
+        leaves = [leaf for leaf in reach if id(leaf) not in recv_of_leaf]
         n_context = len(leaves)
-        leaves += [leaf for key, leaf in inputs.items() if key in recv_of_leaf]
+        if n_context < len(reach):
+            leaves += [leaf for leaf in reach if id(leaf) in recv_of_leaf]
         retain = self.retain_graph or not final
-        initial = self.ctx.gradients_of(leaves[:n_context])
-        initial += [self._recv_grad_so_far(leaf) for leaf in leaves[n_context:]]
+        recv_initial = [self._recv_grad_so_far(leaf) for leaf in leaves[n_context:]]
+        initial: list[torch.Tensor | None] | None = None  # (no gradient anywhere yet)
+        if self.ctx.has_gradients() or any(g is not None for g in recv_initial):
+            initial = self.ctx.gradients_of(leaves[:n_context]) + recv_initial
 
         after = self.after_last_job if final else None
 
         def job() -> list[torch.Tensor | None]:
-            result = run_local_backward(outputs, grad_outputs, leaves, initial, retain)
+            result = run_local_backward(outputs, grad_outputs, leaves, initial, retain, stripes)
             if after is not None:
                 # The last job: this worker's gradients in the context are
                 # final once stored, so what waits for that runs here, in the
