@@ -72,6 +72,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
 import torch.autograd.profiler as torch_profiler
 
 from . import codec
@@ -312,6 +313,14 @@ def on_one_cpu() -> bool:
         return False
 
 
+def torch_threads_on_one_cpu() -> int:
+    """torch's intra-op threads if there are several and this process may run
+    on one CPU only (confined after torch sized its pool), else 0: they then
+    wait for each other on that CPU, and ops take many times longer."""
+    threads = torch.get_num_threads()
+    return threads if threads > 1 and on_one_cpu() else 0
+
+
 def _busy_poll_window(options: RpcOptions, pinned: bool) -> float:
     """``options.busy_poll``, or ``busy_poll_pinned`` if this process may run
     on one CPU only (see :class:`RpcOptions`)."""
@@ -368,6 +377,15 @@ class RpcAgent:
         # Confined to one CPU when the agent starts (workers pinned one per
         # core): the loop and the pool take turns on it.
         self.pinned = on_one_cpu()
+        threads = torch_threads_on_one_cpu()
+        if threads:
+            log.warning(
+                "this process may run on one CPU only, but torch runs ops on %d intra-op "
+                "threads, which then wait for each other there (a matmul can take 10-40x "
+                "longer): call torch.set_num_threads(1), or confine the process before it "
+                "starts (taskset, or os.sched_setaffinity before torch is imported)",
+                threads,
+            )
         # Keeps the loop polling for a moment after each message (see BusyPoll).
         self._busy_poll = BusyPoll(
             self.loop, _busy_poll_window(options, self.pinned), lambda: self._pool.busy

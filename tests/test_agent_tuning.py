@@ -155,3 +155,39 @@ def test_malloc_mmap_threshold_option_fixes_glibc_threshold() -> None:
         for mode in ("dynamic", "fix")
     }
     assert mapped == {"dynamic": 0, "fix": 1}
+
+
+def test_init_rpc_warns_when_torch_threads_share_the_one_cpu() -> None:
+    """A worker confined to one CPU after torch sized its intra-op pool (its
+    threads then wait for each other there) is told at init_rpc how to fix it;
+    with one intra-op thread there is nothing to say."""
+    from tests.integration.harness import free_port
+
+    probe = textwrap.dedent(
+        """
+        import logging, os, sys
+        import torch
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        torch.set_num_threads(int(sys.argv[1]))
+        logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(message)s")
+        import aiorpc_autograd as rpc
+
+        async def main() -> None:
+            await rpc.init_rpc("w0", 0, 1, init_method=f"tcp://127.0.0.1:{sys.argv[2]}")
+            print("ran:", await rpc.rpc_async("w0", torch.add, args=(torch.ones(2), 1)))
+            await rpc.shutdown()
+
+        rpc.run(main())
+        """
+    )
+
+    def output(threads: int) -> str:
+        cmd = [sys.executable, "-c", probe, str(threads), str(free_port())]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+        assert "ran: tensor([2., 2.])" in out.stdout, out
+        return out.stdout
+
+    warned = output(2)
+    assert "one CPU only, but torch runs ops on 2 intra-op threads" in warned
+    assert "torch.set_num_threads(1)" in warned
+    assert "intra-op" not in output(1)
