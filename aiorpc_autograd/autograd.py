@@ -566,6 +566,9 @@ class BackwardPass:
         self._deps: dict[int, AbstractSet[int]] = {}
         for key, leaves in self._reach.items():
             alone = frozenset((key,))
+            if not self._deps:  # the first source (often the only one): nothing to merge
+                self._deps = dict.fromkeys(map(id, leaves), alone)
+                continue
             for leaf in leaves:
                 keys = self._deps.get(id(leaf))
                 if keys is None:
