@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch.optim import optimizer as torch_optimizer
@@ -55,17 +55,16 @@ class _LocalOptimizer:
         take(self.lock)  # (on the loop: raises WouldBlock rather than wait)
         try:
             if _steps_with_gradients_given(self.optim):
-                _sgd_step(self.optim, ctx)  # type: ignore[arg-type]
+                _sgd_step(self.optim, ctx)
                 return
-            grads = ctx.gradients()
             with hold_grads(self.params, self._stripes):
                 saved = [p.grad for p in self.params]
                 try:
                     # Parameters without a gradient in this context get none, so
                     # the optimizer leaves them alone (a stale .grad must not be
                     # reapplied).
-                    for p in self.params:
-                        p.grad = grads.get(p)
+                    for p, grad in zip(self.params, ctx.gradients_of(self.params), strict=True):
+                        p.grad = grad
                     self.optim.step()
                 finally:
                     for p, grad in zip(self.params, saved, strict=True):
@@ -74,7 +73,7 @@ class _LocalOptimizer:
             self.lock.release()
 
 
-def _steps_with_gradients_given(optim: torch.optim.Optimizer) -> bool:
+def _steps_with_gradients_given(optim: torch.optim.Optimizer) -> TypeGuard[torch.optim.SGD]:
     """Whether ``optim`` is a plain ``torch.optim.SGD`` that :func:`_sgd_step`
     steps exactly as its own ``step`` would: no subclass, no step hooks (they
     may read or change ``.grad``), nothing differentiable or fused."""
