@@ -427,7 +427,7 @@ class FrameReader:
             have = avail - meta_len
             if have >= body_len:
                 self._check_tag(start, meta_len)
-                body = bytearray(scratch[pos : pos + body_len])
+                body = scratch[pos : pos + body_len]  # (a slice: a copy)
                 self._start = pos + body_len
                 frames.append(Frame(flags, header, _split(body, lengths)))
                 continue
