@@ -321,12 +321,30 @@ def torch_threads_on_one_cpu() -> int:
     return threads if threads > 1 and on_one_cpu() else 0
 
 
-def _busy_poll_window(options: RpcOptions, pinned: bool) -> float:
-    """``options.busy_poll``, or ``busy_poll_pinned`` if this process may run
-    on one CPU only (see :class:`RpcOptions`)."""
+def spinning_takes_no_cpu(world_size: int | None) -> bool:
+    """Whether this process's loop may poll without taking a CPU from compute:
+    the process may run on one CPU only (its threads take turns there), or the
+    group's workers, each computing on torch's intra-op threads, would fit the
+    CPUs it may use even if all of them ran on this host (one worker per CPU
+    with ``torch.set_num_threads(1)``, say, as torchrun's ``OMP_NUM_THREADS=1``
+    sets up). A dynamic group (``world_size`` None) may grow: no."""
+    if on_one_cpu():
+        return True
+    if world_size is None:
+        return False
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        cpus = os.cpu_count() or 1
+    return world_size * torch.get_num_threads() <= cpus
+
+
+def _busy_poll_window(options: RpcOptions, spinning_is_free: bool) -> float:
+    """``options.busy_poll``, or ``busy_poll_pinned`` if polling takes no CPU
+    from compute (:func:`spinning_takes_no_cpu`; see :class:`RpcOptions`)."""
     if options.busy_poll == 0:
         return 0.0
-    return options.busy_poll_pinned if pinned else options.busy_poll
+    return options.busy_poll_pinned if spinning_is_free else options.busy_poll
 
 
 class RpcAgent:
@@ -388,7 +406,9 @@ class RpcAgent:
             )
         # Keeps the loop polling for a moment after each message (see BusyPoll).
         self._busy_poll = BusyPoll(
-            self.loop, _busy_poll_window(options, self.pinned), lambda: self._pool.busy
+            self.loop,
+            _busy_poll_window(options, spinning_takes_no_cpu(rdv.world_size)),
+            lambda: self._pool.busy,
         )
         self._inflight = 0
         self._activity = 0

@@ -95,13 +95,17 @@ class RpcOptions:
             answer within the window costs no thread wake-up. Spends up to that
             much CPU per burst of messages; an idle worker, and one whose thread
             pool is computing, spends none. 0: off.
-        busy_poll_pinned: the window used instead of ``busy_poll`` when this
-            process may run on one CPU only (its affinity when the agent
-            starts; unless ``busy_poll`` is 0): a spinning loop there competes
-            only with this process's own threads (it pauses while its pool
-            computes, and yields the core to any other runnable thread), so
-            it can afford to stay hot across a whole training step; with
-            several CPUs it would take one from torch's intra-op threads.
+        busy_poll_pinned: the window used instead of ``busy_poll`` when a
+            polling loop takes no CPU from compute (checked when the agent
+            starts; unless ``busy_poll`` is 0): this process may run on one
+            CPU only, where the loop competes only with its own threads (it
+            pauses while its pool computes, and yields the core to any other
+            runnable thread); or the group's workers would fit the CPUs it
+            may use, even all on this host, each with torch's intra-op
+            threads busy (world size x ``torch.get_num_threads()`` <= CPUs:
+            one worker per CPU with ``torch.set_num_threads(1)``, say). The
+            loop then stays hot across a whole training step; otherwise it
+            would take a CPU from torch's intra-op threads.
         malloc_mmap_threshold: if set, ``init_rpc`` fixes glibc's mmap
             threshold (``mallopt(M_MMAP_THRESHOLD)``, process-wide) at this
             many bytes: blocks this large are mapped and unmapped on their own

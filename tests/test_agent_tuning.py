@@ -89,31 +89,45 @@ def test_option_validation() -> None:
                 RpcOptions(**{name: bad})
 
 
-def test_busy_poll_window_follows_the_process_affinity() -> None:
-    """The longer window only for a process confined to one CPU (read in a
-    child process pinned to each choice); busy_poll=0 turns both off."""
+def test_busy_poll_window_follows_the_cpus_compute_may_need() -> None:
+    """The longer window only where a polling loop takes no CPU from compute
+    (read in a child process confined to each choice of CPUs): a process on one
+    CPU, or a group whose workers, each on torch's intra-op threads, fit this
+    process's CPUs (world size x threads <= CPUs); a dynamic group (world size
+    unknown) never; busy_poll=0 turns both off."""
     probe = textwrap.dedent(
         """
         import os, sys
-        from aiorpc_autograd.agent import _busy_poll_window, on_one_cpu
-        from aiorpc_autograd.options import RpcOptions
         os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
-        pinned = on_one_cpu()
-        print(_busy_poll_window(RpcOptions(), pinned),
-              _busy_poll_window(RpcOptions(busy_poll=0), pinned),
-              _busy_poll_window(RpcOptions(busy_poll_pinned=0.0005), pinned))
+        import torch
+        from aiorpc_autograd.agent import _busy_poll_window, spinning_takes_no_cpu
+        from aiorpc_autograd.options import RpcOptions
+        torch.set_num_threads(int(sys.argv[2]))
+        world = None if sys.argv[3] == "dynamic" else int(sys.argv[3])
+        free = spinning_takes_no_cpu(world)
+        print(_busy_poll_window(RpcOptions(), free),
+              _busy_poll_window(RpcOptions(busy_poll=0), free),
+              _busy_poll_window(RpcOptions(busy_poll_pinned=0.0005), free))
         """
     )
     cpus = sorted(os.sched_getaffinity(0))
 
-    def window(pin: list[int]) -> list[float]:
-        cmd = [sys.executable, "-c", probe, ",".join(map(str, pin))]
+    def window(pin: list[int], threads: int, world: int | str) -> list[float]:
+        cmd = [sys.executable, "-c", probe, ",".join(map(str, pin)), str(threads), str(world)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
         return [float(v) for v in out.stdout.split()]
 
-    assert window(cpus[:1]) == [0.002, 0.0, 0.0005]
+    long, short = [0.002, 0.0, 0.0005], [0.0002, 0.0, 0.0002]
+    # On one CPU: always (its threads take turns there), whatever the group.
+    assert window(cpus[:1], 1, 8) == long
+    assert window(cpus[:1], 1, "dynamic") == long
     if len(cpus) > 1:
-        assert window(cpus[:2]) == [0.0002, 0.0, 0.0002]
+        two = cpus[:2]
+        assert window(two, 1, 2) == long  # one worker per CPU, one thread each
+        assert window(two, 2, 2) == short  # 2 workers x 2 threads on 2 CPUs
+        assert window(two, 1, 3) == short
+        assert window(two, 1, "dynamic") == short
+        assert window(two, 2, 1) == long
 
 
 def test_malloc_mmap_threshold_option_fixes_glibc_threshold() -> None:
