@@ -304,13 +304,19 @@ def fix_mmap_threshold(nbytes: int) -> bool:
 _TIMER_SLACK = 0.002
 
 
-def on_one_cpu() -> bool:
-    """Whether this process may run on one CPU only (its affinity now): its
-    threads then take turns on that CPU instead of running side by side."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity now; without affinity
+    on this platform, the machine's)."""
     try:
-        return len(os.sched_getaffinity(0)) == 1
-    except (AttributeError, OSError):  # no affinity on this platform
-        return False
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def on_one_cpu() -> bool:
+    """Whether this process may run on one CPU only: its threads then take
+    turns on that CPU instead of running side by side."""
+    return usable_cpus() == 1
 
 
 def torch_threads_on_one_cpu() -> int:
@@ -328,15 +334,10 @@ def spinning_takes_no_cpu(world_size: int | None) -> bool:
     CPUs it may use even if all of them ran on this host (one worker per CPU
     with ``torch.set_num_threads(1)``, say, as torchrun's ``OMP_NUM_THREADS=1``
     sets up). A dynamic group (``world_size`` None) may grow: no."""
-    if on_one_cpu():
+    cpus = usable_cpus()
+    if cpus == 1:
         return True
-    if world_size is None:
-        return False
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # no affinity on this platform
-        cpus = os.cpu_count() or 1
-    return world_size * torch.get_num_threads() <= cpus
+    return world_size is not None and world_size * torch.get_num_threads() <= cpus
 
 
 def _busy_poll_window(options: RpcOptions, spinning_is_free: bool) -> float:
