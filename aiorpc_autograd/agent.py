@@ -340,12 +340,20 @@ def spinning_takes_no_cpu(world_size: int | None) -> bool:
     return world_size is not None and world_size * torch.get_num_threads() <= cpus
 
 
-def _busy_poll_window(options: RpcOptions, spinning_is_free: bool) -> float:
-    """``options.busy_poll``, or ``busy_poll_pinned`` if polling takes no CPU
-    from compute (:func:`spinning_takes_no_cpu`; see :class:`RpcOptions`)."""
+def _busy_poll_windows(options: RpcOptions, world_size: int | None) -> tuple[float, float]:
+    """The busy-poll window to start with and the longest it may grow to (see
+    :class:`~aiorpc_autograd.transport.BusyPoll`): ``busy_poll_pinned`` fixed
+    where polling takes no CPU from compute (:func:`spinning_takes_no_cpu`);
+    ``busy_poll`` adapting up to ``busy_poll_max`` where the group's workers
+    fit the CPUs but their intra-op threads may not; else ``busy_poll``
+    fixed. ``busy_poll`` 0: off."""
     if options.busy_poll == 0:
-        return 0.0
-    return options.busy_poll_pinned if spinning_is_free else options.busy_poll
+        return 0.0, 0.0
+    if spinning_takes_no_cpu(world_size):
+        return options.busy_poll_pinned, options.busy_poll_pinned
+    if world_size is not None and world_size <= usable_cpus():
+        return options.busy_poll, max(options.busy_poll, options.busy_poll_max)
+    return options.busy_poll, options.busy_poll
 
 
 class RpcAgent:
@@ -406,11 +414,8 @@ class RpcAgent:
                 threads,
             )
         # Keeps the loop polling for a moment after each message (see BusyPoll).
-        self._busy_poll = BusyPoll(
-            self.loop,
-            _busy_poll_window(options, spinning_takes_no_cpu(rdv.world_size)),
-            lambda: self._pool.busy,
-        )
+        window, max_window = _busy_poll_windows(options, rdv.world_size)
+        self._busy_poll = BusyPoll(self.loop, window, lambda: self._pool.busy, max_window)
         self._inflight = 0
         self._activity = 0
         self._probes: set[int] = set()  # request ids of shutdown liveness probes

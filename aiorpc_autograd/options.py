@@ -106,6 +106,14 @@ class RpcOptions:
             one worker per CPU with ``torch.set_num_threads(1)``, say). The
             loop then stays hot across a whole training step; otherwise it
             would take a CPU from torch's intra-op threads.
+        busy_poll_max: where the group's workers fit the CPUs this process
+            may use (world size <= CPUs) but their intra-op threads may not,
+            the window adapts between ``busy_poll`` and this: it grows to
+            cover a gap between messages that it missed by less than this, and
+            halves after a gap longer than this (a wasted spin). A step whose
+            peer answers within it is then polled through; a peer computing
+            for longer on several threads finds the loop at ``busy_poll``,
+            not spinning on a core its threads need.
         malloc_mmap_threshold: if set, ``init_rpc`` fixes glibc's mmap
             threshold (``mallopt(M_MMAP_THRESHOLD)``, process-wide) at this
             many bytes: blocks this large are mapped and unmapped on their own
@@ -140,6 +148,7 @@ class RpcOptions:
     max_owner_rrefs_per_peer: int = 100_000
     busy_poll: float = 0.0002
     busy_poll_pinned: float = 0.002
+    busy_poll_max: float = 0.002
     malloc_mmap_threshold: int = 0
 
     def __post_init__(self) -> None:
@@ -178,7 +187,7 @@ class RpcOptions:
             raise ValueError(
                 f"malloc_mmap_threshold must be >= 0, got {self.malloc_mmap_threshold}"
             )
-        for name in ("busy_poll", "busy_poll_pinned"):
+        for name in ("busy_poll", "busy_poll_pinned", "busy_poll_max"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.heartbeat_interval >= 0 and self.heartbeat_timeout > 0):

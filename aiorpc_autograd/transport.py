@@ -50,6 +50,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl as _ssl
@@ -141,6 +142,17 @@ class BusyPoll:
     remote layer's matmul on two intra-op threads and both workers unpinned on
     two cores, a 2 ms window without the pause made the bench step 2.3x
     torch's instead of 1.2x).
+
+    With ``max_window`` above ``window`` the window adapts to the gaps between
+    messages, as Linux's haltpoll cpuidle governor does for a vCPU's poll: a
+    poke that comes after the loop went to sleep, but within ``max_window`` of
+    the last one, shows that a longer window would have saved the wake-up, so
+    the window grows to cover that gap (at least doubling, at most
+    ``max_window``); a gap longer than ``max_window`` shows that the last
+    spin was wasted, so it halves (not below ``window``). A training step's
+    gaps (the peer's forward or backward compute) are then polled through,
+    while a peer whose compute outlasts ``max_window`` finds the loop back at
+    the short window, not spinning beside it.
     """
 
     def __init__(
@@ -148,11 +160,16 @@ class BusyPoll:
         loop: asyncio.AbstractEventLoop,
         window: float,
         paused: Callable[[], bool] | None = None,
+        max_window: float = 0.0,
     ) -> None:
         self._loop = loop
         self._window = window
+        self._min = window
+        self._max = max(window, max_window)
         self._paused = paused
         self._until = 0.0
+        self._last = -math.inf  # the last poke
+        self._slept = False  # the window ran out (not paused) since the last poke
         self._handle: asyncio.Handle | None = None
 
     @property
@@ -160,13 +177,30 @@ class BusyPoll:
         """Whether the loop is being kept polling now."""
         return self._handle is not None
 
+    @property
+    def window(self) -> float:
+        """The current window (seconds)."""
+        return self._window
+
     def poke(self) -> None:
         """Stay hot for another window from now."""
         if self._window <= 0:
             return
-        self._until = time.perf_counter() + self._window
+        now = time.perf_counter()
+        if self._slept:
+            self._slept = False
+            if self._max > self._min:
+                self._adapt(now - self._last)
+        self._last = now
+        self._until = now + self._window
         if self._handle is None:
             self._handle = self._loop.call_soon(self._spin)
+
+    def _adapt(self, gap: float) -> None:
+        if gap > self._max:
+            self._window = max(self._min, self._window / 2)
+        elif gap > self._window:
+            self._window = min(self._max, max(2 * self._window, 1.25 * gap))
 
     def close(self) -> None:
         """Stop polling for good (the agent is closing)."""
@@ -184,6 +218,7 @@ class BusyPoll:
             self._handle = self._loop.call_soon(self._spin)
         else:
             self._handle = None
+            self._slept = True
 
 
 class Connection(asyncio.BufferedProtocol):

@@ -1,5 +1,6 @@
 """BusyPoll: the loop polls (instead of sleeping) for a window after a poke,
-then sleeps again; off at 0; closed for good. And the opt-in fixed mmap
+then sleeps again; off at 0; closed for good; the window adapting to the gaps
+between pokes where it may. And the opt-in fixed mmap
 threshold (RpcOptions.malloc_mmap_threshold)."""
 
 from __future__ import annotations
@@ -79,55 +80,104 @@ async def test_no_spinning_while_paused() -> None:
     poll.close()
 
 
+async def test_window_adapts_to_the_gaps_it_misses() -> None:
+    """Between ``window`` and ``max_window``: a poke after the loop went to
+    sleep, within ``max_window`` of the last, grows the window to cover that
+    gap; a gap past ``max_window`` (a wasted spin) halves it, never below
+    ``window``; a poke caught while spinning, or after a pause for the pool,
+    leaves it alone; without a ``max_window`` above it, it stays put."""
+    busy = [False]
+    poll = BusyPoll(asyncio.get_running_loop(), 0.02, lambda: busy[0], max_window=0.4)
+    assert poll.window == 0.02
+    poll.poke()
+    await asyncio.sleep(0.005)
+    poll.poke()  # caught while spinning
+    assert poll.window == 0.02
+    await asyncio.sleep(0.08)  # the 20 ms window ran out: the loop slept
+    assert not poll.spinning
+    poll.poke()  # a gap of 80+ ms, under 400 ms: a longer window would have caught it
+    grown = poll.window
+    assert 1.25 * 0.08 <= grown <= 0.4, grown
+    await asyncio.sleep(0.02)
+    poll.poke()  # caught
+    assert poll.window == grown
+    await asyncio.sleep(grown + 0.5)
+    poll.poke()  # a gap past max_window: the last spin was wasted
+    assert poll.window == grown / 2
+    for _ in range(6):
+        await asyncio.sleep(grown / 2 + 0.5)  # past max_window each time
+        poll.poke()
+    assert poll.window == 0.02  # halved down to the floor, not below
+    # A pause (the pool computing) is no missed gap: no growth after it.
+    busy[0] = True
+    await asyncio.sleep(0.05)
+    busy[0] = False
+    poll.poke()
+    assert poll.window == 0.02
+    poll.close()
+    # Without a max_window above the window, it never moves.
+    fixed = BusyPoll(asyncio.get_running_loop(), 0.02)
+    fixed.poke()
+    await asyncio.sleep(0.08)
+    fixed.poke()
+    assert fixed.window == 0.02
+    fixed.close()
+
+
 def test_option_validation() -> None:
     assert RpcOptions().busy_poll == 0.0002
     assert RpcOptions().busy_poll_pinned == 0.002
+    assert RpcOptions().busy_poll_max == 0.002
     assert RpcOptions(busy_poll=0).busy_poll == 0
-    for name in ("busy_poll", "busy_poll_pinned"):
+    for name in ("busy_poll", "busy_poll_pinned", "busy_poll_max"):
         for bad in (-0.001, float("nan")):
             with pytest.raises(ValueError, match=name):
                 RpcOptions(**{name: bad})
 
 
 def test_busy_poll_window_follows_the_cpus_compute_may_need() -> None:
-    """The longer window only where a polling loop takes no CPU from compute
-    (read in a child process confined to each choice of CPUs): a process on one
-    CPU, or a group whose workers, each on torch's intra-op threads, fit this
-    process's CPUs (world size x threads <= CPUs); a dynamic group (world size
-    unknown) never; busy_poll=0 turns both off."""
+    """(window, longest window) read in a child process confined to each
+    choice of CPUs. The long window, fixed, where a polling loop takes no CPU
+    from compute: a process on one CPU, or a group whose workers, each on
+    torch's intra-op threads, fit this process's CPUs (world size x threads <=
+    CPUs). Adapting from the short window up to busy_poll_max where the
+    workers fit the CPUs but their threads may not. The short window, fixed,
+    for a larger or dynamic group (world size unknown). busy_poll=0: off."""
     probe = textwrap.dedent(
         """
         import os, sys
         os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
         import torch
-        from aiorpc_autograd.agent import _busy_poll_window, spinning_takes_no_cpu
+        from aiorpc_autograd.agent import _busy_poll_windows
         from aiorpc_autograd.options import RpcOptions
         torch.set_num_threads(int(sys.argv[2]))
         world = None if sys.argv[3] == "dynamic" else int(sys.argv[3])
-        free = spinning_takes_no_cpu(world)
-        print(_busy_poll_window(RpcOptions(), free),
-              _busy_poll_window(RpcOptions(busy_poll=0), free),
-              _busy_poll_window(RpcOptions(busy_poll_pinned=0.0005), free))
+        for options in (RpcOptions(), RpcOptions(busy_poll=0),
+                        RpcOptions(busy_poll_pinned=0.0005, busy_poll_max=0.0007)):
+            print(*_busy_poll_windows(options, world))
         """
     )
     cpus = sorted(os.sched_getaffinity(0))
 
-    def window(pin: list[int], threads: int, world: int | str) -> list[float]:
+    def windows(pin: list[int], threads: int, world: int | str) -> list[float]:
         cmd = [sys.executable, "-c", probe, ",".join(map(str, pin)), str(threads), str(world)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
         return [float(v) for v in out.stdout.split()]
 
-    long, short = [0.002, 0.0, 0.0005], [0.0002, 0.0, 0.0002]
+    off = [0.0, 0.0]
+    long = [0.002, 0.002, *off, 0.0005, 0.0005]
+    adaptive = [0.0002, 0.002, *off, 0.0002, 0.0007]
+    short = [0.0002, 0.0002, *off, 0.0002, 0.0002]
     # On one CPU: always (its threads take turns there), whatever the group.
-    assert window(cpus[:1], 1, 8) == long
-    assert window(cpus[:1], 1, "dynamic") == long
+    assert windows(cpus[:1], 1, 8) == long
+    assert windows(cpus[:1], 1, "dynamic") == long
     if len(cpus) > 1:
         two = cpus[:2]
-        assert window(two, 1, 2) == long  # one worker per CPU, one thread each
-        assert window(two, 2, 2) == short  # 2 workers x 2 threads on 2 CPUs
-        assert window(two, 1, 3) == short
-        assert window(two, 1, "dynamic") == short
-        assert window(two, 2, 1) == long
+        assert windows(two, 1, 2) == long  # one worker per CPU, one thread each
+        assert windows(two, 2, 1) == long
+        assert windows(two, 2, 2) == adaptive  # 2 workers x 2 threads on 2 CPUs
+        assert windows(two, 1, 3) == short
+        assert windows(two, 1, "dynamic") == short
 
 
 def test_malloc_mmap_threshold_option_fixes_glibc_threshold() -> None:
