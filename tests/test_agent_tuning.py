@@ -87,40 +87,40 @@ async def test_window_adapts_to_the_gaps_it_misses() -> None:
     ``window``; a poke caught while spinning, or after a pause for the pool,
     leaves it alone; without a ``max_window`` above it, it stays put."""
     busy = [False]
-    poll = BusyPoll(asyncio.get_running_loop(), 0.02, lambda: busy[0], max_window=0.4)
-    assert poll.window == 0.02
+    poll = BusyPoll(asyncio.get_running_loop(), 0.03, lambda: busy[0], max_window=0.3)
+    assert poll.window == 0.03
     poll.poke()
     await asyncio.sleep(0.005)
     poll.poke()  # caught while spinning
-    assert poll.window == 0.02
-    await asyncio.sleep(0.08)  # the 20 ms window ran out: the loop slept
+    assert poll.window == 0.03
+    await asyncio.sleep(0.1)  # the 30 ms window ran out: the loop slept
     assert not poll.spinning
-    poll.poke()  # a gap of 80+ ms, under 400 ms: a longer window would have caught it
+    poll.poke()  # a gap of 100+ ms, under 300 ms: a longer window would have caught it
     grown = poll.window
-    assert 1.25 * 0.08 <= grown <= 0.4, grown
-    await asyncio.sleep(0.02)
+    assert 1.25 * 0.1 <= grown <= 0.3, grown
+    await asyncio.sleep(0.01)
     poll.poke()  # caught
     assert poll.window == grown
-    await asyncio.sleep(grown + 0.5)
+    await asyncio.sleep(0.4)
     poll.poke()  # a gap past max_window: the last spin was wasted
     assert poll.window == grown / 2
-    for _ in range(6):
-        await asyncio.sleep(grown / 2 + 0.5)  # past max_window each time
+    for _ in range(4):
+        await asyncio.sleep(0.4)  # past max_window each time
         poll.poke()
-    assert poll.window == 0.02  # halved down to the floor, not below
+    assert poll.window == 0.03  # halved down to the floor, not below
     # A pause (the pool computing) is no missed gap: no growth after it.
     busy[0] = True
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
     busy[0] = False
     poll.poke()
-    assert poll.window == 0.02
+    assert poll.window == 0.03
     poll.close()
     # Without a max_window above the window, it never moves.
-    fixed = BusyPoll(asyncio.get_running_loop(), 0.02)
+    fixed = BusyPoll(asyncio.get_running_loop(), 0.03)
     fixed.poke()
-    await asyncio.sleep(0.08)
+    await asyncio.sleep(0.1)
     fixed.poke()
-    assert fixed.window == 0.02
+    assert fixed.window == 0.03
     fixed.close()
 
 
