@@ -1069,7 +1069,23 @@ def header_budget(header_len: int, n_buffers: int, max_tensors: int) -> int:
 
 
 def _load_header(data: bytes, n_buffers: int, max_tensors: int) -> Any:
-    budget = header_budget(len(data), n_buffers, max_tensors)
+    size = len(data)
+    budget = header_budget(size, n_buffers, max_tensors)
+    # No single array or map is longer than the tensor table may be (nor than
+    # the header has bytes); nesting is bounded by msgpack's own stack limit.
+    max_len = min(size, max(max_tensors, 1024))
+    if size <= budget:
+        # Every array or map takes at least a byte: a header this short cannot
+        # exceed the budget, so it is parsed without counting (most messages).
+        return msgpack.unpackb(
+            data,
+            strict_map_key=False,
+            max_str_len=size,
+            max_bin_len=size,
+            max_array_len=max_len,
+            max_map_len=max_len,
+            max_ext_len=0,
+        )
     count = 0
 
     def counted(obj: Any) -> Any:
@@ -1081,9 +1097,6 @@ def _load_header(data: bytes, n_buffers: int, max_tensors: int) -> Any:
             )
         return obj
 
-    # No single array or map is longer than the tensor table may be (nor than
-    # the header has bytes); nesting is bounded by msgpack's own stack limit.
-    max_len = min(len(data), max(max_tensors, 1024))
     # A large header builds many objects at once, each of which would count
     # towards the cyclic collector's thresholds: with a big heap (torch's)
     # that is a full collection every few thousand objects. None of them can

@@ -428,6 +428,32 @@ def test_a_header_of_empty_arrays_is_refused_fast_and_small() -> None:
     assert elapsed < 1.0, elapsed
 
 
+def test_the_budget_holds_at_its_edge() -> None:
+    """Headers up to the budget in bytes are parsed without counting (each
+    array takes a byte, so they cannot exceed it); past it they are counted,
+    and the shortest header of empty arrays that holds more than the budget
+    is refused."""
+
+    def arrays_header(size: int) -> bytes:
+        # [3, 1, [], [] x n]: a 3-byte array head, 2 ints, then n + 1 empty arrays
+        n = size - 6
+        return b"\xdc" + (3 + n).to_bytes(2, "big") + b"\x03\x01\x90" + b"\x90" * n
+
+    for n_buffers in (0, 7):
+        edge = 6
+        while codec.header_budget(edge + 1, n_buffers, 65536) >= edge + 1:
+            edge += 1
+        values = codec._load_header(arrays_header(edge), n_buffers, 65536)
+        assert len(values) == edge - 3 and values[2:] == [[]] * (edge - 5)
+        over = edge + 1
+        while over - 4 <= codec.header_budget(over, n_buffers, 65536):  # arrays held
+            over += 1
+        with pytest.raises(ProtocolError, match="arrays and maps"):
+            codec._load_header(arrays_header(over), n_buffers, 65536)
+        # One byte shorter it holds no more than the budget: parsed, counted.
+        assert len(codec._load_header(arrays_header(over - 1), n_buffers, 65536)) == over - 4
+
+
 def test_one_long_array_is_refused_by_its_length() -> None:
     data = b"\x94\x01\x00\x90\xdd" + (1 << 20).to_bytes(4, "big") + b"\xc0" * (1 << 20)
     with pytest.raises(ProtocolError, match=r"max_array_len|exceeds"):
