@@ -1071,21 +1071,6 @@ def header_budget(header_len: int, n_buffers: int, max_tensors: int) -> int:
 def _load_header(data: bytes, n_buffers: int, max_tensors: int) -> Any:
     size = len(data)
     budget = header_budget(size, n_buffers, max_tensors)
-    # No single array or map is longer than the tensor table may be (nor than
-    # the header has bytes); nesting is bounded by msgpack's own stack limit.
-    max_len = min(size, max(max_tensors, 1024))
-    if size <= budget:
-        # Every array or map takes at least a byte: a header this short cannot
-        # exceed the budget, so it is parsed without counting (most messages).
-        return msgpack.unpackb(
-            data,
-            strict_map_key=False,
-            max_str_len=size,
-            max_bin_len=size,
-            max_array_len=max_len,
-            max_map_len=max_len,
-            max_ext_len=0,
-        )
     count = 0
 
     def counted(obj: Any) -> Any:
@@ -1093,15 +1078,22 @@ def _load_header(data: bytes, n_buffers: int, max_tensors: int) -> Any:
         count += 1
         if count > budget:
             raise ProtocolError(
-                f"message header of {len(data)} bytes holds more than {budget} arrays and maps"
+                f"message header of {size} bytes holds more than {budget} arrays and maps"
             )
         return obj
 
+    # Every array or map takes at least a byte: a header no longer than the
+    # budget cannot exceed it, so it is parsed without counting (~0.5 us a
+    # message; most messages).
+    hook = counted if size > budget else None
+    # No single array or map is longer than the tensor table may be (nor than
+    # the header has bytes); nesting is bounded by msgpack's own stack limit.
+    max_len = min(size, max(max_tensors, 1024))
     # A large header builds many objects at once, each of which would count
     # towards the cyclic collector's thresholds: with a big heap (torch's)
     # that is a full collection every few thousand objects. None of them can
     # be in a cycle yet, so collecting meanwhile is wasted.
-    pause_gc = len(data) > 65536 and gc.isenabled()
+    pause_gc = size > 65536 and gc.isenabled()
     if pause_gc:
         gc.disable()
     try:
@@ -1109,10 +1101,10 @@ def _load_header(data: bytes, n_buffers: int, max_tensors: int) -> Any:
             data,
             use_list=True,
             strict_map_key=False,
-            list_hook=counted,
-            object_hook=counted,
-            max_str_len=len(data),
-            max_bin_len=len(data),
+            list_hook=hook,
+            object_hook=hook,
+            max_str_len=size,
+            max_bin_len=size,
             max_array_len=max_len,
             max_map_len=max_len,
             max_ext_len=0,
