@@ -61,6 +61,7 @@ import hmac
 import inspect
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -340,20 +341,23 @@ def spinning_takes_no_cpu(world_size: int | None) -> bool:
     return world_size is not None and world_size * torch.get_num_threads() <= cpus
 
 
-def _busy_poll_windows(options: RpcOptions, world_size: int | None) -> tuple[float, float]:
-    """The busy-poll window to start with and the longest it may grow to (see
+def _busy_poll_windows(options: RpcOptions, world_size: int | None) -> tuple[float, float, float]:
+    """The busy-poll window to start with, the longest it may grow to and the
+    most a spin may take while every CPU is wanted (see
     :class:`~aiorpc_autograd.transport.BusyPoll`): ``busy_poll_pinned`` fixed
     where polling takes no CPU from compute (:func:`spinning_takes_no_cpu`);
-    ``busy_poll`` adapting up to ``busy_poll_max`` where the group's workers
-    fit the CPUs but their intra-op threads may not; else ``busy_poll``
-    fixed. ``busy_poll`` 0: off."""
+    ``busy_poll`` adapting up to ``busy_poll_max``, giving way to the load
+    after ``busy_poll_crowded``, where the group's workers fit the CPUs but
+    their intra-op threads may not; else ``busy_poll`` fixed. ``busy_poll``
+    0: off."""
     if options.busy_poll == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, math.inf
     if spinning_takes_no_cpu(world_size):
-        return options.busy_poll_pinned, options.busy_poll_pinned
+        return options.busy_poll_pinned, options.busy_poll_pinned, math.inf
     if world_size is not None and world_size <= usable_cpus():
-        return options.busy_poll, max(options.busy_poll, options.busy_poll_max)
-    return options.busy_poll, options.busy_poll
+        longest = max(options.busy_poll, options.busy_poll_max)
+        return options.busy_poll, longest, options.busy_poll_crowded
+    return options.busy_poll, options.busy_poll, math.inf
 
 
 class RpcAgent:
@@ -414,8 +418,10 @@ class RpcAgent:
                 threads,
             )
         # Keeps the loop polling for a moment after each message (see BusyPoll).
-        window, max_window = _busy_poll_windows(options, rdv.world_size)
-        self._busy_poll = BusyPoll(self.loop, window, lambda: self._pool.busy, max_window)
+        window, max_window, max_crowded = _busy_poll_windows(options, rdv.world_size)
+        self._busy_poll = BusyPoll(
+            self.loop, window, lambda: self._pool.busy, max_window, max_crowded
+        )
         self._inflight = 0
         self._activity = 0
         self._probes: set[int] = set()  # request ids of shutdown liveness probes

@@ -111,9 +111,15 @@ class RpcOptions:
             the window adapts between ``busy_poll`` and this: it grows to
             cover a gap between messages that it missed by less than this, and
             halves after a gap longer than this (a wasted spin). A step whose
-            peer answers within it is then polled through; a peer computing
-            for longer on several threads finds the loop at ``busy_poll``,
-            not spinning on a core its threads need.
+            peer answers within it is then polled through, if a CPU is free
+            for the poll (see ``busy_poll_crowded``).
+        busy_poll_crowded: the most an adapting window spins after a message
+            while every CPU of the machine is wanted (Linux's count of
+            runnable threads, sampled every 50 µs, above its CPUs; always,
+            where that count cannot be read): a peer computing on every CPU
+            (torch's intra-op threads) gets them back after this, however
+            long the window, while a peer computing beside an idle CPU is
+            polled through the window.
         malloc_mmap_threshold: if set, ``init_rpc`` fixes glibc's mmap
             threshold (``mallopt(M_MMAP_THRESHOLD)``, process-wide) at this
             many bytes: blocks this large are mapped and unmapped on their own
@@ -148,7 +154,8 @@ class RpcOptions:
     max_owner_rrefs_per_peer: int = 100_000
     busy_poll: float = 0.0002
     busy_poll_pinned: float = 0.002
-    busy_poll_max: float = 0.002
+    busy_poll_max: float = 0.008
+    busy_poll_crowded: float = 0.002
     malloc_mmap_threshold: int = 0
 
     def __post_init__(self) -> None:
@@ -187,7 +194,7 @@ class RpcOptions:
             raise ValueError(
                 f"malloc_mmap_threshold must be >= 0, got {self.malloc_mmap_threshold}"
             )
-        for name in ("busy_poll", "busy_poll_pinned", "busy_poll_max"):
+        for name in ("busy_poll", "busy_poll_pinned", "busy_poll_max", "busy_poll_crowded"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.heartbeat_interval >= 0 and self.heartbeat_timeout > 0):

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import math
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from aiorpc_autograd import RpcOptions
-from aiorpc_autograd.transport import BusyPoll
+from aiorpc_autograd.transport import BusyPoll, RunQueue
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -124,23 +126,102 @@ async def test_window_adapts_to_the_gaps_it_misses() -> None:
     fixed.close()
 
 
+async def test_a_spin_gives_way_to_a_crowded_machine() -> None:
+    """With a load guard, a spin stops once the samples that found every CPU
+    wanted add up to ``max_crowded`` since the last poke, well before its
+    window; a poke starts the count afresh; the gap after such a spin grows
+    nothing. An uncrowded spin runs its whole window."""
+    crowded = [True]
+    asked = [0]
+
+    def load() -> bool:
+        asked[0] += 1
+        return crowded[0]
+
+    loop = asyncio.get_running_loop()
+    poll = BusyPoll(loop, 0.5, max_window=1.0, max_crowded=0.02, crowded=load)
+    poll.poke()
+    t0 = time.perf_counter()
+    while poll.spinning and time.perf_counter() - t0 < 5:
+        await asyncio.sleep(0)
+    gave_way = time.perf_counter() - t0
+    assert 0.02 <= gave_way < 0.3, gave_way  # not the 500 ms window
+    assert asked[0] >= 2  # sampled, not asked once per loop turn only at the end
+    await asyncio.sleep(0.6)  # a gap the window would have grown for
+    crowded[0] = False
+    t0 = time.perf_counter()
+    poll.poke()
+    assert poll.window == 0.5  # a spin that gave way says nothing of the gap
+    while poll.spinning and time.perf_counter() - t0 < 5:
+        await asyncio.sleep(0)
+    assert 0.5 <= time.perf_counter() - t0 < 2  # its whole window
+    poll.close()
+    # Without a budget the load is never asked.
+    asked[0] = 0
+    plain = BusyPoll(loop, 0.05, max_window=0.1, crowded=load)
+    plain.poke()
+    await asyncio.sleep(0.1)
+    assert asked[0] == 0
+    plain.close()
+
+
+def test_run_queue_reads_the_machine_load(tmp_path: Path) -> None:
+    """RunQueue compares Linux's runnable threads (the fourth field of
+    /proc/loadavg, "running/total") with the CPUs; a file it cannot read or
+    parse says crowded (the spin then takes no more than its budget). On
+    Linux, with a spinning process per CPU besides this one, it is crowded."""
+
+    def crowded(text: str | None, cpus: int = 2) -> bool:
+        path = tmp_path / "loadavg"
+        path.unlink(missing_ok=True)
+        if text is not None:
+            path.write_text(text)
+        queue = RunQueue(str(path), cpus)
+        try:
+            return queue.crowded()
+        finally:
+            queue.close()
+
+    assert not crowded("0.50 0.40 0.30 2/190 12345\n")  # this thread and one other
+    assert crowded("0.50 0.40 0.30 3/190 12345\n")
+    assert not crowded("9.00 9.00 9.00 16/900 12345\n", cpus=16)
+    assert crowded(None)  # unreadable
+    assert crowded("garbage\n")
+    if not os.path.exists("/proc/loadavg"):
+        return
+    ncpu = os.cpu_count() or 1
+    spin = "import time\nt = time.time() + 20\nwhile time.time() < t: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(ncpu)]
+    queue = RunQueue()
+    try:
+        time.sleep(0.5)
+        assert sum(queue.crowded() for _ in range(50)) > 25
+    finally:
+        queue.close()
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
 def test_option_validation() -> None:
     assert RpcOptions().busy_poll == 0.0002
     assert RpcOptions().busy_poll_pinned == 0.002
-    assert RpcOptions().busy_poll_max == 0.002
+    assert RpcOptions().busy_poll_max == 0.008
+    assert RpcOptions().busy_poll_crowded == 0.002
     assert RpcOptions(busy_poll=0).busy_poll == 0
-    for name in ("busy_poll", "busy_poll_pinned", "busy_poll_max"):
+    for name in ("busy_poll", "busy_poll_pinned", "busy_poll_max", "busy_poll_crowded"):
         for bad in (-0.001, float("nan")):
             with pytest.raises(ValueError, match=name):
                 RpcOptions(**{name: bad})
 
 
 def test_busy_poll_window_follows_the_cpus_compute_may_need() -> None:
-    """(window, longest window) read in a child process confined to each
-    choice of CPUs. The long window, fixed, where a polling loop takes no CPU
-    from compute: a process on one CPU, or a group whose workers, each on
-    torch's intra-op threads, fit this process's CPUs (world size x threads <=
-    CPUs). Adapting from the short window up to busy_poll_max where the
+    """(window, longest window, most spun while crowded) read in a child
+    process confined to each choice of CPUs. The long window, fixed, where a
+    polling loop takes no CPU from compute: a process on one CPU, or a group
+    whose workers, each on torch's intra-op threads, fit this process's CPUs
+    (world size x threads <= CPUs). Adapting from the short window up to
+    busy_poll_max, giving way to the load after busy_poll_crowded, where the
     workers fit the CPUs but their threads may not. The short window, fixed,
     for a larger or dynamic group (world size unknown). busy_poll=0: off."""
     probe = textwrap.dedent(
@@ -153,7 +234,8 @@ def test_busy_poll_window_follows_the_cpus_compute_may_need() -> None:
         torch.set_num_threads(int(sys.argv[2]))
         world = None if sys.argv[3] == "dynamic" else int(sys.argv[3])
         for options in (RpcOptions(), RpcOptions(busy_poll=0),
-                        RpcOptions(busy_poll_pinned=0.0005, busy_poll_max=0.0007)):
+                        RpcOptions(busy_poll_pinned=0.0005, busy_poll_max=0.0007,
+                                   busy_poll_crowded=0.0003)):
             print(*_busy_poll_windows(options, world))
         """
     )
@@ -164,10 +246,11 @@ def test_busy_poll_window_follows_the_cpus_compute_may_need() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
         return [float(v) for v in out.stdout.split()]
 
-    off = [0.0, 0.0]
-    long = [0.002, 0.002, *off, 0.0005, 0.0005]
-    adaptive = [0.0002, 0.002, *off, 0.0002, 0.0007]
-    short = [0.0002, 0.0002, *off, 0.0002, 0.0002]
+    inf = math.inf
+    off = [0.0, 0.0, inf]
+    long = [0.002, 0.002, inf, *off, 0.0005, 0.0005, inf]
+    adaptive = [0.0002, 0.008, 0.002, *off, 0.0002, 0.0007, 0.0003]
+    short = [0.0002, 0.0002, inf, *off, 0.0002, 0.0002, inf]
     # On one CPU: always (its threads take turns there), whatever the group.
     assert windows(cpus[:1], 1, 8) == long
     assert windows(cpus[:1], 1, "dynamic") == long
