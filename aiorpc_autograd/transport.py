@@ -271,15 +271,20 @@ class RunQueue:
     that file cannot be read, always crowded. ``path``, ``cpus``: for tests."""
 
     def __init__(self, path: str = "/proc/loadavg", cpus: int | None = None) -> None:
+        self._path = path
         self._cpus = cpus or os.cpu_count() or 1
-        try:
-            self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._fd = None
+        self._fd: int | None = None  # opened at the first question
+        self._closed = False
 
     def crowded(self) -> bool:
         if self._fd is None:
-            return True
+            if self._closed:
+                return True
+            try:
+                self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                self._closed = True  # no such count here: do not try again
+                return True
         try:
             running = int(os.pread(self._fd, 128, 0).split()[3].split(b"/")[0])
         except (OSError, IndexError, ValueError):
@@ -287,6 +292,7 @@ class RunQueue:
         return running > self._cpus
 
     def close(self) -> None:
+        self._closed = True
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -187,6 +187,9 @@ def test_run_queue_reads_the_machine_load(tmp_path: Path) -> None:
     assert not crowded("9.00 9.00 9.00 16/900 12345\n", cpus=16)
     assert crowded(None)  # unreadable
     assert crowded("garbage\n")
+    closed = RunQueue(str(tmp_path / "loadavg"), 2)
+    closed.close()
+    assert closed.crowded()  # a closed agent's spin never outlasts its budget
     if not os.path.exists("/proc/loadavg"):
         return
     ncpu = os.cpu_count() or 1
