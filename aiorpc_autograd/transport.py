@@ -182,13 +182,16 @@ class BusyPoll:
         self._last = -math.inf  # the last poke
         self._slept = False  # the window ran out (not paused) since the last poke
         self._handle: asyncio.Handle | None = None
-        # The load guard: a RunQueue of our own unless given a test.
+        # The load guard (none without a budget): a RunQueue of our own
+        # unless given a test.
         self._max_crowded = max_crowded
         self._run_queue: RunQueue | None = None
-        if crowded is None and max_crowded < math.inf:
+        if max_crowded == math.inf:
+            crowded = None
+        elif crowded is None:
             self._run_queue = RunQueue()
             crowded = self._run_queue.crowded
-        self._crowded = crowded if max_crowded < math.inf else None
+        self._crowded = crowded
         self._crowded_for = 0.0  # seconds of this spin that every CPU was wanted
         self._sampled = 0.0  # when the load was last asked (or the last poke)
         self._gave_way = False  # the spin stopped for the load, not the window
@@ -235,12 +238,12 @@ class BusyPoll:
         if self._run_queue is not None:
             self._run_queue.close()
 
-    def _give_way(self, now: float) -> bool:
+    def _give_way(self, crowded: Callable[[], bool], now: float) -> bool:
         """Whether this spin has taken ``max_crowded`` of CPU time that other
         threads wanted (every CPU wanted at the samples since the last poke)."""
-        if self._crowded is None or now - self._sampled < _LOAD_SAMPLE:
+        if now - self._sampled < _LOAD_SAMPLE:
             return False
-        if self._crowded():
+        if crowded():
             self._crowded_for += now - self._sampled
         self._sampled = now
         return self._crowded_for >= self._max_crowded
@@ -251,7 +254,8 @@ class BusyPoll:
             return
         now = time.perf_counter()
         if now < self._until and not self._loop.is_closed():
-            if not self._give_way(now):
+            crowded = self._crowded
+            if crowded is None or not self._give_way(crowded, now):
                 os.sched_yield()
                 self._handle = self._loop.call_soon(self._spin)
                 return
