@@ -90,7 +90,18 @@ def _steps_with_gradients_given(optim: torch.optim.Optimizer) -> TypeGuard[torch
 def _sgd_step(optim: torch.optim.SGD, ctx: DistAutogradContext) -> None:
     """``optim.step()`` with each parameter's gradient taken from ``ctx``
     rather than its ``.grad`` (what ``SGD.step`` does, without lending the
-    gradients to ``.grad`` and taking them back: ~1 µs a parameter)."""
+    gradients to ``.grad`` and taking them back: ~1 µs a parameter).
+
+    A group that leaves ``foreach`` to torch (None) is stepped with the
+    ``torch._foreach_*`` ops wherever they compute what the per-tensor loop
+    does (CPU tensors default to that loop): the same kernels, tensor by
+    tensor, in C++ rather than Python (128 small parameters: 140 against
+    205 µs; with momentum, 459 against 717). Not with Nesterov momentum,
+    whose foreach form adds the buffers into the gradients in place: the
+    context's gradients must stay what the backward pass computed."""
+    grad_scale = getattr(optim, "grad_scale", None)
+    found_inf = getattr(optim, "found_inf", None)
+    scaled = grad_scale is not None or found_inf is not None  # (fused only)
     with torch.no_grad():
         for group in optim.param_groups:
             params, grads = [], []
@@ -101,6 +112,10 @@ def _sgd_step(optim: torch.optim.SGD, ctx: DistAutogradContext) -> None:
             momentum = group["momentum"] != 0
             state = optim.state
             buffers = [state[p].get("momentum_buffer") for p in params] if momentum else []
+            sparse = any(g.is_sparse for g in grads)
+            foreach = group["foreach"]
+            if foreach is None and not (group["nesterov"] or sparse or scaled):
+                foreach = True
             sgd(
                 params,
                 grads,
@@ -111,11 +126,11 @@ def _sgd_step(optim: torch.optim.SGD, ctx: DistAutogradContext) -> None:
                 dampening=group["dampening"],
                 nesterov=group["nesterov"],
                 maximize=group["maximize"],
-                has_sparse_grad=any(g.is_sparse for g in grads),
-                foreach=group["foreach"],
+                has_sparse_grad=sparse,
+                foreach=foreach,
                 fused=group["fused"],
-                grad_scale=getattr(optim, "grad_scale", None),
-                found_inf=getattr(optim, "found_inf", None),
+                grad_scale=grad_scale,
+                found_inf=found_inf,
             )
             if momentum:
                 for p, buffer in zip(params, buffers, strict=True):

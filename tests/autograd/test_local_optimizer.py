@@ -81,12 +81,68 @@ def test_sgd_given_gradients_matches_its_own_step_exactly(
 ) -> None:
     assert optim_module._steps_with_gradients_given(torch.optim.SGD(_params(0), **kwargs))
     local, params, ref, ref_params = _run(contexts, torch.optim.SGD, kwargs)
+    _assert_stepped_alike(local, params, ref, ref_params)
+
+
+def _assert_stepped_alike(
+    local: _LocalOptimizer,
+    params: list[torch.Tensor],
+    ref: torch.optim.Optimizer,
+    ref_params: list[torch.Tensor],
+) -> None:
+    """Parameters and momentum buffers equal the reference's bit for bit."""
     for p, q in zip(params, ref_params, strict=True):
         assert torch.equal(p, q)
         buf, ref_buf = (o.state[t].get("momentum_buffer") for o, t in ((local.optim, p), (ref, q)))
         assert (buf is None) == (ref_buf is None)
         if buf is not None:
             assert torch.equal(buf, ref_buf)
+
+
+@pytest.mark.parametrize("kwargs", SGD_CONFIGS, ids=lambda kw: ",".join(kw))
+def test_sgd_left_to_torch_runs_the_foreach_ops_where_they_compute_the_same(
+    contexts: dict[int, DistAutogradContext],
+    monkeypatch: pytest.MonkeyPatch,
+    kwargs: dict[str, Any],
+) -> None:
+    """CPU parameters default to SGD's per-tensor loop; the local optimizer
+    runs the ``torch._foreach_*`` form instead where it is the same arithmetic
+    (the same kernels, tensor by tensor): parameters and momentum buffers
+    equal ``SGD.step``'s bit for bit, at sizes the kernels vectorise, and the
+    context's gradients are left as they were (Nesterov's foreach form would
+    add into them: that group keeps the loop)."""
+    from torch.optim import sgd as sgd_module
+
+    forms: list[str] = []
+    for name in ("_single_tensor_sgd", "_multi_tensor_sgd"):
+        original = getattr(sgd_module, name)
+
+        def spy(*args: Any, _f: Any = original, _name: str = name, **kw: Any) -> Any:
+            forms.append(_name)
+            return _f(*args, **kw)
+
+        monkeypatch.setattr(sgd_module, name, spy)
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(257, 129), (1031,), (64, 64), (3,)]
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    local = _LocalOptimizer(torch.optim.SGD, params, (), kwargs)
+    ref = torch.optim.SGD(ref_params, **kwargs)
+    for step in range(3):
+        ctx = contexts[step] = DistAutogradContext(step)
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        for p, q, g in zip(params, ref_params, grads, strict=True):
+            ctx.set_gradient(p, g)
+            q.grad = g.clone()
+        local.step(step)
+        ref.step()
+        assert all(torch.equal(ctx.gradient(p), g) for p, g in zip(params, grads, strict=True))
+        _assert_stepped_alike(local, params, ref, ref_params)
+    foreach = kwargs.get("foreach") or not kwargs.get("nesterov", False)
+    # The reference's own steps run the loop (CPU's default) unless told foreach.
+    expected = "_multi_tensor_sgd" if foreach else "_single_tensor_sgd"
+    reference = "_multi_tensor_sgd" if kwargs.get("foreach") else "_single_tensor_sgd"
+    assert forms == [expected, reference] * 3
 
 
 def _doubling_hook(optimizer: torch.optim.Optimizer, *_: Any) -> None:
