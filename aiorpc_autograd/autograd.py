@@ -575,11 +575,31 @@ class BackwardPass:
                     self._deps[id(leaf)] = alone
                 else:
                     self._deps[id(leaf)] = keys | alone
+        # When a job may run (a leaf's gradient can be completed): a source
+        # that resolves makes a leaf ready if it is the leaf's only source
+        # (its "solo" leaves), or the last of a shared leaf's sources to
+        # resolve (counted down): O(shared leaves) a source, however many
+        # sources and leaves the pass has.
+        self._solo: dict[int, bool] = {}
+        self._shared: dict[int, list[int]] = {}
+        self._unresolved: dict[int, int] = {}  # id(shared leaf) -> its sources not resolved
+        for key, leaves in self._reach.items():
+            shared = [id(leaf) for leaf in leaves if len(self._deps[id(leaf)]) > 1]
+            self._solo[key] = len(shared) < len(leaves)
+            self._shared[key] = shared
+            for leaf_id in shared:
+                self._unresolved[leaf_id] = len(self._deps[leaf_id])
+        self._leaf_ready = False  # a leaf became ready since the last job started
         self._recv_of_leaf: dict[int, RecvFunction] = {
             id(t): recv for recv in self._recvs.values() for t in recv.tensors
         }
         self._recv_grads: dict[int, list[torch.Tensor | None]] = {
             mid: [None] * len(recv.tensors) for mid, recv in self._recvs.items()
+        }
+        # recv message id -> the sources its tensors depend on (answered once all ran)
+        self._recv_sources: dict[int, AbstractSet[int]] = {
+            mid: frozenset().union(*(self._deps.get(id(t), ()) for t in recv.tensors))
+            for mid, recv in self._recvs.items()
         }
         self._answered: set[int] = set()
         # Run in the pool thread right after the last job (the one that runs
@@ -592,19 +612,16 @@ class BackwardPass:
         """The peers of recv functions that this pass answers without waiting
         for any other worker (no source but the local roots reaches them):
         they are sure to hear from this worker soon after :meth:`start`."""
-        peers = set()
-        for recv in self._recvs.values():
-            keys = set().union(*(self._deps.get(id(t), set()) for t in recv.tensors))
-            if keys <= {_ROOT}:
-                peers.add(recv.peer)
-        return peers
+        return {
+            recv.peer for mid, recv in self._recvs.items() if self._recv_sources[mid] <= {_ROOT}
+        }
 
     # -- events --------------------------------------------------------------
 
     def start(self) -> None:
         """Begin: answer unreachable recv functions, run the roots if any."""
         if self._roots:
-            self._resolved[_ROOT] = [torch.ones_like(r) for r in self._roots]
+            self._resolve(_ROOT, [torch.ones_like(r) for r in self._roots])
         self._advance()
 
     def on_gradients(self, message_id: int, grads: list[torch.Tensor | None] | None) -> None:
@@ -628,7 +645,7 @@ class BackwardPass:
                 f"{len(grads)} gradients for send function {message_id} of "
                 f"{len(send.tensors)} tensors"
             )
-        self._resolved[message_id] = grads
+        self._resolve(message_id, grads)
         self._advance()
 
     def abort(self, error: BaseException) -> None:
@@ -639,8 +656,16 @@ class BackwardPass:
 
     # -- machinery -----------------------------------------------------------
 
-    def _source_ready(self, leaf_id: int) -> bool:
-        return all(k in self._resolved for k in self._deps.get(leaf_id, ()))
+    def _resolve(self, key: int, grads: list[torch.Tensor | None] | None) -> None:
+        self._resolved[key] = grads
+        if self._solo[key]:
+            self._leaf_ready = True
+        unresolved = self._unresolved
+        for leaf_id in self._shared[key]:
+            left = unresolved[leaf_id] - 1
+            unresolved[leaf_id] = left
+            if not left:
+                self._leaf_ready = True
 
     def _advance(self) -> None:
         if self.done or self._running:
@@ -648,11 +673,11 @@ class BackwardPass:
         pending = [k for k in self._resolved if k not in self._ran]
         if pending:
             # Run when a target these sources reach is ready (all its sources
-            # resolved), or when nothing else can arrive.
+            # resolved), or when nothing else can arrive. (A leaf that became
+            # ready has a source among the pending ones: it was resolved
+            # since the last job, which ran every source resolved by then.)
             everything = len(self._resolved) == len(self._reach)
-            if everything or any(
-                self._source_ready(id(leaf)) for k in pending for leaf in self._reach.get(k, ())
-            ):
+            if everything or self._leaf_ready:
                 self._run(pending, final=everything)
                 return
         self._answer_ready_recvs()
@@ -676,6 +701,7 @@ class BackwardPass:
             if len(outputs) > n:
                 used.append(key)
         self._ran.update(keys)
+        self._leaf_ready = False
         stripes: list[int] | None = None
         if len(used) == 1:
             reach = self._reach[used[0]]  # (distinct leaves)
@@ -766,8 +792,7 @@ class BackwardPass:
         for mid, recv in self._recvs.items():
             if mid in self._answered:
                 continue
-            keys = set().union(*(self._deps.get(id(t), set()) for t in recv.tensors))
-            if all(k in self._ran for k in keys):
+            if self._recv_sources[mid] <= self._ran:
                 self._answered.add(mid)
                 grads = self._recv_grads.pop(mid)
                 self.io.propagate(recv, grads if any(g is not None for g in grads) else None)
@@ -782,4 +807,5 @@ class BackwardPass:
         self._roots = []
         self._sends, self._recvs, self._resolved = {}, {}, {}
         self._reach, self._deps, self._recv_of_leaf, self._recv_grads = {}, {}, {}, {}
+        self._shared, self._unresolved, self._recv_sources = {}, {}, {}
         self.io.finished(self.error)

@@ -416,6 +416,83 @@ def test_independent_subgraphs_do_not_wait_for_each_other() -> None:
     assert io.finished_with == [None]
 
 
+def _micro_batch_worker(n: int) -> tuple[DistAutogradContext, list[torch.Tensor], torch.Tensor]:
+    """Worker B of ``n`` micro-batches: each call's received input r_i times
+    B's one weight w, sent back (message i + 100 answers recv i)."""
+    ctx = DistAutogradContext(1)
+    w = _leaf(3, seed=30)
+    rs = [_leaf(3, seed=31 + i) for i in range(n)]
+    for i, r in enumerate(rs):
+        ctx.add_recv(RecvFunction(i, 0, [r]))
+        ctx.add_send(SendFunction(i + 100, 0, [(r * w).tanh()]))
+    return ctx, rs, w
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["inline", "deferred"])
+def test_micro_batches_sharing_a_weight_answer_each_call_as_it_resolves(deferred: bool) -> None:
+    """Each call's input is reached by its own send alone, so its gradient
+    can be completed (and its recv answered) as soon as that send resolves,
+    while the shared weight is complete only with the last; gradients that
+    arrive while a job runs go in the next job together."""
+    n = 6
+    ctx, rs, w = _micro_batch_worker(n)
+    io = FakeIO(1, collections.deque(), deferred=deferred)
+    bp = BackwardPass(ctx, 1, False, None, io)
+    bp.start()
+    assert bp.batches == 0
+    gen = torch.Generator().manual_seed(5)
+    gs = [torch.randn(3, generator=gen) for _ in range(n)]
+    order = [3, 0, 5, 1, 4, 2]
+    for k, i in enumerate(order):
+        bp.on_gradients(i + 100, [gs[i]])
+        if not deferred:
+            assert bp.batches == k + 1
+            assert [mid for mid, _, _ in io.propagated] == order[: k + 1]
+            assert bp.done == (k == n - 1)
+    if deferred:
+        # The first job took the first gradients; the rest waited for it and
+        # go in one job, the last one (every source is in by then).
+        assert bp.batches == 1 and io.run_jobs() == 2 and bp.batches == 2
+        assert sorted(mid for mid, _, _ in io.propagated) == sorted(order)
+    assert io.finished_with == [None]
+
+    # Oracle: the same micro-batches locally.
+    rs2 = [r.detach().requires_grad_() for r in rs]
+    w2 = w.detach().requires_grad_()
+    want = torch.autograd.grad([(r * w2).tanh() for r in rs2], [*rs2, w2], gs)
+    got = {mid: grads for mid, _, grads in io.propagated}
+    for i in range(n):
+        assert got[i] is not None and got[i][0] is not None
+        torch.testing.assert_close(got[i][0], want[i])
+    ((leaf, gw),) = ctx.gradients().items()
+    assert leaf is w
+    torch.testing.assert_close(gw, want[n])
+
+
+def test_a_shared_leaf_is_ready_only_when_its_last_source_resolves() -> None:
+    """Three sends that reach only leaves they share two by two (w01, w12,
+    w02): no job runs until some leaf has all its sources, then the pending
+    sources run together."""
+    ctx = DistAutogradContext(1)
+    w01, w12, w02 = _leaf(2, seed=40), _leaf(2, seed=41), _leaf(2, seed=42)
+    ctx.add_send(SendFunction(10, 0, [w01 * w02]))
+    ctx.add_send(SendFunction(11, 0, [w01 * w12]))
+    ctx.add_send(SendFunction(12, 0, [w12 * w02]))
+    io = FakeIO(1, collections.deque())
+    bp = BackwardPass(ctx, 1, False, None, io)
+    bp.start()
+    bp.on_gradients(10, [torch.ones(2)])
+    assert bp.batches == 0  # w01 waits for 11, w02 for 12
+    bp.on_gradients(11, [torch.ones(2)])
+    assert bp.batches == 1  # w01 complete: 10 and 11 run
+    bp.on_gradients(12, [torch.ones(2)])
+    assert bp.batches == 2 and io.finished_with == [None]
+    grads = ctx.gradients()
+    torch.testing.assert_close(grads[w01], (w02 + w12).detach())
+    torch.testing.assert_close(grads[w12], (w01 + w02).detach())
+    torch.testing.assert_close(grads[w02], (w01 + w12).detach())
+
+
 # ------------------------------------------------------------ retain_graph
 
 
