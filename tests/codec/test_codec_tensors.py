@@ -319,6 +319,29 @@ def test_received_tensors_live_in_the_frame_body() -> None:
     assert got[0][0].item() == 42.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool], ids=str)
+def test_received_tensors_are_shaped_views_of_writable_and_read_only_buffers(
+    dtype: torch.dtype,
+) -> None:
+    """A numpy dtype's tensor is built by numpy in one step, another's by
+    torch.frombuffer; either way it views its buffer at its offset with its
+    shape, and a read-only buffer (never a frame's) still decodes, by torch."""
+    sent = make_tensor(dtype, (3, 5), bytes(range(1, 200, 3)))
+    table, buffers = codec._encode_tensors([sent])
+    data = bytes(buffers[0])
+    pad = b"\0" * 4
+    for readonly in (False, True):
+        raw = pad + data
+        buf = memoryview(raw if readonly else bytearray(raw))
+        desc = [*table[0][:3], len(pad), table[0][4]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # frombuffer: not writable
+            (got,) = codec._decode_tensors([desc], [buf], 8)
+        assert got is not None and got.shape == (3, 5) and got.dtype == dtype
+        assert_bit_exact(got, sent)
+        assert got.data_ptr() == np.frombuffer(buf, dtype=np.uint8).ctypes.data + len(pad)
+
+
 def test_received_tensors_live_in_the_frame_body_for_large_frames() -> None:
     """The direct-body path (body read straight into its own buffer) too."""
     t = torch.randn(64 * 1024)
