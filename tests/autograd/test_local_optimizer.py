@@ -99,18 +99,21 @@ def _assert_stepped_alike(
             assert torch.equal(buf, ref_buf)
 
 
+@pytest.mark.parametrize("many", [False, True], ids=["few-params", "many-params"])
 @pytest.mark.parametrize("kwargs", SGD_CONFIGS, ids=lambda kw: ",".join(kw))
 def test_sgd_left_to_torch_runs_the_foreach_ops_where_they_compute_the_same(
     contexts: dict[int, DistAutogradContext],
     monkeypatch: pytest.MonkeyPatch,
     kwargs: dict[str, Any],
+    many: bool,
 ) -> None:
     """CPU parameters default to SGD's per-tensor loop; the local optimizer
-    runs the ``torch._foreach_*`` form instead where it is the same arithmetic
-    (the same kernels, tensor by tensor): parameters and momentum buffers
-    equal ``SGD.step``'s bit for bit, at sizes the kernels vectorise, and the
-    context's gradients are left as they were (Nesterov's foreach form would
-    add into them: that group keeps the loop)."""
+    runs the ``torch._foreach_*`` form instead for a group of many
+    parameters, where it is the same arithmetic (the same kernels, tensor by
+    tensor): parameters and momentum buffers equal ``SGD.step``'s bit for
+    bit, at sizes the kernels vectorise, and the context's gradients are left
+    as they were (Nesterov's foreach form would add into them: that group
+    keeps the loop, as does a group of few parameters)."""
     from torch.optim import sgd as sgd_module
 
     forms: list[str] = []
@@ -124,6 +127,9 @@ def test_sgd_left_to_torch_runs_the_foreach_ops_where_they_compute_the_same(
         monkeypatch.setattr(sgd_module, name, spy)
     gen = torch.Generator().manual_seed(3)
     shapes = [(257, 129), (1031,), (64, 64), (3,)]
+    if many:
+        shapes *= 2
+    assert (len(shapes) >= optim_module._FOREACH_FROM) == many
     params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     local = _LocalOptimizer(torch.optim.SGD, params, (), kwargs)
@@ -138,7 +144,7 @@ def test_sgd_left_to_torch_runs_the_foreach_ops_where_they_compute_the_same(
         ref.step()
         assert all(torch.equal(ctx.gradient(p), g) for p, g in zip(params, grads, strict=True))
         _assert_stepped_alike(local, params, ref, ref_params)
-    foreach = kwargs.get("foreach") or not kwargs.get("nesterov", False)
+    foreach = kwargs.get("foreach") or (many and not kwargs.get("nesterov", False))
     # The reference's own steps run the loop (CPU's default) unless told foreach.
     expected = "_multi_tensor_sgd" if foreach else "_single_tensor_sgd"
     reference = "_multi_tensor_sgd" if kwargs.get("foreach") else "_single_tensor_sgd"
