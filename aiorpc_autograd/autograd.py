@@ -563,18 +563,18 @@ class BackwardPass:
             self._reach[mid] = send.leaves()
         # id(leaf) -> the source keys reaching it (one shared set per key
         # when a single source reaches a leaf: the common case, and cheap).
-        self._deps: dict[int, AbstractSet[int]] = {}
+        deps: dict[int, AbstractSet[int]] = {}
         for key, leaves in self._reach.items():
             alone = frozenset((key,))
-            if not self._deps:  # the first source (often the only one): nothing to merge
-                self._deps = dict.fromkeys(map(id, leaves), alone)
+            if not deps:  # the first source (often the only one): nothing to merge
+                deps = dict.fromkeys(map(id, leaves), alone)
                 continue
             for leaf in leaves:
-                keys = self._deps.get(id(leaf))
+                keys = deps.get(id(leaf))
                 if keys is None:
-                    self._deps[id(leaf)] = alone
+                    deps[id(leaf)] = alone
                 else:
-                    self._deps[id(leaf)] = keys | alone
+                    deps[id(leaf)] = keys | alone
         # When a job may run (a leaf's gradient can be completed): a source
         # that resolves makes a leaf ready if it is the leaf's only source
         # (its "solo" leaves), or the last of a shared leaf's sources to
@@ -583,12 +583,13 @@ class BackwardPass:
         self._solo: dict[int, bool] = {}
         self._shared: dict[int, list[int]] = {}
         self._unresolved: dict[int, int] = {}  # id(shared leaf) -> its sources not resolved
+        only = len(self._reach) == 1  # (one source: no leaf is shared, nothing to scan)
         for key, leaves in self._reach.items():
-            shared = [id(leaf) for leaf in leaves if len(self._deps[id(leaf)]) > 1]
+            shared = [] if only else [id(leaf) for leaf in leaves if len(deps[id(leaf)]) > 1]
             self._solo[key] = len(shared) < len(leaves)
             self._shared[key] = shared
             for leaf_id in shared:
-                self._unresolved[leaf_id] = len(self._deps[leaf_id])
+                self._unresolved[leaf_id] = len(deps[leaf_id])
         self._leaf_ready = False  # a leaf became ready since the last job started
         self._recv_of_leaf: dict[int, RecvFunction] = {
             id(t): recv for recv in self._recvs.values() for t in recv.tensors
@@ -598,7 +599,7 @@ class BackwardPass:
         }
         # recv message id -> the sources its tensors depend on (answered once all ran)
         self._recv_sources: dict[int, AbstractSet[int]] = {
-            mid: frozenset().union(*(self._deps.get(id(t), ()) for t in recv.tensors))
+            mid: frozenset().union(*(deps.get(id(t), ()) for t in recv.tensors))
             for mid, recv in self._recvs.items()
         }
         self._answered: set[int] = set()
@@ -806,6 +807,6 @@ class BackwardPass:
         # keep them alive. A job still running has its own references.
         self._roots = []
         self._sends, self._recvs, self._resolved = {}, {}, {}
-        self._reach, self._deps, self._recv_of_leaf, self._recv_grads = {}, {}, {}, {}
+        self._reach, self._recv_of_leaf, self._recv_grads = {}, {}, {}
         self._shared, self._unresolved, self._recv_sources = {}, {}, {}
         self.io.finished(self.error)

@@ -340,23 +340,23 @@ def load_payload(payload: Payload, allow_pickle: bool = True) -> Any:
 
 # dtypes whose tensors convert to numpy arrays (the others are viewed as bytes
 # first, and built with torch.frombuffer when received), and their numpy dtypes.
-_NUMPY_OF: dict[torch.dtype, np.dtype[Any]] = {
-    dtype: np.dtype(name)
-    for dtype, name in [
-        (torch.bool, "bool"),
-        (torch.uint8, "uint8"),
-        (torch.int8, "int8"),
-        (torch.int16, "int16"),
-        (torch.int32, "int32"),
-        (torch.int64, "int64"),
-        (torch.float16, "float16"),
-        (torch.float32, "float32"),
-        (torch.float64, "float64"),
-        (torch.complex64, "complex64"),
-        (torch.complex128, "complex128"),
-    ]
-}
 _DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in _DTYPES.items()}
+_NUMPY_OF: dict[torch.dtype, np.dtype[Any]] = {
+    dtype: np.dtype(_DTYPE_NAMES[dtype])  # (the same names in numpy)
+    for dtype in (
+        torch.bool,
+        torch.uint8,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    )
+}
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -397,9 +397,7 @@ def _encode_tensors(
         # Before any copy: a tensor off the CPU with no map entry is refused.
         device = None if t.is_cpu else target_device(t, device_map)
         buffers.append(_tensor_bytes(t))
-        dtype = t.dtype
-        name = _DTYPE_NAMES.get(dtype) or str(dtype)[6:]
-        desc = [name, list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)]
+        desc = [_DTYPE_NAMES[t.dtype], list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)]
         if device is not None:
             desc.append(device)
         table.append(desc)
