@@ -225,6 +225,11 @@ INLINE_BELOW_S = 200e-6
 # bench's step in backward: the worker's backward 1.00-1.03 -> 0.92-0.97 ms).
 INLINE_BELOW_PINNED_S = 2e-3
 
+# A context released by a peer is dropped within this many seconds, and at
+# most this many wait (see AutogradService._drop_later).
+DROP_WITHIN_S = 5e-3
+DROP_HELD_MAX = 8
+
 
 class JobCosts:
     """Where engine jobs and optimizer steps run, chosen with data: a kind of
@@ -271,6 +276,9 @@ class AutogradService:
         # the function stepping this worker's local optimizer of that id.
         self._local_optimizers: dict[int, asyncio.Future[Any]] = {}
         self.job_costs = JobCosts(INLINE_BELOW_PINNED_S if agent.pinned else INLINE_BELOW_S)
+        # Contexts released by peers, their tensors not yet dropped (_drop_later).
+        self._to_drop: list[DistAutogradContext] = []
+        self._drop_timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def install(cls, agent: RpcAgent) -> AutogradService:
@@ -283,7 +291,10 @@ class AutogradService:
         agent.handlers[CleanupAutogradContextReq] = self._on_cleanup
         agent.handlers[BackwardStartReq] = self._on_start
         agent.handlers[BackwardAbortReq] = self._on_abort
-        agent.debug_counters["num_autograd_contexts"] = lambda: len(self.container)
+        # (released contexts count until dropped: their tensors are still held)
+        agent.debug_counters["num_autograd_contexts"] = lambda: (
+            len(self.container) + len(self._to_drop)
+        )
         agent.debug_counters["num_current_backward_passes"] = lambda: sum(
             1 for run in self._runs.values() if not run.done.done()
         )
@@ -370,6 +381,39 @@ class AutogradService:
             self.agent.info.id, context_id, mid, self._device_map(to.id), message
         )
 
+    def _after_answer(self, send: SendFunction | None) -> None:
+        """A forward request's answer is being written: the peer computes on
+        it now, and this worker waits. Use that gap, the turn after the write
+        (see :meth:`_walk_when_written`), for the work kept for it: the walk
+        of ``send`` (the answer's send function, if any), then the contexts
+        released meanwhile (:meth:`_drop_later`)."""
+        if send is not None:
+            self._walk_when_written(send)
+        if self._to_drop:
+            loop = self.agent.loop
+            loop.call_soon(loop.call_soon, self._drop_released)
+
+    def _drop_later(self, ctx: DistAutogradContext) -> None:
+        """Drop what ``ctx`` (released by a peer, gone from the container)
+        holds in this worker's next gap (:meth:`_after_answer`), at the latest
+        after ``DROP_WITHIN_S``; at most ``DROP_HELD_MAX`` wait. Freeing a
+        step's graph and gradients costs ~1 us a tensor, on the loop: the
+        release comes just before the next step's forward (a 64-layer MLP's
+        context took 100 us, and that forward waited for it)."""
+        self._to_drop.append(ctx)
+        if len(self._to_drop) > DROP_HELD_MAX:
+            self._to_drop.pop(0).clear()
+        if self._drop_timer is None:
+            self._drop_timer = self.agent.loop.call_later(DROP_WITHIN_S, self._drop_released)
+
+    def _drop_released(self) -> None:
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        dropping, self._to_drop = self._to_drop, []
+        for ctx in dropping:
+            ctx.clear()
+
     def _walk_when_written(self, send: SendFunction) -> None:
         """Walk to the leaves ``send`` reaches once the message carrying it is
         written, while this worker waits for the peer: a backward pass then
@@ -436,8 +480,7 @@ class AutogradService:
             current_context_id.reset(token)
         if isinstance(result, Message):
             response, send = self._forward_response(ctx, message, result)
-            if send is not None:
-                self._walk_when_written(send)
+            self._after_answer(send)
             return response
         # A future (a plain function's pool job, the hot path): answer from its
         # callback, no Task of our own.
@@ -455,8 +498,7 @@ class AutogradService:
                     answer.set_exception(exc)
                 else:
                     answer.set_result(response)
-                    if send is not None:
-                        self._walk_when_written(send)
+                    self._after_answer(send)
 
         result.add_done_callback(done)
         return answer
@@ -485,9 +527,11 @@ class AutogradService:
         return self.container.new_context()
 
     def release(self, context_id: int, exclude: int | None = None) -> None:
-        """Release a context here and send the release to the workers it knows."""
+        """Release a context here and send the release to the workers it
+        knows but ``exclude`` (the peer the release came from, if any: what
+        the context holds is then dropped in this worker's next gap)."""
         error = RuntimeError(f"autograd context {context_id} was released")
-        ctx = self._release_here(context_id, error)
+        ctx = self._release_here(context_id, error, drop_later=exclude is not None)
         if ctx is None:
             return
         if not self.agent.running:
@@ -762,8 +806,11 @@ class AutogradService:
                 self._release_here(cid, lost)
         self._made_by_peer.pop(info.id, None)
 
-    def _release_here(self, context_id: int, error: BaseException) -> DistAutogradContext | None:
-        """Drop the context here (its passes fail with ``error``); None if absent."""
+    def _release_here(
+        self, context_id: int, error: BaseException, drop_later: bool = False
+    ) -> DistAutogradContext | None:
+        """Drop the context here (its passes fail with ``error``; what it
+        holds is freed now, or by :meth:`_drop_later`); None if absent."""
         maker = self._maker.pop(context_id, None)
         if maker is not None:
             self._made_by_peer.get(maker, set()).discard(context_id)
@@ -772,7 +819,10 @@ class AutogradService:
             return None
         for key in [k for k in self._runs if k[0] == context_id]:
             self._runs.pop(key).fail(error)
-        ctx.clear()
+        if drop_later:
+            self._drop_later(ctx)
+        else:
+            ctx.clear()
         return ctx
 
 

@@ -1277,9 +1277,9 @@ def log_releases(on: bool) -> None:
     _RELEASED.clear()
     original = AutogradService._release_here
 
-    def logged(self: AutogradService, context_id: int, error: BaseException) -> Any:
+    def logged(self: AutogradService, context_id: int, *args: Any, **kwargs: Any) -> Any:
         _RELEASED.setdefault(context_id, time.monotonic())
-        return original(self, context_id, error)
+        return original(self, context_id, *args, **kwargs)
 
     _patch((AutogradService, "_release_here", logged))
 
