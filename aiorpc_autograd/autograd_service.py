@@ -223,7 +223,11 @@ INLINE_BELOW_S = 200e-6
 # loop (they take turns on that CPU), so a hop buys only the loop's freedom to
 # read other frames meanwhile: longer jobs run inline too (pinned A/B of the
 # bench's step in backward: the worker's backward 1.00-1.03 -> 0.92-0.97 ms).
-INLINE_BELOW_PINNED_S = 2e-3
+# 10 ms: with 2 ms a 64-layer MLP's backward (1.8 ms) went to the pool after
+# each run slowed past the bound and came back only runs later, paying the
+# hop (+50-100 us) in a third to two thirds of the steps; a loop held 10 ms
+# still answers heartbeats in time.
+INLINE_BELOW_PINNED_S = 10e-3
 
 # A context released by a peer is dropped within this many seconds, and at
 # most this many wait (see AutogradService._drop_later).
