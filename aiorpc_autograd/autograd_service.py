@@ -530,17 +530,17 @@ class AutogradService:
     def new_context(self) -> DistAutogradContext:
         return self.container.new_context()
 
-    def release(self, context_id: int, exclude: int | None = None) -> None:
+    def release(self, context_id: int, from_peer: int | None = None) -> None:
         """Release a context here and send the release to the workers it
-        knows but ``exclude`` (the peer the release came from, if any: what
+        knows but ``from_peer`` (the peer the release came from, if any: what
         the context holds is then dropped in this worker's next gap)."""
         error = RuntimeError(f"autograd context {context_id} was released")
-        ctx = self._release_here(context_id, error, drop_later=exclude is not None)
+        ctx = self._release_here(context_id, error, drop_later=from_peer is not None)
         if ctx is None:
             return
         if not self.agent.running:
             return
-        for worker_id in ctx.known_worker_ids() - {self.agent.info.id, exclude}:
+        for worker_id in ctx.known_worker_ids() - {self.agent.info.id, from_peer}:
             if self.agent.peer_gone(worker_id):
                 continue
             # Written at once: a training loop's next step sends its forward

@@ -60,7 +60,7 @@ async def test_released_by_a_peer_gone_at_once_dropped_after_the_next_answer(
     try:
         service = _service()
         cid, refs = _context_of_peer(service)
-        service.release(cid, exclude=PEER)
+        service.release(cid, from_peer=PEER)
         assert service.container.get(cid) is None  # later requests find it gone
         await _turns(3)
         assert _alive(refs) == 2  # held for the gap, not freed before the next forward
@@ -76,7 +76,7 @@ async def test_released_by_a_peer_gone_at_once_dropped_after_the_next_answer(
 async def test_released_by_a_peer_dropped_within_the_bound_without_traffic() -> None:
     service = _service()
     cid, refs = _context_of_peer(service)
-    service.release(cid, exclude=PEER)
+    service.release(cid, from_peer=PEER)
     assert _alive(refs) == 2
     await asyncio.sleep(DROP_WITHIN_S + 0.05)
     assert _alive(refs) == 0
@@ -89,7 +89,7 @@ async def test_at_most_drop_held_max_released_contexts_wait(
     service = _service()
     made = [_context_of_peer(service) for _ in range(DROP_HELD_MAX + 3)]
     for cid, _ in made:
-        service.release(cid, exclude=PEER)
+        service.release(cid, from_peer=PEER)
     alive = [_alive(refs) for _, refs in made]
     assert alive == [0] * 3 + [2] * DROP_HELD_MAX  # the oldest went at once
     assert len(service._to_drop) == DROP_HELD_MAX
