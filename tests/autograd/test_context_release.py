@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import types
 import weakref
 
@@ -21,6 +22,7 @@ from aiorpc_autograd.options import WorkerInfo
 pytestmark = pytest.mark.timeout(30)
 
 PEER = 1
+_IDS = itertools.count(1)
 
 
 def _service() -> AutogradService:
@@ -33,7 +35,7 @@ def _service() -> AutogradService:
 def _context_of_peer(service: AutogradService) -> tuple[int, list[weakref.ref[torch.Tensor]]]:
     """A context made by ``PEER`` holding a step's worth: a graph recorded by
     a send function and a leaf's gradient; weak references to its tensors."""
-    cid = (PEER << 48) | (len(service.container) + 1 + id(service) % 1000)
+    cid = (PEER << 48) | next(_IDS)  # (made by PEER: its id's high 16 bits)
     ctx = service.container.get_or_create(cid)
     w = torch.randn(8, 8, requires_grad=True)
     y = (torch.randn(4, 8) @ w).relu()
