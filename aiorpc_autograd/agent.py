@@ -119,6 +119,7 @@ ResponseDecoder = Callable[[Message], Any]
 # A request handler returns the response, or an awaitable of it; raising (or the
 # awaitable failing) answers with the error.
 Handler = Callable[[Message], "Message | Awaitable[Message]"]
+NoticeHandler = Callable[[Connection, Message], None]
 RequestWrapper = Callable[[WorkerInfo, Message], Message]
 # (action, delay) for an outgoing message, or None: see aiorpc_autograd.testing.
 FaultHook = Callable[[Message], "tuple[str, float] | None"]
@@ -269,6 +270,7 @@ class _Peer:
     info: WorkerInfo
     address: Address
     conn: Connection | None = None
+    # Frames waiting for the connection: (header, buffers, request id; 0: a notice).
     queue: list[tuple[bytes, list[memoryview], int]] = field(default_factory=list)
     connecting: asyncio.Task[BaseException | None] | None = None
     # Set once the peer said Goodbye: what its calls fail with from then on.
@@ -433,6 +435,8 @@ class RpcAgent:
             PythonCall: self._run_call,
             Heartbeat: lambda m: RRefAck(),
         }
+        # Notices (request id 0, never answered): handled at once, on the loop.
+        self.notice_handlers: dict[type[Message], NoticeHandler] = {Goodbye: self._on_goodbye}
         # Tests: decides per outgoing message whether to drop, delay, fail it
         # or drop its connection (aiorpc_autograd.testing).
         self.fault_injector: FaultHook | None = None
@@ -965,7 +969,8 @@ class RpcAgent:
                 with contextlib.suppress(ConnectionLostError):
                     conn.send(header, [])
 
-    def _on_goodbye(self, conn: Connection, message: Goodbye) -> None:
+    def _on_goodbye(self, conn: Connection, message: Message) -> None:
+        assert isinstance(message, Goodbye)
         info = conn.peer
         if not isinstance(info, WorkerInfo):
             return
@@ -1287,18 +1292,43 @@ class RpcAgent:
             gone = peer.gone
             self._fail_pending(lambda p: p is pending, gone)
             return
-        conn = peer.conn
-        if conn is not None and not conn.closed and not peer.queue:
+        conn = self._write(peer, header, buffers, rid, write_now)
+        if conn is not None:
             pending.conn = conn
             if pending.span is not None:
                 pending.span.written()
+
+    def _write(
+        self, peer: _Peer, header: bytes, buffers: list[memoryview], rid: int, write_now: bool
+    ) -> Connection | None:
+        """Send a frame on ``peer``'s connection and return it; or queue it
+        (``rid``: its request id, 0 for a notice) until that connection is
+        open, opening it, and return None."""
+        conn = peer.conn
+        if conn is not None and not conn.closed and not peer.queue:
             conn.send(header, buffers)
             if write_now:
                 conn.flush()
-            return
+            return conn
         peer.queue.append((header, buffers, rid))
         if peer.connecting is None:
             peer.connecting = self.loop.create_task(self._connect(peer))
+        return None
+
+    def notify(self, to: WorkerInfo, message: Message, write_now: bool = False) -> None:
+        """Send the notice ``message`` (``IS_NOTICE``: request id 0, never
+        answered) to ``to``, in order with the requests sent to it. Best
+        effort: dropped when ``to`` is gone or left, or its connection fails.
+        ``write_now``: as for :meth:`request`."""
+        assert message.IS_NOTICE
+        if not self._running:
+            return
+        peer = self._peers.get(to.id)
+        if peer is None or peer.gone is not None:
+            return
+        self._activity += 1
+        header, buffers = codec.encode(message, 0)
+        self._write(peer, header, buffers, 0, write_now)
 
     async def _connect(self, peer: _Peer, limit: float | None = None) -> BaseException | None:
         """Open the connection to ``peer`` and send what is queued for it;
@@ -1351,12 +1381,14 @@ class RpcAgent:
         peer.connecting = None
         queue, peer.queue = peer.queue, []
         for header, buffers, rid in queue:
-            pending = self._pending.get(rid)
-            if pending is not None:
+            if rid:  # a request, unless it failed or timed out meanwhile
+                pending = self._pending.get(rid)
+                if pending is None:
+                    continue
                 pending.conn = conn
                 if pending.span is not None:
                     pending.span.written()
-                conn.send(header, buffers)
+            conn.send(header, buffers)
         return None
 
     def reply(self, conn: Connection, rid: int, message: Message) -> None:
@@ -1451,8 +1483,8 @@ class RpcAgent:
             log.warning("dropping connection from %s: a second Hello", conn.peer_label)
             conn.abort(ProtocolError("a second Hello on one connection"))
             return
-        if isinstance(message, Goodbye):  # a notice, on any connection with the peer
-            self._on_goodbye(conn, message)
+        if message.IS_NOTICE:  # on any connection with the peer
+            self._on_notice(conn, message)
             return
         if conn.client:
             # Requests travel on the requester's own connection; one coming the
@@ -1486,6 +1518,16 @@ class RpcAgent:
             conn.abort(exc)
             return
         self._on_hello(conn, message)
+
+    def _on_notice(self, conn: Connection, message: Message) -> None:
+        handler = self.notice_handlers.get(type(message))
+        if handler is None:
+            log.warning("dropping connection from %s: unexpected notice", conn.peer_label)
+            conn.abort(ProtocolError(f"unsupported notice {message.TYPE.name}"))
+            return
+        if type(message) is not Goodbye:  # the peer's last word is not work
+            self._activity += 1
+        handler(conn, message)
 
     def dispatch(self, conn: Connection, rid: int, message: Message) -> None:
         """Run the handler of a request and answer it (through :meth:`reply`)."""

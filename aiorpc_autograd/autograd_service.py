@@ -71,7 +71,6 @@ from .codec import (
     BackwardStartReq,
     BackwardStartResp,
     CleanupAutogradContextReq,
-    CleanupAutogradContextResp,
     ForwardAutogradReq,
     ForwardAutogradResp,
     Message,
@@ -86,6 +85,7 @@ from .errors import ConnectionLostError, RemoteError, ResourceLimitError, RpcErr
 from .options import WorkerInfo
 from .pool import raisable
 from .tracing import tracer_of
+from .transport import Connection
 
 __all__ = ["AutogradService", "JobCosts"]
 
@@ -292,7 +292,7 @@ class AutogradService:
         agent.response_unwrappers[ForwardAutogradResp] = self._unwrap_response
         agent.handlers[ForwardAutogradReq] = self._on_forward
         agent.handlers[PropagateGradientsReq] = self._on_propagate
-        agent.handlers[CleanupAutogradContextReq] = self._on_cleanup
+        agent.notice_handlers[CleanupAutogradContextReq] = self._on_cleanup
         agent.handlers[BackwardStartReq] = self._on_start
         agent.handlers[BackwardAbortReq] = self._on_abort
         # (released contexts count until dropped: their tensors are still held)
@@ -543,13 +543,14 @@ class AutogradService:
         for worker_id in ctx.known_worker_ids() - {self.agent.info.id, from_peer}:
             if self.agent.peer_gone(worker_id):
                 continue
-            # Written at once: a training loop's next step sends its forward
-            # right after, and the worker, idle until then, handles the
-            # release first instead of before that forward.
-            fut = self.send(worker_id, CleanupAutogradContextReq(context_id), write_now=True)
-            fut.add_done_callback(_ignore_result)
+            # A notice (no answer to write or read), written at once: a
+            # training loop's next step sends its forward right after, and the
+            # worker, idle until then, handles the release first instead of
+            # before that forward.
+            info = self.agent.worker_info(worker_id)
+            self.agent.notify(info, CleanupAutogradContextReq(context_id), write_now=True)
 
-    def _on_cleanup(self, message: Message) -> Message:
+    def _on_cleanup(self, conn: Connection, message: Message) -> None:
         assert isinstance(message, CleanupAutogradContextReq)
         # Releases start at the context's creator (or when it is gone): never
         # send it one back, it would only cost a message per step. Released
@@ -557,7 +558,6 @@ class AutogradService:
         # comes in the same read, and freeing the step's tensors waits until
         # it is dispatched (every later read still finds the context gone).
         self.agent.loop.call_soon(self.release, message.context_id, message.context_id >> 48)
-        return CleanupAutogradContextResp()
 
     # -- backward ------------------------------------------------------------------
 

@@ -68,7 +68,6 @@ __all__ = [
     "PropagateGradientsReq",
     "PropagateGradientsResp",
     "CleanupAutogradContextReq",
-    "CleanupAutogradContextResp",
     "RunWithProfilingReq",
     "RunWithProfilingResp",
     "RRefBackwardReq",
@@ -111,7 +110,7 @@ class MessageType(IntEnum):
     BACKWARD_AUTOGRAD_REQ = 0x11
     BACKWARD_AUTOGRAD_RESP = 0x12
     CLEANUP_AUTOGRAD_CONTEXT_REQ = 0x13
-    CLEANUP_AUTOGRAD_CONTEXT_RESP = 0x14
+    CLEANUP_AUTOGRAD_CONTEXT_RESP = 0x14  # reserved: a release is a notice, never answered
     RUN_WITH_PROFILING_REQ = 0x15
     RUN_WITH_PROFILING_RESP = 0x16
     RREF_BACKWARD_REQ = 0x17
@@ -479,6 +478,9 @@ class Message:
     __slots__ = ()
     TYPE: ClassVar[MessageType]
     IS_RESPONSE: ClassVar[bool] = False
+    # A notice: sent with request id 0 and never answered (its receiver's
+    # handler runs at once on the loop, so it holds nothing for the sender).
+    IS_NOTICE: ClassVar[bool] = False
 
     def payload(self) -> Payload | None:
         """The payload whose tensor table the frame carries, if any."""
@@ -837,19 +839,13 @@ class PropagateGradientsResp(Message):
 @_message
 @dataclass(frozen=True, slots=True)
 class CleanupAutogradContextReq(Message):
-    """Release context ``context_id`` (and forward to the workers it knows)."""
+    """Release context ``context_id`` (and forward to the workers it knows).
+    A notice: torch answers it with an empty response that nobody waits for;
+    here it costs neither side a response to write and read every step."""
 
     TYPE: ClassVar[MessageType] = MessageType.CLEANUP_AUTOGRAD_CONTEXT_REQ
+    IS_NOTICE: ClassVar[bool] = True
     context_id: int
-
-
-@_message
-@dataclass(frozen=True, slots=True)
-class CleanupAutogradContextResp(Message):
-    """The context was released."""
-
-    TYPE: ClassVar[MessageType] = MessageType.CLEANUP_AUTOGRAD_CONTEXT_RESP
-    IS_RESPONSE: ClassVar[bool] = True
 
 
 class _ProfilingWrapper(Message):
@@ -1001,6 +997,7 @@ class Goodbye(Message):
     say) and the receiver fails its calls to that worker with it."""
 
     TYPE: ClassVar[MessageType] = MessageType.GOODBYE
+    IS_NOTICE: ClassVar[bool] = True
     reason: str
     clean: bool
 

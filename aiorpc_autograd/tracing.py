@@ -58,7 +58,6 @@ import torch.autograd.profiler_legacy as torch_profiler_legacy
 from .codec import (
     BackwardAbortReq,
     BackwardStartReq,
-    CleanupAutogradContextReq,
     ForwardAutogradReq,
     Heartbeat,
     Message,
@@ -174,7 +173,6 @@ def call_label(message: Message) -> tuple[str, str]:
         PropagateGradientsReq: ("backward", "gradients"),
         BackwardStartReq: ("backward", "start"),
         BackwardAbortReq: ("backward", "abort"),
-        CleanupAutogradContextReq: ("dist_autograd", "release_context"),
         RRefUserDelete: ("rref", "delete"),
         RRefForkRequest: ("rref", "fork"),
         RRefChildAccept: ("rref", "accept_child"),

@@ -53,7 +53,6 @@ PINNED_TYPES = {
     "BACKWARD_AUTOGRAD_REQ": (0x11, False),
     "BACKWARD_AUTOGRAD_RESP": (0x12, True),
     "CLEANUP_AUTOGRAD_CONTEXT_REQ": (0x13, False),
-    "CLEANUP_AUTOGRAD_CONTEXT_RESP": (0x14, True),
     "RUN_WITH_PROFILING_REQ": (0x15, False),
     "RUN_WITH_PROFILING_RESP": (0x16, True),
     "RREF_BACKWARD_REQ": (0x17, False),
@@ -166,6 +165,15 @@ def test_message_type_values_are_pinned() -> None:
         cls = codec._REGISTRY[value]
         assert cls.TYPE is MessageType[name]
         assert cls.IS_RESPONSE is is_response, name
+
+
+def test_notices_are_never_answered_and_their_answers_are_reserved() -> None:
+    notices = {cls.__name__ for cls in MESSAGE_CLASSES if cls.IS_NOTICE}
+    assert notices == {"CleanupAutogradContextReq", "Goodbye"}
+    assert not any(cls.IS_RESPONSE for cls in MESSAGE_CLASSES if cls.IS_NOTICE)
+    # torch's CLEANUP_AUTOGRAD_CONTEXT_RESP keeps its value, and no message has it.
+    assert MessageType.CLEANUP_AUTOGRAD_CONTEXT_RESP == 0x14
+    assert 0x14 not in codec._REGISTRY
 
 
 def test_message_types_are_unique_and_registered_once() -> None:

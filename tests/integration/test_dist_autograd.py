@@ -1312,3 +1312,46 @@ def test_a_context_release_is_written_at_once(group: WorkerGroup) -> None:
     got = group.call(0, release_then_block)
     assert got["released"] is not None
     assert got["released"] < got["unblocked"], got
+
+
+async def release_is_a_notice(rank: int, world_size: int, drop_connection: bool) -> dict[str, Any]:
+    from aiorpc_autograd import api
+    from aiorpc_autograd.errors import ConnectionLostError
+
+    agent = api.current_agent()
+    x = torch.ones(4, requires_grad=True)
+    async with dist_autograd.context() as cid:
+        y = await rpc.rpc_async("worker2", torch.mul, args=(x, 2))
+        await dist_autograd.backward(cid, [y.sum()])
+        held = await query("worker2", ctx_info, cid)
+        if drop_connection:  # the release must wait for, and use, a new one
+            conn = agent._peers[2].conn
+            assert conn is not None
+            conn.abort(ConnectionLostError("dropped by the test"))
+    pending = rpc.get_debug_info()["num_pending_requests"]
+    start = time.monotonic()
+    left = held
+    while left is not None and time.monotonic() - start < 5.0:
+        await asyncio.sleep(0.01)
+        left = await query("worker2", ctx_info, cid)
+    return {
+        "held": held is not None,
+        "pending": pending,
+        "left": left,
+        "took": time.monotonic() - start,
+        "gone": agent.peer_gone(2),
+    }
+
+
+@pytest.mark.parametrize("drop_connection", [False, True], ids=["connected", "reconnecting"])
+def test_a_context_release_is_a_notice(group: WorkerGroup, drop_connection: bool) -> None:
+    """A release is never answered: leaving the context leaves no request
+    pending; the worker still releases its part, also when the release had
+    to wait for the connection to be opened again."""
+    got = group.call(0, release_is_a_notice, drop_connection)
+    assert got["held"]
+    assert got["pending"] == 0
+    assert got["left"] is None, got
+    assert not got["gone"]
+    # Well within the heartbeat timeout: the release, not liveness, freed it.
+    assert got["took"] < 5.0
