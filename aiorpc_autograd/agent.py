@@ -1328,7 +1328,22 @@ class RpcAgent:
             return
         self._activity += 1
         header, buffers = codec.encode(message, 0)
+        if self.fault_injector is not None:
+            fault = self.fault_injector(message)
+            if fault is not None:
+                action, delay = fault
+                if action == "delay":
+                    self.loop.call_later(delay, self._late_notice, peer, header, buffers)
+                    return
+                if action != "disconnect":
+                    return  # "drop", "fail": not sent (nothing waits for a notice)
+                if peer.conn is not None:  # it goes out on a new connection
+                    peer.conn.abort(ConnectionLostError("injected disconnect"))
         self._write(peer, header, buffers, 0, write_now)
+
+    def _late_notice(self, peer: _Peer, header: bytes, buffers: list[memoryview]) -> None:
+        if self._running and peer.gone is None and self._peers.get(peer.info.id) is peer:
+            self._write(peer, header, buffers, 0, True)
 
     async def _connect(self, peer: _Peer, limit: float | None = None) -> BaseException | None:
         """Open the connection to ``peer`` and send what is queued for it;

@@ -11,9 +11,11 @@ but per worker and per message kind, installed on a running agent::
 A fault matches a message of its kind (for a message wrapped for distributed
 autograd, the wrapped kind matches too). Actions: ``"drop"`` (never sent: the
 call times out), ``"delay"`` (sent ``delay`` seconds later), ``"fail"`` (a
-request's future fails with ``RpcError``; a reply is not sent), and
-``"disconnect"`` (the connection carrying it is dropped; a request is then sent
-on a new connection, a reply is lost).
+request's future fails with ``RpcError``; a reply or a notice is not sent),
+and ``"disconnect"`` (the connection carrying it is dropped; a request or a
+notice is then sent on a new connection, a reply is lost). Notices (a context's
+release, ``CleanupAutogradContextReq``) are never answered: dropped, nothing
+times out.
 """
 
 from __future__ import annotations

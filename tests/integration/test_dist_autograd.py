@@ -1355,3 +1355,49 @@ def test_a_context_release_is_a_notice(group: WorkerGroup, drop_connection: bool
     assert not got["gone"]
     # Well within the heartbeat timeout: the release, not liveness, freed it.
     assert got["took"] < 5.0
+
+
+async def release_with_fault(rank: int, world_size: int, action: str) -> dict[str, Any]:
+    from aiorpc_autograd import api
+    from aiorpc_autograd.codec import CleanupAutogradContextReq
+    from aiorpc_autograd.testing import Fault, clear_faults, inject_faults
+
+    x = torch.ones(4, requires_grad=True)
+    injector = inject_faults([Fault(CleanupAutogradContextReq, action=action, delay=0.4)])  # type: ignore[arg-type]
+    try:
+        async with dist_autograd.context() as cid:
+            await rpc.rpc_async("worker2", torch.mul, args=(x, 2))
+        left_at = time.monotonic()
+    finally:
+        clear_faults()
+    await asyncio.sleep(0.2)
+    held_soon = await query("worker2", ctx_info, cid) is not None
+    start = time.monotonic()
+    held_later = held_soon
+    while held_later and time.monotonic() - start < 3.0:
+        await asyncio.sleep(0.02)
+        held_later = await query("worker2", ctx_info, cid) is not None
+    released_after = time.monotonic() - left_at
+    if held_later:  # dropped: release it now, for the group's later tests
+        agent = api.current_agent()
+        agent.notify(rpc.get_worker_info("worker2"), CleanupAutogradContextReq(cid))
+        await wait_everywhere(world_size, "num_autograd_contexts")
+    return {
+        "applied": dict(injector.applied),
+        "held_soon": held_soon,
+        "held_later": held_later,
+        "released_after": released_after,
+    }
+
+
+@pytest.mark.parametrize("action", ["drop", "fail", "delay", "disconnect"])
+def test_injected_faults_apply_to_a_release(group: WorkerGroup, action: str) -> None:
+    got = group.call(0, release_with_fault, action)
+    assert got["applied"] == {action: 1}
+    if action in ("drop", "fail"):  # never sent: the worker keeps its part
+        assert got["held_soon"] and got["held_later"], got
+    elif action == "delay":  # sent 0.4 s late
+        assert got["held_soon"] and not got["held_later"], got
+        assert got["released_after"] >= 0.4, got
+    else:  # sent on a new connection
+        assert not got["held_later"], got
