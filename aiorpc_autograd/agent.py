@@ -25,9 +25,10 @@ Invariants:
 * flow control: a connection that answers requests stops reading while its
   replies are not read (``max_pending_reply_bytes``) or while
   ``max_concurrent_requests`` of its requests are being served;
-* ``_activity`` counts the requests sent and received (liveness probes
-  excepted): a graceful shutdown ends only after a round in which no worker's
-  count moved and none had anything outstanding (see :meth:`RpcAgent.shutdown`);
+* ``_activity`` counts the requests sent and received and the notices sent
+  (liveness probes excepted; what a notice's handler sends on counts there):
+  a graceful shutdown ends only after a round in which no worker's count
+  moved and none had anything outstanding (see :meth:`RpcAgent.shutdown`);
 * a worker never closes its connections without a ``Goodbye`` on each first,
   which tells the peer why, so its calls fail with that reason.
 
@@ -1540,8 +1541,6 @@ class RpcAgent:
             log.warning("dropping connection from %s: unexpected notice", conn.peer_label)
             conn.abort(ProtocolError(f"unsupported notice {message.TYPE.name}"))
             return
-        if type(message) is not Goodbye:  # the peer's last word is not work
-            self._activity += 1
         handler(conn, message)
 
     def dispatch(self, conn: Connection, rid: int, message: Message) -> None:

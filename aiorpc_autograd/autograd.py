@@ -808,5 +808,5 @@ class BackwardPass:
         self._roots = []
         self._sends, self._recvs, self._resolved = {}, {}, {}
         self._reach, self._recv_of_leaf, self._recv_grads = {}, {}, {}
-        self._shared, self._unresolved, self._recv_sources = {}, {}, {}
+        self._solo, self._shared, self._unresolved, self._recv_sources = {}, {}, {}, {}
         self.io.finished(self.error)

@@ -533,14 +533,18 @@ class AutogradService:
     def release(self, context_id: int, from_peer: int | None = None) -> None:
         """Release a context here and send the release to the workers it
         knows but ``from_peer`` (the peer the release came from, if any: what
-        the context holds is then dropped in this worker's next gap)."""
+        the context holds is then dropped in this worker's next gap) and,
+        then, the context's creator (where releases start, or it is gone)."""
         error = RuntimeError(f"autograd context {context_id} was released")
         ctx = self._release_here(context_id, error, drop_later=from_peer is not None)
         if ctx is None:
             return
         if not self.agent.running:
             return
-        for worker_id in ctx.known_worker_ids() - {self.agent.info.id, from_peer}:
+        skip = {self.agent.info.id}
+        if from_peer is not None:
+            skip.update((from_peer, context_id >> 48))  # (the creator: its id's high bits)
+        for worker_id in ctx.known_worker_ids() - skip:
             if self.agent.peer_gone(worker_id):
                 continue
             # A notice (no answer to write or read), written at once: a
@@ -552,12 +556,12 @@ class AutogradService:
 
     def _on_cleanup(self, conn: Connection, message: Message) -> None:
         assert isinstance(message, CleanupAutogradContextReq)
-        # Releases start at the context's creator (or when it is gone): never
-        # send it one back, it would only cost a message per step. Released
-        # from the next loop iteration: a training loop's next forward often
-        # comes in the same read, and freeing the step's tensors waits until
-        # it is dispatched (every later read still finds the context gone).
-        self.agent.loop.call_soon(self.release, message.context_id, message.context_id >> 48)
+        assert isinstance(conn.peer, WorkerInfo)  # (an admitted connection)
+        # Released from the next loop iteration: a training loop's next
+        # forward often comes in the same read, and freeing the step's tensors
+        # waits until it is dispatched (every later read still finds the
+        # context gone). Never sent back to the sender nor to the creator.
+        self.agent.loop.call_soon(self.release, message.context_id, conn.peer.id)
 
     # -- backward ------------------------------------------------------------------
 

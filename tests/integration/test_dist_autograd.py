@@ -1401,3 +1401,49 @@ def test_injected_faults_apply_to_a_release(group: WorkerGroup, action: str) -> 
         assert got["released_after"] >= 0.4, got
     else:  # sent on a new connection
         assert not got["held_later"], got
+
+
+_NOTICES: list[tuple[int, int]] = []
+
+
+def log_release_notices(on: bool) -> list[tuple[int, int]]:
+    """Note, in this worker, each release sent: (context id, to); or stop and
+    return them."""
+    from aiorpc_autograd.agent import RpcAgent
+    from aiorpc_autograd.codec import CleanupAutogradContextReq
+
+    if not on:
+        _unpatch()
+        return list(_NOTICES)
+    _NOTICES.clear()
+    original = RpcAgent.notify
+
+    def logged(self: RpcAgent, to: Any, message: Any, write_now: bool = False) -> None:
+        if isinstance(message, CleanupAutogradContextReq):
+            _NOTICES.append((message.context_id, to.id))
+        original(self, to, message, write_now)
+
+    _patch((RpcAgent, "notify", logged))
+    return []
+
+
+async def release_along_a_chain(rank: int, world_size: int) -> dict[str, Any]:
+    ranks = range(3)
+    await asyncio.gather(*(query(r, log_release_notices, True) for r in ranks))
+    try:
+        x = torch.ones(4, requires_grad=True)
+        async with dist_autograd.context() as cid:
+            await call("worker1", hop, x, ["worker2"])  # worker0 -> worker1 -> worker2
+        cleaned, _ = await wait_everywhere(world_size, "num_autograd_contexts")
+    finally:
+        sent = await asyncio.gather(*(query(r, log_release_notices, False) for r in ranks))
+    return {"cid": cid, "cleaned": cleaned, "sent": [sorted(s) for s in sent]}
+
+
+def test_a_release_cascades_never_back_to_its_sender_or_the_creator(group: WorkerGroup) -> None:
+    got = group.call(0, release_along_a_chain)
+    cid = got["cid"]
+    assert got["cleaned"]
+    # worker1 knows worker0 (the creator, which sent it) and worker2; worker2
+    # knows only worker1, which sent it: it sends nothing.
+    assert got["sent"] == [[(cid, 1)], [(cid, 2)], []], got
