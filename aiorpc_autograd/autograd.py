@@ -26,17 +26,17 @@ recv functions' tensors and this worker's own leaves). Invariants:
 * the pass is done on a worker when every source resolved and ran and every
   recv function answered.
 
-The local engine runs real local autograd (``torch.autograd.backward`` with
-``inputs=`` the targets), so tensor hooks, ``AccumulateGrad`` pre/post hooks,
-``register_post_accumulate_grad_hook`` hooks and DDP's reducer run as they
-would locally, and ``AccumulateGrad`` decides when a gradient may be stolen
-and when it must be copied (so no two leaves share a gradient buffer). The
-gradients go to the context instead of ``.grad``: while a job runs, each
-target's ``.grad`` slot holds the context's gradient so far (what hooks, and
-DDP, read and write), and afterwards the accumulated ``.grad`` moves into the
-context and the user's ``.grad`` comes back (:func:`run_local_backward`).
-Jobs and optimizer steps that touch one tensor's ``.grad`` slot are serialised
-by :func:`hold_grads`.
+The local engine runs real local autograd (``torch.autograd.backward`` from
+the sources; the targets are every leaf they reach), so tensor hooks,
+``AccumulateGrad`` pre/post hooks, ``register_post_accumulate_grad_hook``
+hooks and DDP's reducer run as they would locally, and ``AccumulateGrad``
+decides when a gradient may be stolen and when it must be copied (so no two
+leaves share a gradient buffer). The gradients go to the context instead of
+``.grad``: while a job runs, each target's ``.grad`` slot holds the context's
+gradient so far (what hooks, and DDP, read and write), and afterwards the
+accumulated ``.grad`` moves into the context and the user's ``.grad`` comes
+back (:func:`run_local_backward`). Jobs and optimizer steps that touch one
+tensor's ``.grad`` slot are serialised by :func:`hold_grads`.
 
 This module holds state machines and talks to peers only through the
 :class:`PassIO` interface the agent layer supplies; it does no I/O and does
@@ -155,15 +155,19 @@ def run_local_backward(
     retain_graph: bool,
     stripes: Sequence[int] | None = None,
 ) -> list[torch.Tensor | None]:
-    """Local autograd from ``outputs`` into ``leaves``, starting each leaf's
-    accumulation at ``initial`` (None: at no gradient); return the leaves'
-    accumulated gradients. ``stripes``: ``grad_stripes(leaves)``, if known.
+    """Local autograd from ``outputs`` into ``leaves``, which must hold every
+    leaf the outputs reach (:func:`reachable_leaves`; more is harmless),
+    starting each leaf's accumulation at ``initial`` (None: at no gradient);
+    return the leaves' accumulated gradients. ``stripes``:
+    ``grad_stripes(leaves)``, if known.
 
     Runs ``torch.autograd.backward`` (hooks, ``AccumulateGrad`` and its hooks
     included) with each leaf's ``.grad`` temporarily set to its ``initial``
     value, and gives every leaf its own ``.grad`` back afterwards, also when
     the backward raised. Blocks while another job or optimizer step holds one
-    of these ``.grad`` slots.
+    of these ``.grad`` slots. No ``inputs=``: the engine then reaches the same
+    leaves, without checking each of them (~1.5 us a leaf: a 64-layer MLP's
+    backward, 128 parameters, 2.97 against 2.80 ms).
     """
     with hold_grads(leaves, stripes):
         saved = [leaf.grad for leaf in leaves]
@@ -176,9 +180,7 @@ def run_local_backward(
             else:
                 for leaf, grad in zip(leaves, initial, strict=True):
                     leaf.grad = grad
-            torch.autograd.backward(
-                list(outputs), list(grad_outputs), retain_graph=retain_graph, inputs=list(leaves)
-            )
+            torch.autograd.backward(list(outputs), list(grad_outputs), retain_graph=retain_graph)
             return [leaf.grad for leaf in leaves]
         finally:
             for leaf, grad in zip(leaves, saved, strict=True):

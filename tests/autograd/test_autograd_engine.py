@@ -338,6 +338,29 @@ def test_send_resolved_without_gradients_computes_nothing() -> None:
     assert io.propagated == [(1, 0, None)] and io.finished_with == [None]
 
 
+def test_a_job_touches_only_the_leaves_its_gradients_reach() -> None:
+    """A send of two tensors whose gradient comes back for one only: the job
+    accumulates into the leaf that one reaches; the leaf only the other
+    reaches gets no gradient in the context, and no leaf's .grad (None, a
+    stale one, one a local backward outside the pass set) changes."""
+    ctx = DistAutogradContext(1)
+    a, b, local_p = _leaf(3, seed=30), _leaf(3, seed=31), _leaf(3, seed=32)
+    stale = torch.full((3,), 5.0)
+    b.grad = stale
+    (local_p * 2).sum().backward()
+    local_p_grad = local_p.grad
+    ctx.add_send(SendFunction(1, 0, [a * 3, (b * local_p).tanh()]))
+    io = FakeIO(1, collections.deque())
+    bp = BackwardPass(ctx, 1, False, None, io)
+    bp.start()
+    bp.on_gradients(1, [torch.ones(3), None])
+    assert io.finished_with == [None] and bp.batches == 1
+    grads = ctx.gradients()
+    assert list(grads) == [a]
+    torch.testing.assert_close(grads[a], torch.full((3,), 3.0))
+    assert a.grad is None and b.grad is stale and local_p.grad is local_p_grad
+
+
 # ------------------------------------------------------------ batching
 
 
