@@ -423,9 +423,9 @@ class AutogradService:
         written, while this worker waits for the peer: a backward pass then
         finds the walk done (~1 us a graph node; at depth 64 the worker's
         backward went from 2.44-2.48 to 2.20-2.24 ms). Call it when the
-        message is made or handed to the agent: the agent queues the frame at
-        once or one loop turn later (a future's callback), and the write is
-        one turn after that; this runs the turn after the write."""
+        message is made or handed to the agent: the agent sends the frame at
+        once or one loop turn later (a future's callback), and the connection
+        writes it at once or at the end of that turn; this runs after it."""
         loop = self.agent.loop
         loop.call_soon(loop.call_soon, send.leaves)
 

@@ -71,3 +71,71 @@ def test_a_queued_frame_is_written_before_a_read_is_delivered() -> None:
     seen, server_got = uvloop.run(_unwritten_at_delivery())
     assert seen == [b"answer"]  # nothing was left queued when it was delivered
     assert server_got == [b"request"]
+
+
+async def _writes_of_bursts() -> list[list[bytes]]:
+    """The frames each write of a client carried: three sent in one loop
+    iteration, then one in a later iteration."""
+    writes: list[list[bytes]] = []
+    got: list[bytes] = []
+    enough = asyncio.get_running_loop().create_future()
+
+    def on_server_frame(conn: Connection, frame: Frame) -> None:
+        got.append(bytes(frame.header))
+        if not conn.admitted:
+            conn.admit()  # (as the agent does after a Hello): read on
+        if len(got) == 4:
+            enough.set_result(None)
+
+    served: list[Connection] = []
+
+    def accept() -> Connection:
+        conn = Connection(Limits(), on_server_frame, _lost)
+        served.append(conn)
+        return conn
+
+    server, port = await serve_tcp(accept, "127.0.0.1")
+    client = await connect(
+        lambda: Connection(Limits(), _ignore, _lost, client=True), host="127.0.0.1", port=port
+    )
+    try:
+        write = client._write
+
+        def recorded(chunks: list[bytes | memoryview]) -> None:
+            data = b"".join(bytes(c) for c in chunks)
+            writes.append(
+                [f"frame{i}".encode() for i in range(1, 5) if f"frame{i}".encode() in data]
+            )
+            write(chunks)
+
+        client._write = recorded  # type: ignore[method-assign]
+
+        await asyncio.sleep(0)  # a fresh iteration
+        client.send(b"frame1", [])
+        assert writes == [[b"frame1"]]  # written at once, not at the iteration's end
+        client.send(b"frame2", [])
+        client.send(b"frame3", [])
+        assert len(writes) == 1  # the rest of the burst waits...
+        await asyncio.sleep(0)
+        assert writes[1:] == [[b"frame2", b"frame3"]]  # ...and goes out in one write
+        await asyncio.sleep(0)
+        client.send(b"frame4", [])
+        assert writes[2:] == [[b"frame4"]]  # a later iteration: at once again
+        await asyncio.wait_for(enough, 5)
+        assert got == [b"frame1", b"frame2", b"frame3", b"frame4"]
+        return writes
+    finally:
+        client.close()
+        for conn in served:
+            conn.close()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0.01)
+
+
+def _ignore(conn: Connection, frame: Frame) -> None:
+    pass
+
+
+def test_the_first_frame_of_an_iteration_goes_at_once_the_rest_of_a_burst_in_one_write() -> None:
+    assert len(uvloop.run(_writes_of_bursts())) == 3
