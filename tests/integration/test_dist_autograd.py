@@ -1180,17 +1180,17 @@ def log_walks(on: bool) -> None:
         _unpatch()
         return
     _WALK_LOG.clear()
-    flush, walk = Connection._flush, engine._leaf_closure
+    write, walk = Connection._write, engine._leaf_closure
 
-    def logged_flush(conn: Connection) -> None:
-        _WALK_LOG.append(("write", sum(len(c) for c in conn._outbox)))
-        flush(conn)
+    def logged_write(conn: Connection, chunks: list[bytes | memoryview]) -> None:
+        _WALK_LOG.append(("write", sum(len(c) for c in chunks)))
+        write(conn, chunks)
 
     def logged_walk(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         _WALK_LOG.append(("walk", len(tensors)))
         return walk(tensors)
 
-    _patch((Connection, "_flush", logged_flush), (engine, "_leaf_closure", logged_walk))
+    _patch((Connection, "_write", logged_write), (engine, "_leaf_closure", logged_walk))
 
 
 _UNDO: list[tuple[Any, str, Any]] = []
