@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 import uvloop
@@ -20,29 +21,53 @@ def _lost(conn: Connection, error: BaseException | None) -> None:
     pass
 
 
+async def _serve(
+    until: Callable[[list[bytes]], bool],
+) -> tuple[asyncio.AbstractServer, int, list[Connection], list[bytes], asyncio.Future[None]]:
+    """A server on loopback: its accepted connections (for the test to
+    close), the headers of the frames they got, and a future done once
+    ``until(headers)``."""
+    served: list[Connection] = []
+    got: list[bytes] = []
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_frame(conn: Connection, frame: Frame) -> None:
+        got.append(bytes(frame.header))
+        if not conn.admitted:
+            conn.admit()  # (as the agent does after a Hello): read on
+        if not done.done() and until(got):
+            done.set_result(None)
+
+    def accept() -> Connection:
+        conn = Connection(Limits(), on_frame, _lost)
+        served.append(conn)
+        return conn
+
+    server, port = await serve_tcp(accept, "127.0.0.1")
+    return server, port, served, got, done
+
+
+async def _close(
+    client: Connection, served: list[Connection], server: asyncio.AbstractServer
+) -> None:
+    client.close()
+    for conn in served:
+        conn.close()
+    server.close()
+    await server.wait_closed()
+    await asyncio.sleep(0.01)  # the transports close
+
+
 async def _unwritten_at_delivery() -> tuple[list[bytes], list[bytes]]:
     """(what the client got, and what was still queued on it then), and what
     the server got."""
     seen: list[bytes] = []
-    server_got: list[bytes] = []
-    served: list[Connection] = []
-    done = asyncio.get_running_loop().create_future()
-
-    def on_server_frame(conn: Connection, frame: Frame) -> None:
-        server_got.append(bytes(frame.header))
-        if not done.done():
-            done.set_result(None)
 
     def on_client_frame(conn: Connection, frame: Frame) -> None:
         seen.append(bytes(frame.header))
         seen.extend(b"queued" for _ in conn._outbox)
 
-    def accept() -> Connection:
-        conn = Connection(Limits(), on_server_frame, _lost)
-        served.append(conn)
-        return conn
-
-    server, port = await serve_tcp(accept, "127.0.0.1")
+    server, port, served, server_got, done = await _serve(lambda got: got[-1] == b"request")
     client = await connect(
         lambda: Connection(Limits(), on_client_frame, _lost, client=True),
         host="127.0.0.1",
@@ -55,46 +80,25 @@ async def _unwritten_at_delivery() -> tuple[list[bytes], list[bytes]]:
         served[0].send(b"answer", [])
         served[0].flush()
         time.sleep(0.05)  # the answer waits in the client's socket buffer
-        client.send(b"request", [])  # its write is due at the end of this turn
+        client.send(b"first", [])  # the first frame of this turn: written at once
+        client.send(b"request", [])  # the rest of the burst: due at the turn's end
         await asyncio.wait_for(done, 5)
         return seen, server_got
     finally:
-        client.close()
-        for conn in served:
-            conn.close()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.01)  # the transports close
+        await _close(client, served, server)
 
 
 def test_a_queued_frame_is_written_before_a_read_is_delivered() -> None:
     seen, server_got = uvloop.run(_unwritten_at_delivery())
     assert seen == [b"answer"]  # nothing was left queued when it was delivered
-    assert server_got == [b"request"]
+    assert server_got == [b"first", b"request"]
 
 
 async def _writes_of_bursts() -> list[list[bytes]]:
     """The frames each write of a client carried: three sent in one loop
     iteration, then one in a later iteration."""
     writes: list[list[bytes]] = []
-    got: list[bytes] = []
-    enough = asyncio.get_running_loop().create_future()
-
-    def on_server_frame(conn: Connection, frame: Frame) -> None:
-        got.append(bytes(frame.header))
-        if not conn.admitted:
-            conn.admit()  # (as the agent does after a Hello): read on
-        if len(got) == 4:
-            enough.set_result(None)
-
-    served: list[Connection] = []
-
-    def accept() -> Connection:
-        conn = Connection(Limits(), on_server_frame, _lost)
-        served.append(conn)
-        return conn
-
-    server, port = await serve_tcp(accept, "127.0.0.1")
+    server, port, served, got, enough = await _serve(lambda got: len(got) == 4)
     client = await connect(
         lambda: Connection(Limits(), _ignore, _lost, client=True), host="127.0.0.1", port=port
     )
@@ -125,12 +129,7 @@ async def _writes_of_bursts() -> list[list[bytes]]:
         assert got == [b"frame1", b"frame2", b"frame3", b"frame4"]
         return writes
     finally:
-        client.close()
-        for conn in served:
-            conn.close()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(0.01)
+        await _close(client, served, server)
 
 
 def _ignore(conn: Connection, frame: Frame) -> None:
