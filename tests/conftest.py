@@ -1,8 +1,8 @@
 """Shared test configuration.
 
 The repository root goes first on ``sys.path`` so that ``tests`` is importable
-as a package, whatever pytest's import mode: worker processes started with the
-``spawn`` method inherit the parent's ``sys.path`` and import their targets
+as a package, whatever pytest's import mode: the harness's fork server starts
+with the parent's ``sys.path`` and its workers import their targets
 (``tests.integration...``) by name.
 """
 

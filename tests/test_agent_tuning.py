@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import math
 import os
 import subprocess
@@ -227,43 +228,47 @@ def test_busy_poll_window_follows_the_cpus_compute_may_need() -> None:
     busy_poll_max, giving way to the load after busy_poll_crowded, where the
     workers fit the CPUs but their threads may not. The short window, fixed,
     for a larger or dynamic group (world size unknown). busy_poll=0: off."""
+    # One child reads every choice: the windows follow its affinity and torch's
+    # threads as they are when read, so it re-confines itself between reads.
     probe = textwrap.dedent(
         """
-        import os, sys
-        os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(",")})
+        import json, os, sys
         import torch
         from aiorpc_autograd.agent import _busy_poll_windows
         from aiorpc_autograd.options import RpcOptions
-        torch.set_num_threads(int(sys.argv[2]))
-        world = None if sys.argv[3] == "dynamic" else int(sys.argv[3])
-        for options in (RpcOptions(), RpcOptions(busy_poll=0),
-                        RpcOptions(busy_poll_pinned=0.0005, busy_poll_max=0.0007,
-                                   busy_poll_crowded=0.0003)):
-            print(*_busy_poll_windows(options, world))
+        out = []
+        for pin, threads, world in json.loads(sys.argv[1]):
+            os.sched_setaffinity(0, set(pin))
+            torch.set_num_threads(threads)
+            row = []
+            for options in (RpcOptions(), RpcOptions(busy_poll=0),
+                            RpcOptions(busy_poll_pinned=0.0005, busy_poll_max=0.0007,
+                                       busy_poll_crowded=0.0003)):
+                row += _busy_poll_windows(options, world)
+            out.append(row)
+        print(json.dumps(out))
         """
     )
     cpus = sorted(os.sched_getaffinity(0))
-
-    def windows(pin: list[int], threads: int, world: int | str) -> list[float]:
-        cmd = [sys.executable, "-c", probe, ",".join(map(str, pin)), str(threads), str(world)]
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
-        return [float(v) for v in out.stdout.split()]
+    one, two = cpus[:1], cpus[:2]
+    cases: list[tuple[list[int], int, int | None]] = [(one, 1, 8), (one, 1, None)]
+    if len(cpus) > 1:
+        cases += [(two, 1, 2), (two, 2, 1), (two, 2, 2), (two, 1, 3), (two, 1, None)]
+    cmd = [sys.executable, "-c", probe, json.dumps(cases)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    got = [[float(v) for v in row] for row in json.loads(out.stdout)]
 
     inf = math.inf
     off = [0.0, 0.0, inf]
     long = [0.002, 0.002, inf, *off, 0.0005, 0.0005, inf]
     adaptive = [0.0002, 0.008, 0.002, *off, 0.0002, 0.0007, 0.0003]
     short = [0.0002, 0.0002, inf, *off, 0.0002, 0.0002, inf]
-    # On one CPU: always (its threads take turns there), whatever the group.
-    assert windows(cpus[:1], 1, 8) == long
-    assert windows(cpus[:1], 1, "dynamic") == long
-    if len(cpus) > 1:
-        two = cpus[:2]
-        assert windows(two, 1, 2) == long  # one worker per CPU, one thread each
-        assert windows(two, 2, 1) == long
-        assert windows(two, 2, 2) == adaptive  # 2 workers x 2 threads on 2 CPUs
-        assert windows(two, 1, 3) == short
-        assert windows(two, 1, "dynamic") == short
+    # On one CPU: always (its threads take turns there), whatever the group
+    # (8 workers, or a dynamic group). On two: one worker per CPU with one
+    # thread each, or one worker of two threads; adaptive for 2 workers x 2
+    # threads; short for 3 workers or a dynamic group.
+    expected = [long, long, long, long, adaptive, short, short]
+    assert got == expected[: len(cases)]
 
 
 def test_malloc_mmap_threshold_option_fixes_glibc_threshold() -> None:
