@@ -548,9 +548,10 @@ class AutogradService:
             if self.agent.peer_gone(worker_id):
                 continue
             # A notice (no answer to write or read), written at once: a
-            # training loop's next step sends its forward right after, and the
-            # worker, idle until then, handles the release first instead of
-            # before that forward.
+            # training loop's next step sends its forward right after (written
+            # at once too: a flush leaves nothing queued), and the worker, idle
+            # until then, handles the release first instead of before that
+            # forward.
             info = self.agent.worker_info(worker_id)
             self.agent.notify(info, CleanupAutogradContextReq(context_id), write_now=True)
 

@@ -773,8 +773,12 @@ class Connection(asyncio.BufferedProtocol):
         self._write(chunks)
 
     def flush(self) -> None:
-        """Write the frames sent so far now, not at the end of this loop turn."""
+        """Write the frames sent so far now, not at the end of this loop turn.
+        Nothing is queued after it: the next frame is written at once too (a
+        release notice flushed at the end of a training step does not hold
+        the next step's forward, sent in the same turn, until the turn ends)."""
         self._flush()
+        self._burst = False
 
     def _end_burst(self) -> None:
         self._burst = False

@@ -96,9 +96,10 @@ def test_a_queued_frame_is_written_before_a_read_is_delivered() -> None:
 
 async def _writes_of_bursts() -> list[list[bytes]]:
     """The frames each write of a client carried: three sent in one loop
-    iteration, then one in a later iteration."""
+    iteration, then one in a later iteration, then two sent in one iteration
+    around a flush."""
     writes: list[list[bytes]] = []
-    server, port, served, got, enough = await _serve(lambda got: len(got) == 4)
+    server, port, served, got, enough = await _serve(lambda got: len(got) == 6)
     client = await connect(
         lambda: Connection(Limits(), _ignore, _lost, client=True), host="127.0.0.1", port=port
     )
@@ -108,7 +109,7 @@ async def _writes_of_bursts() -> list[list[bytes]]:
         def recorded(chunks: list[bytes | memoryview]) -> None:
             data = b"".join(bytes(c) for c in chunks)
             writes.append(
-                [f"frame{i}".encode() for i in range(1, 5) if f"frame{i}".encode() in data]
+                [f"frame{i}".encode() for i in range(1, 7) if f"frame{i}".encode() in data]
             )
             write(chunks)
 
@@ -125,8 +126,14 @@ async def _writes_of_bursts() -> list[list[bytes]]:
         await asyncio.sleep(0)
         client.send(b"frame4", [])
         assert writes[2:] == [[b"frame4"]]  # a later iteration: at once again
+        client.send(b"frame5", [])
+        client.flush()
+        client.send(b"frame6", [])  # after a flush nothing is queued: at once
+        assert writes[3:] == [[b"frame5"], [b"frame6"]]
+        await asyncio.sleep(0)
+        assert len(writes) == 5  # (the iteration's end had nothing left to write)
         await asyncio.wait_for(enough, 5)
-        assert got == [b"frame1", b"frame2", b"frame3", b"frame4"]
+        assert got == [b"frame1", b"frame2", b"frame3", b"frame4", b"frame5", b"frame6"]
         return writes
     finally:
         await _close(client, served, server)
@@ -137,4 +144,4 @@ def _ignore(conn: Connection, frame: Frame) -> None:
 
 
 def test_the_first_frame_of_an_iteration_goes_at_once_the_rest_of_a_burst_in_one_write() -> None:
-    assert len(uvloop.run(_writes_of_bursts())) == 3
+    assert len(uvloop.run(_writes_of_bursts())) == 5
