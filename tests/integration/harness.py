@@ -372,7 +372,10 @@ class WorkerGroup:
         options_kwargs: keyword arguments of ``rpc.RpcOptions`` (managed/service).
         names: worker names by rank (managed/service); default ``worker{rank}``.
         env: environment variables set in each child before it starts, or a
-            function of the rank returning them.
+            function of the rank returning them. Torch and this package are
+            imported already (in the fork server): a variable read only at
+            import (``OMP_NUM_THREADS``, say) has no effect there; launch a
+            script with ``subprocess`` for that, as the example tests do.
         timeout: the default deadline, in seconds, of :meth:`join`.
         start_barrier: managed/service workers wait for each other (through
             the test process) between ``init_rpc`` and their target.
