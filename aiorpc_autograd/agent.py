@@ -1132,8 +1132,10 @@ class RpcAgent:
         self._pending[rid] = pending
         if span is not None:
             span.start(pending)
-        if self.fault_injector is not None and self._inject(to.id, message, header, buffers, rid):
-            return fut
+        if self.fault_injector is not None:
+            resend = functools.partial(self._send, to.id, header, buffers, rid)
+            if self._inject(to.id, message, resend, rid):
+                return fut
         self._send(to.id, header, buffers, rid, write_now)
         return fut
 
@@ -1141,10 +1143,10 @@ class RpcAgent:
         tracer: Tracer | None = self.extensions.get("tracing")
         return tracer.begin_call(to, message) if tracer is not None else None
 
-    def _inject(
-        self, peer_id: int, message: Message, header: bytes, buffers: list[memoryview], rid: int
-    ) -> bool:
-        """Apply an injected fault to an outgoing request; True if it was handled."""
+    def _inject(self, peer_id: int, message: Message, resend: Callable[[], None], rid: int) -> bool:
+        """Apply an injected fault to an outgoing request (``rid``) or notice
+        (``rid`` 0: nothing waits for it, so "fail" only drops it); True if it
+        was handled. ``resend``: sends it, for "delay"."""
         assert self.fault_injector is not None
         fault = self.fault_injector(message)
         if fault is None:
@@ -1153,16 +1155,18 @@ class RpcAgent:
         if action == "drop":
             return True
         if action == "delay":
-            self.loop.call_later(delay, self._send, peer_id, header, buffers, rid)
+            self.loop.call_later(delay, resend)
             return True
         if action == "fail":
-            self._fail_pending(lambda p: p is self._pending.get(rid), RpcError("injected failure"))
+            if rid:
+                error = RpcError("injected failure")
+                self._fail_pending(lambda p: p is self._pending.get(rid), error)
             return True
         if action == "disconnect":
             conn = self._peers[peer_id].conn
             if conn is not None:
                 conn.abort(ConnectionLostError("injected disconnect"))
-            return False  # the request goes out on a new connection
+            return False  # it goes out on a new connection
         raise ValueError(f"unknown fault action {action!r}")
 
     def on_loop_thread(self) -> bool:
@@ -1330,16 +1334,9 @@ class RpcAgent:
         self._activity += 1
         header, buffers = codec.encode(message, 0)
         if self.fault_injector is not None:
-            fault = self.fault_injector(message)
-            if fault is not None:
-                action, delay = fault
-                if action == "delay":
-                    self.loop.call_later(delay, self._late_notice, peer, header, buffers)
-                    return
-                if action != "disconnect":
-                    return  # "drop", "fail": not sent (nothing waits for a notice)
-                if peer.conn is not None:  # it goes out on a new connection
-                    peer.conn.abort(ConnectionLostError("injected disconnect"))
+            resend = functools.partial(self._late_notice, peer, header, buffers)
+            if self._inject(to.id, message, resend, 0):
+                return
         self._write(peer, header, buffers, 0, write_now)
 
     def _late_notice(self, peer: _Peer, header: bytes, buffers: list[memoryview]) -> None:

@@ -766,10 +766,10 @@ class Connection(asyncio.BufferedProtocol):
                 flags |= FLAG_SHM
         chunks = encode_frame(header, buffers, flags, self._tx_mac)
         if self._burst:
-            self._outbox += chunks  # written by _end_burst
+            self._outbox += chunks  # written by the flush at the iteration's end
             return
         self._burst = True
-        self._loop.call_soon(self._end_burst)
+        self._loop.call_soon(self.flush)
         self._write(chunks)
 
     def flush(self) -> None:
@@ -779,10 +779,6 @@ class Connection(asyncio.BufferedProtocol):
         the next step's forward, sent in the same turn, until the turn ends)."""
         self._flush()
         self._burst = False
-
-    def _end_burst(self) -> None:
-        self._burst = False
-        self._flush()
 
     def _flush(self) -> None:
         chunks, self._outbox = self._outbox, []
