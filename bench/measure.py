@@ -221,12 +221,6 @@ def autograd_procedure(params: Params, baseline: Mapping[str, float]) -> Procedu
     }
 
 
-#: Figures rank 0 measures before ``init_rpc`` for a benchmark, by name.
-BASELINES: dict[str, Callable[[Params], dict[str, float]]] = {
-    "autograd": local_step_baseline,
-}
-
-
 # --- codec microbenchmark ----------------------------------------------------------------
 
 Call = tuple[Any, tuple[torch.Tensor, ...], dict[str, Any]]
@@ -319,12 +313,30 @@ def local_scaling_step_ms(params: Params, depth: int, microbatches: int) -> floa
     return statistics.median(times[params["warmup"] :]) * 1e3
 
 
-def scaling_metrics(params: Params, step_ms: Mapping[str, float]) -> dict[str, Any]:
+def local_scaling_baseline(params: Params) -> dict[str, float]:
+    """:func:`local_scaling_step_ms` of every case (``<prefix>_local_ms``).
+
+    Rank 0 runs it before ``init_rpc``, as :func:`local_step_baseline`: with
+    an agent up, its background threads take the cores the local compute
+    needs (TensorPipe's shared-memory reactor polls without sleeping: with
+    torch's two intra-op threads on two cores, the local depth-64 step ran
+    ~30x slower and outlasted the launch's timeout).
+    """
+    return {
+        f"{prefix}_local_ms": local_scaling_step_ms(params, depth, mb)
+        for prefix, depth, mb in scaling_cases(params)
+    }
+
+
+def scaling_metrics(
+    params: Params, step_ms: Mapping[str, float], baseline: Mapping[str, float]
+) -> dict[str, Any]:
     """Overheads (step - local, ms) per case, and how they grow: the largest
-    depth's (call count's) overhead over the smallest's."""
+    depth's (call count's) overhead over the smallest's.  ``baseline`` is
+    :func:`local_scaling_baseline`'s."""
     out: dict[str, Any] = {}
-    for prefix, depth, mb in scaling_cases(params):
-        local = local_scaling_step_ms(params, depth, mb)
+    for prefix, _, _ in scaling_cases(params):
+        local = baseline[f"{prefix}_local_ms"]
         out[f"{prefix}_step_ms"] = step_ms[prefix]
         out[f"{prefix}_local_ms"] = local
         out[f"{prefix}_overhead_ms"] = max(step_ms[prefix] - local, 1e-3)
@@ -333,3 +345,10 @@ def scaling_metrics(params: Params, step_ms: Mapping[str, float]) -> dict[str, A
     first = f"mb{min(m)}" if min(m) != 1 else f"depth{min(d)}"
     out["mb_growth"] = out[f"mb{max(m)}_overhead_ms"] / out[f"{first}_overhead_ms"]
     return out
+
+
+#: Figures rank 0 measures before ``init_rpc`` for a benchmark, by name.
+BASELINES: dict[str, Callable[[Params], dict[str, float]]] = {
+    "autograd": local_step_baseline,
+    "autograd_scaling": local_scaling_baseline,
+}

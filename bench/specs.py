@@ -512,7 +512,8 @@ BENCHMARKS: dict[str, BenchSpec] = {
                 "in an RRef on the worker, a DistributedOptimizer(SGD) over its parameters; "
                 "a step = the forward RPCs of every micro-batch (gathered), the summed loss "
                 "on the caller, dist backward, optimizer step. Median of the timed steps "
-                "after warm-up; local = the same step in rank 0 alone (agents up); "
+                "after warm-up; local = the same step in rank 0 alone, before init_rpc (as in "
+                "'autograd'); "
                 "overhead = step - local. Growth = largest case's overhead / smallest's: "
                 "ours growing no faster than torch's is growth ratio <= 1."
             ),

@@ -177,7 +177,7 @@ def autograd_scaling(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, An
             times.append(time.perf_counter() - t0)
         step_ms[prefix] = statistics.median(times[params["warmup"] :]) * 1e3
         del model, param_rrefs, opt
-    return scaling_metrics(params, step_ms)
+    return scaling_metrics(params, step_ms, ctx.baselines["autograd_scaling"])
 
 
 def codec(ctx: WorkerContext, params: dict[str, Any]) -> dict[str, Any]:
