@@ -319,8 +319,9 @@ def local_scaling_baseline(params: Params) -> dict[str, float]:
     Rank 0 runs it before ``init_rpc``, as :func:`local_step_baseline`: with
     an agent up, its background threads take the cores the local compute
     needs (TensorPipe's shared-memory reactor polls without sleeping: with
-    torch's two intra-op threads on two cores, the local depth-64 step ran
-    ~30x slower and outlasted the launch's timeout).
+    torch's two intra-op threads on two cores the local steps ran many times
+    slower, the 'autograd' benchmark's agents-up local step ~30x, and the
+    seven cases outlasted the launch's timeout).
     """
     return {
         f"{prefix}_local_ms": local_scaling_step_ms(params, depth, mb)
