@@ -25,6 +25,7 @@ import asyncio
 import contextvars
 import gc
 import inspect
+import threading
 import time
 import weakref
 import zlib
@@ -345,8 +346,22 @@ class Boom(torch.autograd.Function):
         raise ValueError("boom in a remote backward")
 
 
+# Ends Slow's sleeps early: a scenario that leaves one running sets it when it
+# is done, so the sleep does not hold that worker's compute thread into the next
+# test (whose jobs would queue behind it).
+_SLOW_WAKE = threading.Event()
+
+
+async def wake_slow(wake: bool) -> None:
+    # (async: runs on the loop, not behind the sleep in the pool)
+    if wake:
+        _SLOW_WAKE.set()
+    else:
+        _SLOW_WAKE.clear()
+
+
 class Slow(torch.autograd.Function):
-    """Identity forward; its backward sleeps first."""
+    """Identity forward; its backward sleeps first (until :data:`_SLOW_WAKE`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, seconds: float) -> torch.Tensor:
@@ -355,7 +370,7 @@ class Slow(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        time.sleep(ctx.seconds)
+        _SLOW_WAKE.wait(ctx.seconds)
         return grad, None
 
 
@@ -662,6 +677,7 @@ async def check_contexts_freed_by_refcount(rank: int, world_size: int, mode: str
 
 
 async def check_remote_backward_error(rank: int, world_size: int, via: str | None) -> Any:
+    await asyncio.gather(*(query(w, wake_slow, False) for w in workers(world_size)))
     x = param("ex", (3,))
     async with dist_autograd.context() as cid:
         if via is None:
@@ -682,6 +698,8 @@ async def check_remote_backward_error(rank: int, world_size: int, via: str | Non
         elapsed = time.monotonic() - started
         stopped, passes = await wait_everywhere(world_size, "num_current_backward_passes", 3.5)
         stopped_at = time.monotonic() - started
+        # (the slow part's sleep is still running: end it)
+        await asyncio.gather(*(query(w, wake_slow, True) for w in workers(world_size)))
     cleaned, contexts = await wait_everywhere(world_size, "num_autograd_contexts")
     # The group still works: a fresh pass in a fresh context succeeds.
     healthy = await parity(world_size, sc_nested, ["worker1", "worker2"])
