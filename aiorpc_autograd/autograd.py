@@ -64,7 +64,7 @@ __all__ = [
     "RecvFunction",
     "SendFunction",
     "current_context_id",
-    "grad_stripes",
+    "grad_keys",
     "hold_grads",
     "reachable_leaves",
     "run_local_backward",
@@ -77,12 +77,6 @@ current_context_id: contextvars.ContextVar[int | None] = contextvars.ContextVar(
 
 _ID_BITS = 48
 _ID_MASK = (1 << _ID_BITS) - 1
-
-
-# Locks serialising what borrows a tensor's ``.grad`` slot (engine jobs of
-# concurrent passes over shared parameters, local optimizer steps): striped by
-# tensor identity, taken in index order so that two holders never deadlock.
-_GRAD_STRIPES = tuple(threading.Lock() for _ in range(64))
 
 
 class WouldBlock(Exception):
@@ -115,36 +109,78 @@ def take(lock: threading.Lock) -> None:
         lock.acquire()
 
 
-def grad_stripes(tensors: Iterable[torch.Tensor]) -> list[int]:
-    """The stripes (indices into the ``.grad`` slot locks, in taking order)
-    that guard ``tensors``: what :func:`hold_grads` takes; a holder of a fixed
-    set of tensors may compute them once."""
-    # id() values are 16-byte aligned: drop the low bits before striping.
-    return sorted({(id(t) >> 4) % len(_GRAD_STRIPES) for t in tensors})
+def grad_keys(tensors: Iterable[torch.Tensor]) -> frozenset[int]:
+    """The keys (identities) of ``tensors``' ``.grad`` slots: what
+    :func:`hold_grads` holds; a holder of a fixed set of tensors may compute
+    them once."""
+    return frozenset(map(id, tensors))
+
+
+class _GradSlots:
+    """Which tensors' ``.grad`` slots are held, by identity: exact (two jobs
+    wait for each other only if they share a tensor) and all-or-nothing (a
+    holder never waits while holding, so holders cannot deadlock). Waiters
+    are served in arrival order among those that overlap: a job over many
+    tensors is not starved by a stream of small ones. A key held is the
+    ``id()`` of a live tensor: its holder keeps the tensor."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held: set[int] = set()
+        self._waiting: list[tuple[frozenset[int]]] = []  # in arrival order (one tuple each)
+
+    def acquire(self, keys: frozenset[int], wait: bool) -> bool:
+        with self._cond:
+            if self._free(keys, len(self._waiting)):
+                self._held |= keys
+                return True
+            if not wait:
+                return False
+            entry = (keys,)  # found by identity: two waiters may want the same keys
+            self._waiting.append(entry)
+            try:
+                while not self._free(keys, self._place(entry)):
+                    self._cond.wait()
+            finally:
+                del self._waiting[self._place(entry)]
+            self._held |= keys
+            return True
+
+    def _place(self, entry: tuple[frozenset[int]]) -> int:
+        return next(i for i, e in enumerate(self._waiting) if e is entry)
+
+    def _free(self, keys: frozenset[int], before: int) -> bool:
+        """No key held, nor wanted by one of the first ``before`` waiters."""
+        if not keys.isdisjoint(self._held):
+            return False
+        return all(keys.isdisjoint(w) for (w,) in self._waiting[:before])
+
+    def release(self, keys: frozenset[int]) -> None:
+        with self._cond:
+            self._held -= keys
+            if self._waiting:
+                self._cond.notify_all()
+
+
+_GRAD_SLOTS = _GradSlots()
 
 
 @contextlib.contextmanager
 def hold_grads(
-    tensors: Iterable[torch.Tensor], stripes: Sequence[int] | None = None
+    tensors: Iterable[torch.Tensor], keys: frozenset[int] | None = None
 ) -> Iterator[None]:
-    """Hold the ``.grad`` slots of ``tensors`` exclusively (blocking, but see
-    :func:`no_waiting`) for the duration of the ``with`` body. ``stripes``:
-    ``grad_stripes(tensors)``, if the caller has it."""
-    if stripes is None:
-        stripes = grad_stripes(tensors)
-    # take() for each stripe, its no_waiting test hoisted (up to 64 stripes a job).
-    wait = not getattr(_no_waiting, "on", False)
-    taken: list[threading.Lock] = []
+    """Hold the ``.grad`` slots of ``tensors`` exclusively for the duration of
+    the ``with`` body: wait until no other holder has one of them (under
+    :func:`no_waiting`, raise :class:`WouldBlock` instead). ``keys``:
+    ``grad_keys(tensors)``, if the caller has it."""
+    if keys is None:
+        keys = grad_keys(tensors)
+    if not _GRAD_SLOTS.acquire(keys, not getattr(_no_waiting, "on", False)):
+        raise WouldBlock
     try:
-        for i in stripes:
-            lock = _GRAD_STRIPES[i]
-            if not lock.acquire(wait):
-                raise WouldBlock
-            taken.append(lock)
         yield
     finally:
-        for lock in reversed(taken):
-            lock.release()
+        _GRAD_SLOTS.release(keys)
 
 
 def run_local_backward(
@@ -153,13 +189,13 @@ def run_local_backward(
     leaves: Sequence[torch.Tensor],
     initial: Sequence[torch.Tensor | None] | None,
     retain_graph: bool,
-    stripes: Sequence[int] | None = None,
+    keys: frozenset[int] | None = None,
 ) -> list[torch.Tensor | None]:
     """Local autograd from ``outputs`` into ``leaves``, which must hold every
     leaf the outputs reach (:func:`reachable_leaves`; more is harmless),
     starting each leaf's accumulation at ``initial`` (None: at no gradient);
-    return the leaves' accumulated gradients. ``stripes``:
-    ``grad_stripes(leaves)``, if known.
+    return the leaves' accumulated gradients. ``keys``:
+    ``grad_keys(leaves)``, if known.
 
     Runs ``torch.autograd.backward`` (hooks, ``AccumulateGrad`` and its hooks
     included) with each leaf's ``.grad`` temporarily set to its ``initial``
@@ -169,7 +205,7 @@ def run_local_backward(
     leaves, without checking each of them (~1.5 us a leaf: a 64-layer MLP's
     backward, 128 parameters, 2.97 against 2.80 ms).
     """
-    with hold_grads(leaves, stripes):
+    with hold_grads(leaves, keys):
         saved = [leaf.grad for leaf in leaves]
         try:
             if initial is None:
@@ -209,8 +245,8 @@ class SendFunction(_AutogradFunction):
 
     def __init__(self, message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
         super().__init__(message_id, peer, tensors)
-        # (the tensors' grad_fns, the leaves they reach, their stripes) once computed
-        self._reach: tuple[list[Any], list[torch.Tensor], list[int]] | None = None
+        # (the tensors' grad_fns, the leaves they reach, their grad keys) once computed
+        self._reach: tuple[list[Any], list[torch.Tensor], frozenset[int]] | None = None
 
     def leaves(self) -> list[torch.Tensor]:
         """The leaves its tensors reach: walked once (a graph never changes
@@ -219,16 +255,16 @@ class SendFunction(_AutogradFunction):
         waits, to take the walk (~1 us a node) off the backward pass."""
         return self._walked()[1]
 
-    def stripes(self) -> list[int]:
-        """``grad_stripes(self.leaves())``, computed with the walk."""
+    def grad_keys(self) -> frozenset[int]:
+        """``grad_keys(self.leaves())``, computed with the walk."""
         return self._walked()[2]
 
-    def _walked(self) -> tuple[list[Any], list[torch.Tensor], list[int]]:
+    def _walked(self) -> tuple[list[Any], list[torch.Tensor], frozenset[int]]:
         fns = [t.grad_fn for t in self.tensors]
         reach = self._reach
         if reach is None or any(a is not b for a, b in zip(reach[0], fns, strict=True)):
             leaves = _leaf_closure(self.tensors)
-            reach = self._reach = (fns, leaves, grad_stripes(leaves))
+            reach = self._reach = (fns, leaves, grad_keys(leaves))
         return reach
 
 
@@ -705,11 +741,11 @@ class BackwardPass:
                 used.append(key)
         self._ran.update(keys)
         self._leaf_ready = False
-        stripes: list[int] | None = None
+        slots: frozenset[int] | None = None
         if len(used) == 1:
             reach = self._reach[used[0]]  # (distinct leaves)
             if used[0] != _ROOT:
-                stripes = self._sends[used[0]].stripes()
+                slots = self._sends[used[0]].grad_keys()
         else:
             reach = list({id(leaf): leaf for key in used for leaf in self._reach[key]}.values())
         if not outputs or not reach:
@@ -731,7 +767,7 @@ class BackwardPass:
         after = self.after_last_job if final else None
 
         def job() -> list[torch.Tensor | None]:
-            result = run_local_backward(outputs, grad_outputs, leaves, initial, retain, stripes)
+            result = run_local_backward(outputs, grad_outputs, leaves, initial, retain, slots)
             if after is not None:
                 # The last job: this worker's gradients in the context are
                 # final once stored, so what waits for that runs here, in the

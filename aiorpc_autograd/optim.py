@@ -15,7 +15,7 @@ from torch.optim import optimizer as torch_optimizer
 from torch.optim.sgd import sgd
 
 from .api import current_agent, remote, rpc_async
-from .autograd import DistAutogradContext, grad_stripes, hold_grads, take
+from .autograd import DistAutogradContext, grad_keys, hold_grads, take
 from .dist_autograd import _service, retrieve_context, watch
 from .options import WorkerInfo
 from .rref import RRef
@@ -44,7 +44,7 @@ class _LocalOptimizer:
     ) -> None:
         self.params = list(params)
         self.optim = optimizer_class(self.params, *args, **kwargs)
-        self._stripes = grad_stripes(self.params)
+        self._grad_keys = grad_keys(self.params)
 
     def step(self, context_id: int) -> None:
         """Step with the context's gradients. ``.grad`` is as it was afterwards
@@ -57,7 +57,7 @@ class _LocalOptimizer:
             if _steps_with_gradients_given(self.optim):
                 _sgd_step(self.optim, ctx)
                 return
-            with hold_grads(self.params, self._stripes):
+            with hold_grads(self.params, self._grad_keys):
                 saved = [p.grad for p in self.params]
                 try:
                     # Parameters without a gradient in this context get none, so

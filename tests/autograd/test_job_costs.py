@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+from aiorpc_autograd import autograd
 from aiorpc_autograd.autograd import WouldBlock, hold_grads, no_waiting, take
 from aiorpc_autograd.autograd_service import (
     INLINE_BELOW_PINNED_S,
@@ -49,7 +50,7 @@ def test_take_never_waits_under_no_waiting() -> None:
         take(lock)  # free: taken
     assert lock.locked()
     lock.release()
-    # hold_grads releases the stripes it took when a later one is busy.
+    # hold_grads takes nothing when one of its tensors is busy.
     a, b = torch.zeros(1), torch.zeros(1)
     held, release = threading.Event(), threading.Event()
 
@@ -63,7 +64,7 @@ def test_take_never_waits_under_no_waiting() -> None:
     assert held.wait(5)
     with no_waiting(), pytest.raises(WouldBlock), hold_grads([a, b]):
         pass
-    with hold_grads([a]):  # a's stripe was given back
+    with hold_grads([a]):  # a was not kept
         pass
     release.set()
     t.join(5)
@@ -144,3 +145,72 @@ def test_a_worker_on_one_cpu_runs_longer_jobs_inline() -> None:
         True: (INLINE_BELOW_PINNED_S, True),
     }
     assert INLINE_BELOW_S == 200e-6 and INLINE_BELOW_PINNED_S == 10e-3
+
+
+def test_grad_slots_are_held_per_tensor_and_all_or_nothing() -> None:
+    # Two holders wait for each other only if they share a tensor: a long job
+    # over some tensors never holds up one over others (a striped lock did,
+    # by chance, for any two tensors whose identities fell on one stripe).
+    tensors = [torch.zeros(1) for _ in range(300)]
+    mine, others = tensors[:150], tensors[150:]
+    held, release = threading.Event(), threading.Event()
+
+    def long_job() -> None:
+        with hold_grads(mine):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=long_job)
+    t.start()
+    try:
+        assert held.wait(5)
+        with no_waiting(), hold_grads(others):  # none shared: taken at once
+            pass
+        with no_waiting(), pytest.raises(WouldBlock), hold_grads([others[0], mine[-1]]):
+            pass
+        with no_waiting(), hold_grads([others[0]]):  # nothing was kept of the refusal
+            pass
+    finally:
+        release.set()
+        t.join(5)
+
+
+def test_grad_slot_waiters_are_served_in_arrival_order() -> None:
+    # A waiter over many tensors is not overtaken by later ones over some of
+    # them (all-or-nothing alone would let a stream of small jobs starve it).
+    a, b = torch.zeros(1), torch.zeros(1)
+    order: list[str] = []
+    first_in, first_out = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with hold_grads([a]):
+            first_in.set()
+            first_out.wait(5)
+
+    def job(name: str, tensors: list[torch.Tensor]) -> None:
+        with hold_grads(tensors):
+            order.append(name)
+
+    def waiters(n: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(autograd._GRAD_SLOTS._waiting) < n and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert len(autograd._GRAD_SLOTS._waiting) == n
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    assert first_in.wait(5)
+    threads.append(threading.Thread(target=job, args=("big", [a, b])))
+    threads[1].start()
+    waiters(1)
+    # b is free, but the earlier waiter wants it: a later holder waits its turn.
+    with no_waiting(), pytest.raises(WouldBlock), hold_grads([b]):
+        pass
+    threads.append(threading.Thread(target=job, args=("small", [b])))
+    threads[2].start()
+    waiters(2)
+    first_out.set()
+    for t in threads:
+        t.join(5)
+    assert order == ["big", "small"]
+    assert not autograd._GRAD_SLOTS._waiting and not autograd._GRAD_SLOTS._held
