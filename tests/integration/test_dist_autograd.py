@@ -350,6 +350,11 @@ class Boom(torch.autograd.Function):
 # is done, so the sleep does not hold that worker's compute thread into the next
 # test (whose jobs would queue behind it).
 _SLOW_WAKE = threading.Event()
+_SLOW_SLEEPING = threading.Event()  # a Slow.backward is waiting on _SLOW_WAKE
+
+
+async def slow_sleeping() -> bool:
+    return _SLOW_SLEEPING.is_set()
 
 
 async def wake_slow(wake: bool) -> None:
@@ -358,6 +363,7 @@ async def wake_slow(wake: bool) -> None:
         _SLOW_WAKE.set()
     else:
         _SLOW_WAKE.clear()
+        _SLOW_SLEEPING.clear()
 
 
 class Slow(torch.autograd.Function):
@@ -370,6 +376,7 @@ class Slow(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        _SLOW_SLEEPING.set()
         _SLOW_WAKE.wait(ctx.seconds)
         return grad, None
 
@@ -721,6 +728,44 @@ async def check_remote_backward_error(rank: int, world_size: int, via: str | Non
     }
 
 
+def sum_all(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors).sum(0)
+
+
+async def check_unrelated_passes(rank: int, world_size: int, n: int) -> Any:
+    """A pass over ``n`` tensors through worker1 while another context's part
+    there sleeps in its backward: it shares no tensor with it, so it must not
+    wait for it."""
+    await asyncio.gather(*(query(w, wake_slow, False) for w in workers(world_size)))
+    x = param("unrelated_slow", (3,))
+
+    async def slow_pass() -> None:
+        async with dist_autograd.context() as cid:
+            a = await rpc.rpc_async("worker1", slow_forward, args=(x, 20.0))
+            await dist_autograd.backward(cid, [a.sum()])
+
+    slow = asyncio.create_task(slow_pass())
+    try:
+        deadline = time.monotonic() + 10
+        while not await query("worker1", slow_sleeping) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        sleeping = await query("worker1", slow_sleeping)
+        leaves = [param(f"unrelated{i}", (2,)) for i in range(n)]
+        started = time.monotonic()
+        async with dist_autograd.context() as cid:
+            s = await rpc.rpc_async("worker1", sum_all, args=(leaves,))
+            await dist_autograd.backward(cid, [(s * s).sum()])
+            grads = dist_autograd.get_gradients(cid)
+        took = time.monotonic() - started
+        slow_running = not slow.done()
+        expected = 2 * torch.stack(leaves).detach().sum(0)
+        exact = all(torch.equal(grads[t], expected) for t in leaves)
+    finally:
+        await asyncio.gather(*(query(w, wake_slow, True) for w in workers(world_size)))
+        await slow
+    return {"sleeping": sleeping, "took": took, "slow_running": slow_running, "exact": exact}
+
+
 async def check_invalid_calls(rank: int, world_size: int) -> dict[str, str]:
     seen: dict[str, str] = {}
 
@@ -982,6 +1027,18 @@ def test_error_in_a_remote_backward(group: WorkerGroup, via: str | None) -> None
     assert got["stopped_at"] < 4.0, got
     assert got["cleaned"], f"contexts left: {got['contexts']}"
     assert_parity(got["healthy"])
+
+
+@pytest.mark.parametrize("n", [1, 300])
+def test_a_pass_does_not_wait_for_an_unrelated_slow_one(group: WorkerGroup, n: int) -> None:
+    # Jobs hold their tensors' .grad slots while they run; a slow one must
+    # hold up only jobs over the same tensors. (With 300 tensors, a job here
+    # met every one of the 64 striped locks that guarded the slots before.)
+    got = group.call(0, check_unrelated_passes, n, timeout=60)
+    assert got["sleeping"], got
+    assert got["slow_running"], got  # (the slow part sleeps 20 s unless woken)
+    assert got["took"] < 10.0, got
+    assert got["exact"], got
 
 
 def test_second_backward_without_retain_graph_raises(group: WorkerGroup) -> None:
