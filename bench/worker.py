@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -92,11 +93,19 @@ class WorkerContext:
     def before_init(self) -> None:
         """Call once the libraries are imported, right before ``init_rpc``.
 
-        Every rank records that it got here; rank 0 then waits (up to
+        Every rank collects and freezes its garbage-collected heap (see
+        below), records that it got here; rank 0 then waits (up to
         :data:`IMPORT_WAIT_S`) until every rank did, so that no process of
         the launch is still starting, and measures the planned benchmarks'
         baselines while no RPC thread runs anywhere.
         """
+        # Importing torch leaves a heap of ~10^5 objects that each full
+        # collection walks (~70 ms here): the first one would fall wherever
+        # the allocation count crosses the threshold, in one library's timed
+        # region (the scale benchmark's first call, say). Collected once and
+        # frozen here, on every rank, before either library starts.
+        gc.collect()
+        gc.freeze()
         self.emit({"imported": True})
         if self.rank != 0:
             return
@@ -157,6 +166,7 @@ class WorkerContext:
         """
         metrics: dict[str, Any] = {}
         outcome: dict[str, Any]
+        gc.collect()  # not the garbage of the benchmark before, in this one
         t0 = time.perf_counter()
         try:
             yield metrics
