@@ -11,7 +11,11 @@ header is the msgpack array ``[type, request_id, tensor_table, *fields]``:
   ``[dtype_name, shape, buffer_index, byte_offset, requires_grad]`` (or nil for
   an undefined tensor, such as a missing gradient); the frame's buffer
   ``buffer_index`` holds the tensor's elements, C-contiguous, from
-  ``byte_offset``;
+  ``byte_offset``; a sparse COO tensor's descriptor is ``["sparse_coo",
+  dtype_name, shape, sparse_dim, nnz, indices_buffer, values_buffer,
+  coalesced, requires_grad]``, its int64 indices (``[sparse_dim, nnz]``) and
+  its values (``[nnz, *shape[sparse_dim:]]``) each in a buffer of their own
+  (either descriptor may end with the device the tensor goes to);
 * the fields are the message's own, in declaration order.
 
 Tensors never go through pickle: a :class:`Payload` is a value encoded as
@@ -157,6 +161,7 @@ class Payload:
 
 
 _EXT_TENSOR = 1
+_SPARSE_COO = "sparse_coo"  # a tensor descriptor's tag for a sparse COO tensor
 _DTYPES: dict[str, torch.dtype] = {
     str(v).removeprefix("torch."): v
     for v in vars(torch).values()
@@ -395,12 +400,44 @@ def _encode_tensors(
             continue
         # Before any copy: a tensor off the CPU with no map entry is refused.
         device = None if t.is_cpu else target_device(t, device_map)
-        buffers.append(_tensor_bytes(t))
-        desc = [_DTYPE_NAMES[t.dtype], list(t.shape), len(buffers) - 1, 0, bool(t.requires_grad)]
+        if t.layout == torch.sparse_coo:
+            desc = _sparse_coo_descriptor(t, buffers)
+        else:
+            buffers.append(_tensor_bytes(t))
+            desc = [
+                _DTYPE_NAMES[t.dtype],
+                list(t.shape),
+                len(buffers) - 1,
+                0,
+                bool(t.requires_grad),
+            ]
         if device is not None:
             desc.append(device)
         table.append(desc)
     return table, buffers
+
+
+def _sparse_coo_descriptor(t: torch.Tensor, buffers: list[memoryview]) -> list[Any]:
+    """Appends a sparse COO tensor's indices and values to ``buffers`` and
+    returns its descriptor (see the module's docstring)."""
+    requires_grad = bool(t.requires_grad)
+    if requires_grad:
+        t = t.detach()
+    # _indices()/_values(): as stored, coalesced or not (indices() refuses an
+    # uncoalesced tensor, and coalescing would change what the peer gets).
+    buffers.append(_tensor_bytes(t._indices()))
+    buffers.append(_tensor_bytes(t._values()))
+    return [
+        _SPARSE_COO,
+        _DTYPE_NAMES[t.dtype],
+        list(t.shape),
+        t.sparse_dim(),
+        t._nnz(),
+        len(buffers) - 2,
+        len(buffers) - 1,
+        t.is_coalesced(),
+        requires_grad,
+    ]
 
 
 def _local_device(name: Any) -> torch.device:
@@ -425,48 +462,91 @@ def _decode_tensors(
         if desc is None:
             out.append(None)
             continue
-        if type(desc) is not list or len(desc) not in (5, 6):
+        if type(desc) is not list:
             raise ProtocolError("malformed tensor descriptor")
-        dtype_name, shape, index, offset, requires_grad = desc[:5]
-        device = _local_device(desc[5]) if len(desc) == 6 else None
-        dtype = _DTYPES.get(dtype_name) if type(dtype_name) is str else None
-        if dtype is None:
-            raise ProtocolError(f"unknown tensor dtype {dtype_name!r}")
-        if (
-            type(shape) is not list
-            or not all(type(d) is int and d >= 0 for d in shape)
-            or type(index) is not int
-            or type(offset) is not int
-            or not 0 <= index < len(buffers)
-            or offset < 0
-        ):
-            raise ProtocolError("malformed tensor descriptor")
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * dtype.itemsize
-        buf = buffers[index]
-        if offset + nbytes > len(buf):
-            raise ProtocolError(
-                f"tensor of {nbytes} bytes at offset {offset} overruns its {len(buf)}-byte buffer"
-            )
-        np_dtype = _NUMPY_OF.get(dtype)
-        if nbytes == 0:
-            t = torch.empty(shape, dtype=dtype)
-        elif np_dtype is not None and not buf.readonly:
-            # Shaped in one step, no torch op (an op releases the GIL: on a
-            # loop whose pool computes, each is a thread switch).
-            t = torch.from_numpy(np.ndarray(shape, np_dtype, buf, offset))
+        if len(desc) in (5, 6):
+            dtype_name, shape, index, offset, requires_grad = desc[:5]
+            dtype = _dtype(dtype_name)
+            t = _buffer_tensor(dtype, shape, buffers, index, offset)
+        elif len(desc) in (9, 10) and desc[0] == _SPARSE_COO:
+            t = _sparse_coo_tensor(desc, buffers)
+            dtype, requires_grad = t.dtype, desc[8]
         else:
-            t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset)
-            if len(shape) != 1:
-                t = t.view(shape)
-        if device is not None:  # a host-to-device copy on the current stream
-            t = t.to(device)
+            raise ProtocolError("malformed tensor descriptor")
+        if len(desc) in (6, 10):  # a host-to-device copy on the current stream
+            t = t.to(_local_device(desc[-1]))
         if requires_grad is True and (dtype.is_floating_point or dtype.is_complex):
             t.requires_grad_()
         out.append(t)
     return out
+
+
+def _dtype(name: Any) -> torch.dtype:
+    dtype = _DTYPES.get(name) if type(name) is str else None
+    if dtype is None:
+        raise ProtocolError(f"unknown tensor dtype {name!r}")
+    return dtype
+
+
+def _buffer_tensor(
+    dtype: torch.dtype, shape: Any, buffers: list[memoryview], index: Any, offset: Any
+) -> torch.Tensor:
+    """A strided tensor of ``shape`` on ``buffers[index]`` from byte ``offset``,
+    checked to fit it."""
+    if (
+        type(shape) is not list
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or type(index) is not int
+        or type(offset) is not int
+        or not 0 <= index < len(buffers)
+        or offset < 0
+    ):
+        raise ProtocolError("malformed tensor descriptor")
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * dtype.itemsize
+    buf = buffers[index]
+    if offset + nbytes > len(buf):
+        raise ProtocolError(
+            f"tensor of {nbytes} bytes at offset {offset} overruns its {len(buf)}-byte buffer"
+        )
+    np_dtype = _NUMPY_OF.get(dtype)
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if np_dtype is not None and not buf.readonly:
+        # Shaped in one step, no torch op (an op releases the GIL: on a
+        # loop whose pool computes, each is a thread switch).
+        return torch.from_numpy(np.ndarray(shape, np_dtype, buf, offset))
+    t = torch.frombuffer(buf, dtype=dtype, count=numel, offset=offset)
+    return t.view(shape) if len(shape) != 1 else t
+
+
+def _sparse_coo_tensor(desc: list[Any], buffers: list[memoryview]) -> torch.Tensor:
+    """The sparse COO tensor a descriptor names, its invariants checked: a
+    peer's indices out of bounds, or a false claim to be coalesced, would make
+    later sparse kernels read out of bounds."""
+    _, dtype_name, shape, sparse_dim, nnz, indices_at, values_at, coalesced = desc[:8]
+    dtype = _dtype(dtype_name)
+    if (
+        type(shape) is not list
+        or not all(type(d) is int and d >= 0 for d in shape)
+        or type(sparse_dim) is not int
+        or type(nnz) is not int
+        or type(coalesced) is not bool
+        or not 0 <= sparse_dim <= len(shape)
+        or nnz < 0
+        or indices_at == values_at
+    ):
+        raise ProtocolError("malformed sparse tensor descriptor")
+    indices = _buffer_tensor(torch.int64, [sparse_dim, nnz], buffers, indices_at, 0)
+    values = _buffer_tensor(dtype, [nnz, *shape[sparse_dim:]], buffers, values_at, 0)
+    try:
+        return torch.sparse_coo_tensor(
+            indices, values, shape, is_coalesced=coalesced, check_invariants=True
+        )
+    except RuntimeError as exc:
+        raise ProtocolError(f"invalid sparse tensor: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- messages

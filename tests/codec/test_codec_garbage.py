@@ -469,3 +469,85 @@ def test_a_full_tensor_table_fits_the_budget() -> None:
     assert rid == 3
     assert isinstance(message, codec.PythonRet)
     assert [float(t[0, 0]) for t in message.value.tensors] == [float(i) for i in range(5000)]
+
+
+# --------------------------------------------------------------------------- sparse COO descriptors
+
+
+def sparse_desc(**changes: Any) -> list[Any]:
+    """A valid descriptor of a (2, 3) float32 COO tensor with 2 entries,
+    indices in buffer 0, values in buffer 1; ``changes`` by element name."""
+    d = {
+        "tag": "sparse_coo",
+        "dtype": "float32",
+        "shape": [2, 3],
+        "sparse_dim": 2,
+        "nnz": 2,
+        "indices_at": 0,
+        "values_at": 1,
+        "coalesced": False,
+        "requires_grad": False,
+    }
+    d.update(changes)
+    return list(d.values())
+
+
+def sparse_buffers(indices: list[list[int]] = [[0, 1], [2, 0]]) -> list[bytes]:  # noqa: B006
+    return [torch.tensor(indices).numpy().tobytes(), torch.ones(2).numpy().tobytes()]
+
+
+def test_valid_sparse_baseline() -> None:
+    """The hostile sparse descriptors below differ from this one in one place each."""
+    _, msg = decode([*RET, [sparse_desc()], PAYLOAD], sparse_buffers())
+    (t,) = msg.payload().tensors
+    assert t is not None and t.layout == torch.sparse_coo
+    assert torch.equal(t.to_dense(), torch.tensor([[0.0, 0, 1], [1, 0, 0]]))
+    _, msg = decode(
+        [*RET, [sparse_desc(coalesced=True)], PAYLOAD], sparse_buffers([[0, 1], [2, 0]])
+    )
+    assert msg.payload().tensors[0].is_coalesced()
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "buffers"),
+    [
+        # indices out of bounds, negative, or a false claim to be coalesced:
+        # later sparse kernels would read or write out of bounds
+        (sparse_desc(), sparse_buffers([[0, 2], [2, 0]])),
+        (sparse_desc(), sparse_buffers([[0, 1], [3, 0]])),
+        (sparse_desc(), sparse_buffers([[0, -1], [2, 0]])),
+        (sparse_desc(coalesced=True), sparse_buffers([[1, 0], [0, 0]])),
+        (sparse_desc(coalesced=True), sparse_buffers([[1, 1], [0, 0]])),
+        # the parts do not fit their buffers
+        (sparse_desc(nnz=3), sparse_buffers()),
+        (sparse_desc(sparse_dim=1), sparse_buffers()),  # values would be [2, 3]
+        (sparse_desc(dtype="float64"), sparse_buffers()),
+        (sparse_desc(), sparse_buffers()[:1]),
+        (sparse_desc(indices_at=1, values_at=0), sparse_buffers()),
+        (sparse_desc(values_at=0), sparse_buffers()),
+        (sparse_desc(indices_at=2), sparse_buffers()),
+        # malformed elements
+        (sparse_desc(tag="sparse_csr"), sparse_buffers()),
+        (sparse_desc(dtype="sparse"), sparse_buffers()),
+        (sparse_desc(shape=[2, -3]), sparse_buffers()),
+        (sparse_desc(shape=[2, "3"]), sparse_buffers()),
+        (sparse_desc(shape=3), sparse_buffers()),
+        (sparse_desc(sparse_dim=3), sparse_buffers()),
+        (sparse_desc(sparse_dim=-1), sparse_buffers()),
+        (sparse_desc(nnz=-2), sparse_buffers()),
+        (sparse_desc(nnz=2.0), sparse_buffers()),
+        (sparse_desc(coalesced=1), sparse_buffers()),
+        (sparse_desc(indices_at="0"), sparse_buffers()),
+        ([*sparse_desc(), "cpu"], sparse_buffers()),
+        ([*sparse_desc(), "cuda:0"], sparse_buffers()),  # no CUDA device here
+        (sparse_desc()[:8], sparse_buffers()),
+        ([*sparse_desc(), "cuda:0", 1], sparse_buffers()),
+        # a logical size whose element count overflows
+        (sparse_desc(shape=[2**62, 2**62, 2**62], sparse_dim=2), sparse_buffers()),
+    ],
+)
+def test_hostile_sparse_descriptor_is_a_protocol_error(
+    descriptor: list[Any], buffers: list[bytes]
+) -> None:
+    with pytest.raises(ProtocolError):
+        decode([*RET, [descriptor], PAYLOAD], buffers)

@@ -109,6 +109,24 @@ def param(
     return leaf
 
 
+def sparse_param(name: str) -> torch.Tensor:
+    """This worker's sparse COO leaf ``name``: 3x3 with three entries,
+    uncoalesced as built (as PyTorch's RPC tests build theirs); otherwise as
+    :func:`param`."""
+    key = f"{me()}:{name}:sparse"
+    table = _ORACLE.get()
+    if table is None:
+        table = _PARAMS
+    leaf = table.get(key)
+    if leaf is None:
+        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        values = torch.randn(3, generator=gen) * 0.7
+        indices = [[0, 1, 1], [2, 0, 2]]
+        t = torch.sparse_coo_tensor(indices, values, (3, 3), check_invariants=True)
+        leaf = table.setdefault(key, t.requires_grad_())
+    return leaf
+
+
 async def call(to: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``await rpc.rpc_async(to, fn, args)``; in the oracle run, ``fn(*args)`` here."""
     if _ORACLE.get() is None:
@@ -279,7 +297,7 @@ def assert_parity(result: dict[str, Any], alone: bool = True) -> None:
             assert have is None, f"{key}: a gradient where local autograd has none"
         else:
             assert have is not None, f"{key}: no gradient (local autograd: {want})"
-            assert have.dtype == want.dtype, key
+            assert have.dtype == want.dtype and have.layout == want.layout, key
             torch.testing.assert_close(have, want, msg=lambda m, k=key: f"{k}: {m}")
     assert result["untouched"], ".grad was written"
     if alone:  # backward returned only when every worker's part was over
@@ -486,6 +504,48 @@ async def sc_tagged(tag: int) -> list[torch.Tensor]:
     b = await call("worker2", hop, a * (tag + 1), ["worker1"])
     c = await call("worker0", scaled, b)
     return [(c * x).sum() * (tag + 1)]
+
+
+def sparse_scaled(t: torch.Tensor) -> torch.Tensor:
+    """``t`` times this worker's sparse leaf, elementwise."""
+    return t * sparse_param("sscale")
+
+
+def bag_lookup(per_sample_weights: torch.Tensor) -> torch.Tensor:
+    """Bags of rows of this worker's dense table, whose gradient is sparse."""
+    table = param("table", (8, 3))
+    rows, offsets = torch.tensor([1, 4, 4, 2, 7, 1]), torch.tensor([0, 2])
+    return torch.nn.functional.embedding_bag(
+        rows, table, offsets, mode="sum", sparse=True, per_sample_weights=per_sample_weights
+    )
+
+
+async def sc_sparse(via: str) -> list[torch.Tensor]:
+    """PyTorch's ``test_backward_simple_sparse`` / ``test_backward_rref_sparse``:
+    sparse leaves added remotely, sparse gradients back."""
+    t1, t2 = sparse_param("s1"), sparse_param("s2")
+    if via == "remote":
+        ret = await (await remote("worker1", torch.add, t1, t2)).to_here()
+    else:
+        ret = await call("worker1", torch.add, t1, t2)
+    return [torch.sparse.sum(ret)]
+
+
+async def sc_sparse_round_trips() -> list[torch.Tensor]:
+    """Sparse values through three workers, one with a sparse leaf of its own."""
+    t1, t2 = sparse_param("r1"), sparse_param("r2")
+    a = await call("worker1", torch.add, t1, t2)
+    b = await call("worker2", sparse_scaled, a)
+    s = await call("worker1", torch.stack, [a, b])
+    c = await call("worker2", torch.mul, s, s)
+    return [torch.sparse.sum(c)]
+
+
+async def sc_embedding_bag() -> list[torch.Tensor]:
+    """A dense table elsewhere whose gradient is sparse, dense weights here."""
+    psw = param("psw", (6,))
+    out = await call("worker1", bag_lookup, psw)
+    return [(out * out).sum()]
 
 
 # ------------------------------------------------------------------ checks (run on a worker)
@@ -890,6 +950,30 @@ def test_remote_and_to_here_record_send_and_recv(group: WorkerGroup) -> None:
 
 def test_retain_graph_twice_accumulates(group: WorkerGroup) -> None:
     assert_parity(group.call(0, check_repeat, sc_round_trips, torch.float64))
+
+
+@pytest.mark.parametrize("via", ["rpc_async", "remote"])
+def test_sparse_leaves_get_sparse_gradients(group: WorkerGroup, via: str) -> None:
+    result = group.call(0, check_parity, sc_sparse, via)
+    assert_parity(result)
+    assert all(g.layout == torch.sparse_coo for g in result["got"].values())
+
+
+def test_sparse_values_through_three_workers(group: WorkerGroup) -> None:
+    result = group.call(0, check_parity, sc_sparse_round_trips)
+    assert_parity(result)
+    assert result["got"]["worker2:sscale:sparse"] is not None
+
+
+def test_sparse_gradients_accumulate_over_repeated_passes(group: WorkerGroup) -> None:
+    assert_parity(group.call(0, check_repeat, sc_sparse_round_trips))
+
+
+def test_embedding_bag_table_elsewhere_gets_its_sparse_gradient(group: WorkerGroup) -> None:
+    result = group.call(0, check_parity, sc_embedding_bag)
+    assert_parity(result)
+    assert result["got"]["worker1:table:8x3:float32"].layout == torch.sparse_coo
+    assert result["got"]["worker0:psw:6:float32"].layout == torch.strided
 
 
 def test_nested_rpc_sync_from_a_plain_function_joins_the_context(group: WorkerGroup) -> None:

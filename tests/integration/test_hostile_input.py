@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import psutil
 import pytest
 import torch
@@ -56,6 +57,11 @@ def total(t: torch.Tensor) -> float:
 def keep(t: torch.Tensor) -> float:
     Kept.tensors.append(t)
     return float(t.double().sum())
+
+
+@rpc.register(name="hostile.sparse_sum")
+def sparse_total(t: torch.Tensor) -> float:
+    return float(t.to_dense().double().sum())
 
 
 async def where(rank: int, world_size: int) -> dict[str, Any]:
@@ -494,4 +500,38 @@ def test_safe_mode_tensor_does_not_change_after_receipt(
         os.close(fd)
     assert first == pytest.approx(float(t.double().sum()))
     assert sums[-1] == first  # the callee's tensor is its own copy
+    assert group.call(0, ping) == [4.0]
+
+
+def sparse_call(indices: list[list[int]], coalesced: bool) -> bytes:
+    """A call of ``hostile.sparse_sum`` on a 2x3 COO tensor of two entries
+    (1.0 and 2.0) with these ``indices`` and this claim to be coalesced."""
+    t = torch.sparse_coo_tensor([[0, 1], [2, 0]], [1.0, 2.0], (2, 3), check_invariants=True)
+    msg = codec.PythonCall("hostile.sparse_sum", codec.dump_payload(((t,), {}), False))
+    header, (_, values) = codec.encode(msg, 1)
+    fields = msgpack.unpackb(header)
+    fields[2][0][7] = coalesced
+    return frame(msgpack.packb(fields), [torch.tensor(indices).numpy().tobytes(), bytes(values)])
+
+
+def test_sparse_tensor_breaking_its_invariants_drops_only_that_connection(
+    group: WorkerGroup, target: dict[str, Any]
+) -> None:
+    peer = admitted_peer(target)
+    peer.send(sparse_call([[0, 1], [2, 0]], False))
+    got = peer.reply()
+    assert isinstance(got, codec.PythonRet) and codec.load_payload(got.value, False) == 3.0
+    peer.close()
+    # An index out of bounds or negative, a false claim to be coalesced: any
+    # of them would let later sparse kernels read or write out of bounds.
+    for indices, coalesced in [
+        ([[0, 2], [2, 0]], False),
+        ([[0, 1], [3, 0]], False),
+        ([[0, -1], [2, 0]], False),
+        ([[1, 0], [0, 0]], True),
+    ]:
+        peer = admitted_peer(target)
+        peer.send(sparse_call(indices, coalesced))
+        assert peer.dropped(5), (indices, coalesced)
+        peer.close()
     assert group.call(0, ping) == [4.0]

@@ -357,6 +357,104 @@ def test_stateful_optimizers_one_trainer_match_local(
         assert not torch.equal(g, w0)
 
 
+# --------------------------------------------------------------------- sparse gradients
+
+
+def bag(
+    weight: torch.Tensor, inp: torch.Tensor, offsets: torch.Tensor, psw: torch.Tensor
+) -> torch.Tensor:
+    """An embedding bag whose weight gets a sparse gradient."""
+    return torch.nn.functional.embedding_bag(
+        inp, weight, offsets, mode="sum", sparse=True, per_sample_weights=psw
+    )
+
+
+def remote_bag(
+    weight: rpc.RRef[torch.Tensor], inp: torch.Tensor, offsets: torch.Tensor, psw: torch.Tensor
+) -> torch.Tensor:
+    """On PS1: the lookup where the table lives."""
+    return bag(weight.local_value(), inp, offsets, psw)
+
+
+def bag_batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Step ``step``'s rows (some repeated within the batch), offsets,
+    per-sample weights and targets."""
+    g = torch.Generator().manual_seed(100 + step)
+    inp = torch.randint(0, 12, (9,), generator=g)
+    return inp, torch.tensor([0, 2, 5]), torch.rand(9, generator=g), torch.randn(3, 4, generator=g)
+
+
+def sparse_grad_of(context_id: int, key: str) -> tuple[torch.layout, torch.Tensor]:
+    """On PS1: the layout and (dense) value of its table's gradient in the context."""
+    grad = dist_autograd.get_gradients(context_id)[_PARAMS[key][0]]
+    return grad.layout, grad.to_dense()
+
+
+SPARSE_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], dict[str, Any]]] = {
+    "sgd": (torch.optim.SGD, {"lr": 0.5}),
+    "sgd_momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    "sparse_adam": (torch.optim.SparseAdam, {"lr": 0.05}),
+    "adagrad": (torch.optim.Adagrad, {"lr": 0.1}),
+}
+
+
+async def sparse_trainer(
+    rank: int, world_size: int, key: str, name: str, steps: int, fused: bool
+) -> dict[str, Any]:
+    """Lookups in a table on PS1 whose gradients are sparse, the loss here."""
+    optimizer_class, kwargs = SPARSE_OPTIMIZERS[name]
+    (table,), _ = await all_param_rrefs(key)
+    opt = DistributedOptimizer(optimizer_class, [table], **kwargs)
+    grads = []
+    for step in range(steps):
+        inp, offsets, psw, target = bag_batch(step)
+        async with dist_autograd.context() as cid:
+            out = await rpc.rpc_async(PS1, remote_bag, (table, inp, offsets, psw))
+            loss = ((out - target) ** 2).sum()
+            if fused:
+                await dist_autograd.backward(cid, [loss], optimizer=opt)
+            else:
+                await dist_autograd.backward(cid, [loss])
+                grads.append(await rpc.rpc_async(PS1, sparse_grad_of, (cid, key)))
+                await opt.step(cid)
+    return {"table": (await table.to_here()).detach(), "grads": grads}
+
+
+# (torch's Adagrad builds sparse tensors without saying whether to check them)
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks are implicitly disabled")
+@pytest.mark.parametrize(
+    ("name", "fused"),
+    [(name, False) for name in SPARSE_OPTIMIZERS] + [("sgd", True), ("sparse_adam", True)],
+)
+def test_sparse_gradients_of_a_remote_embedding_step_like_local(
+    group: WorkerGroup, name: str, fused: bool
+) -> None:
+    """``nn.EmbeddingBag(sparse=True)``'s pattern on a parameter server: the
+    table's gradients travel and accumulate as sparse COO tensors, and the
+    owner's optimizer (sparse-only ``SparseAdam`` included) steps it as a
+    local run does."""
+    key, steps = f"sparse-{name}-{fused}", 4
+    table0 = torch.randn(12, 4, generator=torch.Generator().manual_seed(7))
+    result = call_with_params(group, key, [table0], [], sparse_trainer, key, name, steps, fused)
+
+    optimizer_class, kwargs = SPARSE_OPTIMIZERS[name]
+    local = table0.clone().requires_grad_()
+    opt = optimizer_class([local], **kwargs)
+    local_grads = []
+    for step in range(steps):
+        inp, offsets, psw, target = bag_batch(step)
+        opt.zero_grad()
+        ((bag(local, inp, offsets, psw) - target) ** 2).sum().backward()
+        assert local.grad is not None
+        local_grads.append(local.grad.to_dense())
+        opt.step()
+    for (layout, grad), want in zip(result["grads"], [] if fused else local_grads, strict=True):
+        assert layout == torch.sparse_coo
+        torch.testing.assert_close(grad, want)
+    torch.testing.assert_close(result["table"], local.detach())
+    assert not torch.equal(result["table"], table0)
+
+
 # --------------------------------------------------------------------- parameters without gradients
 
 
