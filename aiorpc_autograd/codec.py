@@ -36,6 +36,7 @@ Structural errors raise :class:`ProtocolError`.
 from __future__ import annotations
 
 import gc
+import importlib
 import io
 import pickle
 import threading
@@ -191,6 +192,9 @@ class _Pickler(pickle.Pickler):
         hook = _persistent_hooks.get(type(obj))
         if hook is not None:
             return _persistent_ref, (hook(obj),)
+        if isinstance(obj, torch.jit.ScriptFunction):
+            # Not picklable; by name, as torch's RPC sends a script call.
+            return _script_function, (obj.qualified_name,)
         return NotImplemented
 
 
@@ -219,6 +223,22 @@ def _parameter_ref(index: int) -> torch.Tensor:
     if type(t) is not torch.nn.Parameter:
         t.__class__ = torch.nn.Parameter
     return t
+
+
+def _script_function(qualified_name: str) -> Any:
+    """This process's TorchScript function ``__torch__.<module>.<name>``: its
+    module is imported (which compiles it, as unpickling a plain function
+    imports its module), then it is found by name, as torch's RPC finds a
+    script call's function."""
+    module, _, name = qualified_name.removeprefix("__torch__.").rpartition(".")
+    if module:
+        fn = getattr(importlib.import_module(module), name, None)
+        if isinstance(fn, torch.jit.ScriptFunction) and fn.qualified_name == qualified_name:
+            return fn  # the module's own object
+    found = torch.jit._state._python_cu.find_function(qualified_name)
+    if found is None:
+        raise pickle.UnpicklingError(f"no TorchScript function {qualified_name} here")
+    return found
 
 
 def _persistent_ref(pid: Any) -> Any:

@@ -182,3 +182,27 @@ def test_tensor_payload_is_its_table() -> None:
     assert payload.kind is PayloadKind.TENSORS and payload.data == b""
     got = load_payload(payload, allow_pickle=False)
     assert len(got) == 2 and got[0] is a and got[1] is None
+
+
+class _ScriptRef:
+    """Pickles as a reference to the TorchScript function ``name``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return codec._script_function, (self.name,)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "__torch__.json.no_such_function",  # the module has nothing of that name
+        "__torch__.json.dumps",  # a plain function, not TorchScript
+        "__torch__.no_such_function",  # nothing compiled under that name here
+    ],
+)
+def test_a_torchscript_function_not_found_here_fails_that_value(name: str) -> None:
+    payload = codec.dump_payload(_ScriptRef(name))
+    with pytest.raises(pickle.UnpicklingError, match="no TorchScript function"):
+        codec.load_payload(payload)

@@ -21,6 +21,7 @@ import threading
 import time
 import types
 import uuid
+import warnings
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -287,6 +288,59 @@ def test_builtin_torch_functions(service: WorkerGroup) -> None:
     assert torch.equal(got["matmul"], a @ b.t())
     assert got["ones"].dtype == torch.int64 and torch.equal(got["ones"], torch.ones(2, 2).long())
     assert torch.equal(got["sync_add"], a + 1)
+
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # (TorchScript is, in torch 2.13)
+
+    @torch.jit.script
+    def script_add(t1: torch.Tensor, t2: torch.Tensor) -> torch.Tensor:
+        return torch.add(t1, t2)
+
+    def _double(t: torch.Tensor) -> torch.Tensor:
+        return t * 2
+
+    # Under another name than its own: found by its qualified name.
+    script_add_renamed = torch.jit.script(_double)
+
+
+def apply(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+async def check_script_functions(rank: int, world_size: int) -> dict[str, Any]:
+    from aiorpc_autograd import dist_autograd
+
+    a, b = torch.arange(6.0).view(2, 3), torch.full((2, 3), 0.5)
+    out: dict[str, Any] = {
+        "call": await rpc.rpc_async("worker1", script_add, args=(a, b)),
+        "remote": await rpc.remote("worker2", script_add, args=(a, torch.ones(3))).to_here(),
+        "as_argument": await rpc.rpc_async("worker1", apply, args=(script_add, a, b)),
+        "returned": await rpc.rpc_async("worker2", echo, args=(script_add,)) is script_add,
+        "renamed": await rpc.rpc_async("worker1", script_add_renamed, args=(a,)),
+    }
+    t1, t2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+    async with dist_autograd.context() as cid:
+        y = await rpc.rpc_async("worker1", script_add, args=(t1, t2 * 3))
+        await dist_autograd.backward(cid, [(y * y).sum()])
+        grads = dist_autograd.get_gradients(cid)
+        out["grads"] = (grads[t1], grads[t2], y.detach())
+    return out
+
+
+def test_torchscript_functions_are_called_by_name(service: WorkerGroup) -> None:
+    """A ``@torch.jit.script`` function (which pickle refuses) travels by its
+    qualified name, as torch's RPC sends a script call; the callee has it
+    from the same module."""
+    got = service.call(0, check_script_functions)
+    a, b = torch.arange(6.0).view(2, 3), torch.full((2, 3), 0.5)
+    assert torch.equal(got["call"], a + b) and torch.equal(got["as_argument"], a + b)
+    assert torch.equal(got["remote"], a + 1)
+    assert got["returned"] is True
+    assert torch.equal(got["renamed"], a * 2)
+    g1, g2, y = got["grads"]
+    assert torch.equal(y, a + 3 * b)
+    assert torch.equal(g1, 2 * y) and torch.equal(g2, 6 * y)
 
 
 async def check_python_functions(rank: int, world_size: int) -> dict[str, Any]:
