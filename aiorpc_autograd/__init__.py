@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import dist_autograd
 from .api import (
     get_debug_info,
+    get_rpc_timeout,
     get_worker_info,
     get_worker_infos,
     init_rpc,
@@ -53,6 +54,7 @@ __all__ = [
     "WorkerLeftError",
     "dist_autograd",
     "get_debug_info",
+    "get_rpc_timeout",
     "get_worker_info",
     "get_worker_infos",
     "init_rpc",

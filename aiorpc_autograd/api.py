@@ -24,6 +24,7 @@ from .transport import new_event_loop
 __all__ = [
     "current_agent",
     "get_debug_info",
+    "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",
     "register",
@@ -165,6 +166,12 @@ def get_worker_info(name: str | None = None) -> WorkerInfo:
         ValueError: no worker of that name.
     """
     return current_agent().worker_info(name)
+
+
+def get_rpc_timeout() -> float:
+    """The default timeout of this worker's calls, in seconds (its options'
+    ``rpc_timeout``; 0: none), as torch's ``rpc.get_rpc_timeout``."""
+    return float(current_agent().options.rpc_timeout)
 
 
 def get_worker_infos() -> list[WorkerInfo]:

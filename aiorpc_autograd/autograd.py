@@ -291,7 +291,7 @@ class DistAutogradContext:
     exchanged messages with, and the gradients accumulated for local leaves."""
 
     def __init__(self, context_id: int) -> None:
-        self._context_id = context_id
+        self._id = context_id
         self._sends: dict[int, SendFunction] = {}
         self._recvs: dict[int, RecvFunction] = {}
         self._grads: dict[torch.Tensor, torch.Tensor] = {}
@@ -308,7 +308,7 @@ class DistAutogradContext:
 
     def context_id(self) -> int:
         """This context's id."""
-        return self._context_id
+        return self._id
 
     def send_functions(self) -> dict[int, SendFunction]:
         """Autograd message id -> send function recorded on this worker."""
@@ -324,6 +324,19 @@ class DistAutogradContext:
         """The workers this context exchanged messages with."""
         with self._lock:
             return set(self._known)
+
+    # torch's names for the four above (its tests and some programs use them).
+    def _context_id(self) -> int:
+        return self.context_id()
+
+    def _send_functions(self) -> dict[int, SendFunction]:
+        return self.send_functions()
+
+    def _recv_functions(self) -> dict[int, RecvFunction]:
+        return self.recv_functions()
+
+    def _known_worker_ids(self) -> set[int]:
+        return self.known_worker_ids()
 
     def add_known_worker(self, worker_id: int) -> None:
         with self._lock:
@@ -426,7 +439,7 @@ class DistAutogradContext:
 
     def __repr__(self) -> str:
         return (
-            f"DistAutogradContext(id={self._context_id}, sends={len(self._sends)}, "
+            f"DistAutogradContext(id={self._id}, sends={len(self._sends)}, "
             f"recvs={len(self._recvs)}, known={sorted(self._known)})"
         )
 
@@ -486,7 +499,7 @@ class ContextContainer:
         """
         ctx = self.get(context_id)
         if ctx is None:
-            raise RuntimeError(f"could not find autograd context with id {context_id}")
+            raise RuntimeError(f"Could not find autograd context with id: {context_id}")
         return ctx
 
     def release(self, context_id: int) -> DistAutogradContext | None:

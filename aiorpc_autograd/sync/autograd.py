@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import dist_autograd as _dist_autograd
+from ..autograd import current_context_id
 from ..dist_autograd import DistAutogradContext, context, get_gradients
 from ._bridge import wait_for
 
@@ -58,6 +59,36 @@ def retrieve_context(context_id: int) -> DistAutogradContext:
         RuntimeError: unknown context id.
     """
     return _dist_autograd.retrieve_context(context_id)
+
+
+# torch's private names, which its tests and some programs use.
+_retrieve_context = retrieve_context
+
+
+def _current_context() -> DistAutogradContext:
+    """The context of this thread (task): torch's ``_current_context``.
+
+    Raises:
+        RuntimeError: no context is active here.
+    """
+    context_id = current_context_id.get()
+    if context_id is None:
+        raise RuntimeError(
+            "Current thread doesn't have a valid autograd context. Please wrap your code "
+            "using: `with torch.distributed.autograd.context() as context_id` to generate "
+            "a valid context"
+        )
+    return retrieve_context(context_id)
+
+
+def _is_valid_context(context_id: int) -> None:
+    """Returns if ``context_id`` is a context here, as torch's
+    ``_is_valid_context``.
+
+    Raises:
+        RuntimeError: it is not.
+    """
+    retrieve_context(context_id)
 
 
 def is_available() -> bool:

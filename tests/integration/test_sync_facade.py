@@ -653,3 +653,40 @@ async def check_to_thread_gradients(rank: int, world_size: int) -> dict[str, Any
 def test_to_thread_records_gradients_in_the_callers_context(service: WorkerGroup) -> None:
     got = service.call(0, check_to_thread_gradients)
     assert got["grad"] == pytest.approx(got["expected"], abs=1e-6)
+
+
+async def check_torch_introspection_names(rank: int, world_size: int) -> dict[str, Any]:
+    """torch's ``_test_graph`` checks, through torch's private names the facade
+    also has."""
+
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {"timeout": sync_rpc.get_rpc_timeout()}
+        t1, t2 = torch.ones(3, 3, requires_grad=True), torch.zeros(3, 3, requires_grad=True)
+        with sync_autograd.context() as cid:
+            ret = sync_rpc.rpc_sync("worker1", torch.add, args=(t1, t2))
+            ctx = sync_autograd._current_context()
+            sync_autograd._is_valid_context(cid)
+            (send,) = ctx._send_functions().values()
+            (recv,) = ctx._recv_functions().values()
+            out["ids"] = (ctx._context_id() == cid, sync_autograd._retrieve_context(cid) is ctx)
+            out["known"] = ctx._known_worker_ids()
+            # (not torch's autograd nodes: records of the message's tensors)
+            out["graph"] = (send.tensors == [t1, t2], recv.tensors == [ret])
+        for probe in (sync_autograd._current_context, lambda: sync_autograd._is_valid_context(cid)):
+            try:
+                probe()
+            except RuntimeError as exc:
+                out.setdefault("after", []).append(str(exc))
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_torch_introspection_names(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(0, check_torch_introspection_names)
+    assert got["timeout"] == 60.0
+    assert got["ids"] == (True, True) and got["known"] == {1}
+    assert got["graph"] == (True, True)
+    no_context, released = got["after"]
+    assert "doesn't have a valid autograd context" in no_context
+    assert released.startswith("Could not find autograd context with id: ")

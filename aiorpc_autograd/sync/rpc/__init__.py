@@ -10,6 +10,7 @@ run on that loop. See the README, "Porting from torch.distributed.rpc".
 
 from __future__ import annotations
 
+from ...api import get_rpc_timeout
 from ...errors import (
     AuthenticationError,
     ConnectionLostError,
@@ -43,6 +44,7 @@ __all__ = [
     "TensorPipeRpcBackendOptions",
     "WorkerInfo",
     "functions",
+    "get_rpc_timeout",
     "get_worker_info",
     "init_rpc",
     "is_available",
