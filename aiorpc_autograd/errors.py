@@ -46,8 +46,13 @@ __all__ = [
 ]
 
 
-class RpcError(Exception):
-    """Base class of every error raised by aiorpc_autograd."""
+class RpcError(RuntimeError):
+    """Base class of every error raised by aiorpc_autograd.
+
+    Also a ``RuntimeError``, the type torch's RPC raises for its failures
+    (timeouts, lost peers, shutdown), so ported ``except RuntimeError``
+    clauses still catch them.
+    """
 
 
 class RpcTimeoutError(RpcError, TimeoutError):

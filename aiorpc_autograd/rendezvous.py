@@ -191,6 +191,8 @@ class Rendezvous:
         with ThreadPoolExecutor(1) as pool:
             try:
                 store, r, w = await loop.run_in_executor(pool, connect)
+            except RpcError:
+                raise
             except (RuntimeError, TimeoutError) as exc:
                 if "timeout" in str(exc).lower() or isinstance(exc, TimeoutError):
                     raise RpcTimeoutError(f"rendezvous at {init_method} timed out: {exc}") from exc
