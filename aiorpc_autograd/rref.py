@@ -364,7 +364,11 @@ class RRef(Generic[T]):
         await service.creation_first(self, request)
 
     def __reduce__(self) -> Any:
-        raise TypeError("an RRef can only be sent in RPC arguments and results")
+        # torch's error type and words: an RRef pickled outside RPC.
+        raise RuntimeError(
+            "Can not pickle rref in python pickler, rref can only be pickled when using RPC "
+            "(an RRef can only be sent in RPC arguments and results)"
+        )
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import pickle
 import threading
 import time
 import weakref
@@ -201,6 +202,8 @@ async def check_owner_side(rank: int, world_size: int) -> dict[str, Any]:
     r3 = r.remote().aget()
     out["remote_proxy_async"] = await r3.to_here()
     out["box_v"] = box.v
+    # Pickled outside RPC: torch's RuntimeError.
+    out["pickled"] = call_outcome(pickle.dumps, r)
 
     # remote() to this very worker: by name (plain function) and by rank (async).
     r4 = rpc.remote(me.name, Box, (40, "self-remote"))
@@ -237,6 +240,7 @@ def test_owner_side_api(group: WorkerGroup) -> None:
     assert got["remote_proxy"] == (True, "worker0", 12)
     assert got["remote_proxy_async"] == (12, "worker0", True)
     assert got["box_v"] == 12
+    assert isinstance(got["pickled"], RuntimeError) and "Can not pickle rref" in str(got["pickled"])
     assert got["self_remote"] == (True, "worker0", True, True, True, 42)
     assert got["self_remote_async"] == (True, True, 50)
     assert_settled(group)
