@@ -92,39 +92,41 @@ def me() -> str:
     return where if where is not None else rpc.get_worker_info().name
 
 
+def _leaf(key: str, make: Callable[[torch.Generator], torch.Tensor]) -> torch.Tensor:
+    """The leaf ``key`` of this run (the oracle's or the real one), made once
+    by ``make`` from a generator seeded by the key."""
+    table = _ORACLE.get()
+    if table is None:
+        table = _PARAMS
+    leaf = table.get(key)
+    if leaf is None:
+        made = make(torch.Generator().manual_seed(zlib.crc32(key.encode())))
+        leaf = table.setdefault(key, made.requires_grad_())
+    return leaf
+
+
 def param(
     name: str, shape: Sequence[int] = (3,), dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """This worker's leaf ``name`` (created once per process, same values
     everywhere for the same key); its key starts with the owner's name."""
     key = f"{me()}:{name}:{'x'.join(map(str, shape))}:{str(dtype).removeprefix('torch.')}"
-    table = _ORACLE.get()
-    if table is None:
-        table = _PARAMS
-    leaf = table.get(key)
-    if leaf is None:
-        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        values = torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.7
-        leaf = table.setdefault(key, values.to(dtype).requires_grad_())
-    return leaf
+    return _leaf(
+        key, lambda g: (torch.randn(*shape, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    )
 
 
 def sparse_param(name: str) -> torch.Tensor:
     """This worker's sparse COO leaf ``name``: 3x3 with three entries,
     uncoalesced as built (as PyTorch's RPC tests build theirs); otherwise as
     :func:`param`."""
-    key = f"{me()}:{name}:sparse"
-    table = _ORACLE.get()
-    if table is None:
-        table = _PARAMS
-    leaf = table.get(key)
-    if leaf is None:
-        gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
-        values = torch.randn(3, generator=gen) * 0.7
-        indices = [[0, 1, 1], [2, 0, 2]]
-        t = torch.sparse_coo_tensor(indices, values, (3, 3), check_invariants=True)
-        leaf = table.setdefault(key, t.requires_grad_())
-    return leaf
+    indices = [[0, 1, 1], [2, 0, 2]]
+    return _leaf(
+        f"{me()}:{name}:sparse",
+        lambda g: torch.sparse_coo_tensor(
+            indices, torch.randn(3, generator=g) * 0.7, (3, 3), check_invariants=True
+        ),
+    )
 
 
 async def call(to: str, fn: Callable[..., Any], *args: Any) -> Any:
