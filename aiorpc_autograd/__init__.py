@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from . import dist_autograd
 from .api import (
+    _set_rpc_timeout as _set_rpc_timeout,  # torch's private name (ported tests use it)
+)
+from .api import (
     get_debug_info,
     get_rpc_timeout,
     get_worker_info,
@@ -26,6 +29,7 @@ from .api import (
 from .errors import (
     AuthenticationError,
     ConnectionLostError,
+    InvalidArgumentError,
     ProtocolError,
     RemoteError,
     ResourceLimitError,
@@ -42,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationError",
     "ConnectionLostError",
+    "InvalidArgumentError",
     "MembershipEvent",
     "ProtocolError",
     "RemoteError",

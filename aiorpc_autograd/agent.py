@@ -71,7 +71,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -93,6 +93,7 @@ from .devices import DeviceMap, DeviceMaps, cuda_device_count, normalize_map, va
 from .errors import (
     AuthenticationError,
     ConnectionLostError,
+    InvalidArgumentError,
     ProtocolError,
     RemoteError,
     RpcError,
@@ -102,7 +103,7 @@ from .errors import (
 )
 from .handshake import confirm_mac, record_mac, run_id, run_key
 from .membership import Membership
-from .options import RpcOptions, WorkerInfo
+from .options import RpcOptions, WorkerInfo, check_worker_name
 from .pool import StopError, WorkerPool, raisable
 from .rendezvous import Address, Rendezvous
 from .transport import BusyPoll, Connection, PreAuthGate, connect, serve_tcp, serve_unix
@@ -490,11 +491,11 @@ class RpcAgent:
         ``services`` install their handlers on the agent before it listens.
 
         Raises:
-            ValueError: bad arguments, or a worker name used twice in the group.
+            ValueError: bad arguments (an ``InvalidArgumentError`` for a name
+                that breaks torch's rule), or a worker name used twice in the group.
             RpcTimeoutError: the group did not assemble in time.
         """
-        if not name or not isinstance(name, str):
-            raise ValueError("a worker name must be a non-empty string")
+        check_worker_name(name)
         for peer, mapping in options.device_maps.items():
             normalize_map(mapping, peer)  # a malformed map fails before the rendezvous
         rdv = await Rendezvous.join(init_method, rank, world_size, options.rendezvous_timeout)
@@ -1017,11 +1018,22 @@ class RpcAgent:
 
     # ------------------------------------------------------------------ workers
 
+    def set_rpc_timeout(self, seconds: float) -> None:
+        """Make ``seconds`` the default timeout of the calls started from now
+        on (torch's ``rpc._set_rpc_timeout``): ``options`` becomes a copy with
+        that ``rpc_timeout``, validated as any options are.
+
+        Raises:
+            TypeError, ValueError: not a number of seconds >= 0.
+        """
+        self.options = replace(self.options, rpc_timeout=seconds)
+
     def worker_info(self, to: str | int | WorkerInfo | None = None) -> WorkerInfo:
         """Resolve a worker name, rank or WorkerInfo (None: this worker).
 
         Raises:
-            ValueError: no such worker in the group.
+            InvalidArgumentError: no such worker in the group (a ValueError,
+                and a RuntimeError as torch's "could not find destination").
         """
         if to is None:
             return self.info
@@ -1029,19 +1041,21 @@ class RpcAgent:
             peer = self._peers.get(to.id)
             if peer is None or peer.info != to:
                 self._left(to.name)
-                raise ValueError(f"unknown worker {to!r}")
+                raise InvalidArgumentError(f"unknown worker {to!r}: could not find destination")
             return to
         if isinstance(to, str):
             info = self._by_name.get(to)
             if info is None:
                 self._left(to)
-                raise ValueError(f"unknown worker name {to!r}")
+                raise InvalidArgumentError(
+                    f"unknown worker name {to!r}: could not find destination"
+                )
             return info
         if isinstance(to, int) and not isinstance(to, bool):
             peer = self._peers.get(to)
             if peer is None:
                 self._left(to)
-                raise ValueError(f"unknown worker rank {to}")
+                raise InvalidArgumentError(f"unknown worker rank {to}: could not find destination")
             return peer.info
         raise TypeError(f"a worker is a name, a rank or a WorkerInfo, not {type(to).__name__}")
 

@@ -52,7 +52,7 @@ def current_agent() -> RpcAgent:
     """
     agent = _agent
     if agent is None or not agent.running:
-        raise RpcError("RPC is not initialised: call `await init_rpc(...)` first")
+        raise RpcError("RPC has not been initialized. Call `await rpc.init_rpc(...)` first")
     return agent
 
 
@@ -172,6 +172,17 @@ def get_rpc_timeout() -> float:
     """The default timeout of this worker's calls, in seconds (its options'
     ``rpc_timeout``; 0: none), as torch's ``rpc.get_rpc_timeout``."""
     return float(current_agent().options.rpc_timeout)
+
+
+def _set_rpc_timeout(seconds: float) -> None:
+    """Set this worker's default call timeout, in seconds (0: none), for the
+    calls started from now on: torch's private ``rpc._set_rpc_timeout``, which
+    ported tests and programs use.
+
+    Raises:
+        TypeError, ValueError: not a number of seconds >= 0.
+    """
+    current_agent().set_rpc_timeout(seconds)
 
 
 def get_worker_infos() -> list[WorkerInfo]:

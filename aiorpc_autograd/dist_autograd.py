@@ -17,6 +17,7 @@ import torch
 from .api import current_agent
 from .autograd import DistAutogradContext, current_context_id
 from .autograd_service import AutogradService
+from .errors import InvalidArgumentError
 
 __all__ = [
     "DistAutogradContext",
@@ -42,6 +43,11 @@ class context:
     once and release messages go to every worker it exchanged messages with
     (they drop theirs when those arrive), also when the body raised.
 
+    Contexts do not nest (as in torch): entering one while this task's or
+    thread's current context (that of an enclosing ``context()``, or of the
+    request a remote function serves) is alive raises ``RuntimeError``
+    ("Already have an autograd context id for this thread").
+
     A forgotten ``await`` is loud: if a :func:`backward` or
     ``DistributedOptimizer.step`` called in this context was never awaited
     (nor started as a task), the exit raises ``RuntimeError`` naming it (a
@@ -56,7 +62,14 @@ class context:
         # From a thread other than the loop's (plain ``with`` in a pool thread or
         # the sync facade), the service is touched on its loop.
         agent = current_agent()
-        self._ctx = agent.on_loop(_service().new_context)
+        service = _service()
+        outer = current_context_id.get()
+        if outer is not None and service.container.get(outer) is not None:
+            raise RuntimeError(
+                f"Already have an autograd context id for this thread ({outer}): "
+                "distributed autograd contexts do not nest, as in torch"
+            )
+        self._ctx = agent.on_loop(service.new_context)
         self._token = current_context_id.set(self._ctx.context_id())
         return self._ctx.context_id()
 
@@ -100,20 +113,32 @@ class context:
 
 
 def _validate_roots(roots: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """The roots as a list, checked in torch's order.
+
+    Raises:
+        TypeError: a root is not a tensor (or ``roots`` is not a sequence).
+        InvalidArgumentError: no roots, or a root that does not require
+            grad, is not a scalar or is a leaf (torch's messages).
+    """
     if isinstance(roots, torch.Tensor):
         roots = [roots]
     roots = list(roots)
     if not roots:
-        raise ValueError("backward needs at least one root tensor")
+        raise InvalidArgumentError("No tensors provided for gradient computation.")
     for i, root in enumerate(roots):
         if not isinstance(root, torch.Tensor):
-            raise ValueError(f"root {i} is a {type(root).__name__}, not a tensor")
-        if root.numel() != 1:
-            raise ValueError(f"root {i} has shape {tuple(root.shape)}: roots must be scalars")
+            raise TypeError(f"root {i} is a {type(root).__name__}, not a tensor")
         if not root.requires_grad:
-            raise ValueError(f"root {i} does not require grad")
+            raise InvalidArgumentError(f"requires_grad not set on root {i}")
+        if root.numel() != 1:
+            raise InvalidArgumentError(
+                f"root {i} of shape {tuple(root.shape)} is not a scalar, "
+                "all roots need to be scalar"
+            )
         if root.grad_fn is None:
-            raise ValueError(f"root {i} has no grad_fn: it is a leaf, nothing to differentiate")
+            raise InvalidArgumentError(
+                f"root {i} (a leaf) does not have a valid gradient function."
+            )
     return roots
 
 

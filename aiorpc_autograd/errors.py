@@ -36,6 +36,7 @@ from typing import cast
 __all__ = [
     "AuthenticationError",
     "ConnectionLostError",
+    "InvalidArgumentError",
     "ProtocolError",
     "RemoteError",
     "ResourceLimitError",
@@ -52,6 +53,17 @@ class RpcError(RuntimeError):
     Also a ``RuntimeError``, the type torch's RPC raises for its failures
     (timeouts, lost peers, shutdown), so ported ``except RuntimeError``
     clauses still catch them.
+    """
+
+
+class InvalidArgumentError(RpcError, ValueError):
+    """An argument this library cannot act on: an unknown worker, a worker
+    name that breaks torch's rule, roots ``backward`` cannot start from.
+
+    A ``ValueError`` (what API.md names for these) and, being an
+    :class:`RpcError`, a ``RuntimeError``: what torch's RPC raises for them,
+    with torch's words in the message ("could not find destination", "Worker
+    name must match", "is not a scalar"...), so ported checks hold.
     """
 
 

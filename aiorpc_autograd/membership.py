@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgpack
 
 from .errors import RpcError, WorkerLeftError
-from .options import WorkerInfo
+from .options import WorkerInfo, check_worker_name
 from .rendezvous import Address, Rendezvous
 
 if TYPE_CHECKING:
@@ -101,10 +101,19 @@ def _unpack(blob: bytes) -> list[Member]:
         and type(r[0]) is int
         and type(r[1]) is str
         and type(r[2]) is str
+        and _valid_name(r[1])
         for r in rows
     ):
         raise RpcError("malformed member list in the rendezvous store")
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_worker_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _key(kind: str, member: Member) -> str:

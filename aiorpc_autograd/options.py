@@ -3,23 +3,72 @@
 from __future__ import annotations
 
 import os
+import re
 import ssl as _ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-__all__ = ["DEFAULT_RPC_TIMEOUT", "RpcOptions", "WorkerInfo"]
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "DEFAULT_RPC_TIMEOUT",
+    "RpcOptions",
+    "WorkerInfo",
+    "check_worker_name",
+]
 
 DEFAULT_RPC_TIMEOUT = 60.0
 
+# The types a scalar option's annotation admits (an int is a fine float; a
+# bool is not a number here, though Python makes it an int).
+_ADMITS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "None": (type(None),),
+}
 
-class WorkerInfo(NamedTuple):
-    """A worker of the group: its unique name and its id (equal to its rank).
 
-    Frozen and hashable.
+# torch's rule for worker names (its WorkerInfo's): ASCII letters, digits,
+# '-', '_' and ':', 1 to 127 of them.
+_WORKER_NAME = re.compile(r"[A-Za-z0-9_:-]{1,127}")
+
+
+def check_worker_name(name: object) -> str:
+    """``name`` if it is a valid worker name.
+
+    Raises:
+        InvalidArgumentError: not a string of 1 to 127 ASCII letters, digits,
+            ``-``, ``_`` or ``:`` (torch's rule).
     """
+    if not (isinstance(name, str) and _WORKER_NAME.fullmatch(name)):
+        raise InvalidArgumentError(
+            "Worker name must match ^[A-Za-z0-9-_:]*$, and must be non-empty and "
+            f"shorter than 128 chars, but got {name!r}"
+        )
+    return name
 
+
+class _WorkerInfo(NamedTuple):
     name: str
     id: int
+
+
+class WorkerInfo(_WorkerInfo):
+    """A worker of the group: its unique name and its id (equal to its rank).
+
+    Frozen and hashable. ``WorkerInfo(name, id)`` checks the name as torch's
+    does.
+
+    Raises:
+        InvalidArgumentError: (construction) see :func:`check_worker_name`.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, id: int) -> WorkerInfo:
+        return super().__new__(cls, check_worker_name(name), id)
 
 
 @dataclass(frozen=True)
@@ -159,6 +208,7 @@ class RpcOptions:
     malloc_mmap_threshold: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.rpc_timeout >= 0:  # also refuses NaN
             raise ValueError(f"rpc_timeout must be >= 0, got {self.rpc_timeout}")
         if self.num_worker_threads < 1:
@@ -205,3 +255,23 @@ class RpcOptions:
             raise TypeError("device_maps must be a dict {peer_name: {local_device: remote_device}}")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("auth_token must be a non-empty string or None")
+
+    def _check_types(self) -> None:
+        """Each scalar option has a value of its annotated type.
+
+        Raises:
+            TypeError: naming the option (``rpc_timeout=timedelta(...)``,
+                ``num_worker_threads=2.0``, ``max_tensors=True``...).
+        """
+        for f in fields(self):
+            kinds = str(f.type).split(" | ")
+            if not all(kind in _ADMITS for kind in kinds):
+                continue  # device maps, SSL contexts: checked where used
+            value = getattr(self, f.name)
+            admitted = tuple(t for kind in kinds for t in _ADMITS[kind])
+            if not isinstance(value, admitted) or (
+                isinstance(value, bool) and bool not in admitted
+            ):
+                raise TypeError(
+                    f"{f.name} must be {' or '.join(kinds)}, got {type(value).__name__} {value!r}"
+                )

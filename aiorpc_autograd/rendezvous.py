@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch.distributed import Store, TCPStore  # type: ignore[attr-defined]
 
 from .errors import RpcError, RpcTimeoutError
+from .options import check_worker_name
 
 __all__ = ["Address", "Rendezvous"]
 
@@ -111,6 +112,7 @@ class Address:
                 raise TypeError("field types")
             if type(cuda) is not int or type(maps) is not dict:
                 raise TypeError("field types")
+            check_worker_name(name)
         except (ValueError, TypeError, msgpack.ExtraData) as exc:
             raise ValueError(f"malformed address record in the rendezvous store: {exc}") from exc
         return cls(name, rank, host, port, unix_path, host_id, cuda, maps, nonce, mac)

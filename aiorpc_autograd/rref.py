@@ -77,6 +77,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import torch
+
 from . import codec
 from .agent import (
     RpcAgent,
@@ -115,6 +117,11 @@ Id = tuple[int, int]
 # covers the creation's handler being scheduled a little later than the
 # reference's (wrapped under autograd, say).
 _IN_ORDER_GRACE_S = 1.0
+
+_USER_LOCAL_BACKWARD = (
+    "User RRefs require 'dist_autograd_ctx_id' to be specified: local autograd "
+    "(-1) runs on the owner only"
+)
 _UNKNOWN = -1  # the worker holding a fork, or charged for an entry: not known / none
 
 
@@ -192,6 +199,19 @@ class RRef(Generic[T]):
             service.add_user(self)
         return self
 
+    def _check_usable(self, what: str) -> None:
+        """A user RRef outlives its agent as a dead handle, as in torch.
+
+        Raises:
+            RpcError: this worker's RPC is shut down and this is a user RRef
+                (torch's words: "Cannot call to_here() on it after deletion").
+        """
+        if not self._service.agent.running and not self.is_owner():
+            raise RpcError(
+                f"{self!r} has been deleted. Cannot call {what} on it after deletion "
+                "(this worker's RPC is shut down)"
+            )
+
     def __repr__(self) -> str:
         kind = "OwnerRRef" if self.is_owner() else "UserRRef"
         ids = f"rref_id={self._rref_id}, fork_id={self._fork_id}"
@@ -236,7 +256,8 @@ class RRef(Generic[T]):
         """
         if not self.is_owner():
             raise RuntimeError(
-                f"local_value() is for the owner ({self._owner.name!r}) only; use to_here()"
+                f"can't call localValue() on user {self._service.agent.info}. Call it on "
+                f"owner {self._owner}: local_value() is for the owner only; use to_here()"
             )
         service = self._service
         agent = service.agent
@@ -271,6 +292,7 @@ class RRef(Generic[T]):
             RpcTimeoutError: ``remote()`` timed out, or this wait did.
             ConnectionLostError: the creation was lost, or the owner is gone.
         """
+        self._check_usable("to_here()")
         service = self._service
         failure = service.failure(self)
         if failure is not None:
@@ -321,6 +343,7 @@ class RRef(Generic[T]):
                 deadlock): use ``await rref.to_here()`` there.
             RpcError: as :meth:`to_here`.
         """
+        self._check_usable("to_here()")
         agent = self._service.agent
         if agent.on_loop_thread():
             raise RuntimeError(
@@ -346,13 +369,22 @@ class RRef(Generic[T]):
 
         Args:
             context_id: the distributed autograd context; -1 runs local
-                autograd on the owner (gradients in ``.grad``).
+                autograd on the owner (gradients in ``.grad``): on the owner
+                only, as in torch.
             retain_graph: keep the graph.
+
+        Raises:
+            RuntimeError: -1 on a user RRef ("User RRefs require
+                'dist_autograd_ctx_id' to be specified"); the value is not a
+                tensor ("RRef should contain a tensor for .backward()", from
+                the owner: a ``RemoteError`` on a user).
         """
         service = self._service
         failure = service.failure(self)
         if failure is not None:
             raise fresh_error(failure)
+        if context_id == -1 and not self.is_owner():
+            raise RuntimeError(_USER_LOCAL_BACKWARD)
         if self.is_owner():
             await service.owner_backward(self._rref_id, context_id, retain_graph)
             return
@@ -510,7 +542,7 @@ class RRefService:
         """
         service = cls._current
         if service is None or not service.agent.running:
-            raise RpcError("RPC is not initialised: call `await init_rpc(...)` first")
+            raise RpcError("RPC has not been initialized. Call `await rpc.init_rpc(...)` first")
         return service
 
     def new_id(self) -> Id:
@@ -1107,6 +1139,8 @@ class RRefService:
         await self._run_backward(await outcome(entry.value), context_id, retain_graph)
 
     async def _run_backward(self, value: Any, context_id: int, retain_graph: bool) -> None:
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError("RRef should contain a tensor for .backward()")
         if context_id == -1:
             await self.agent.run_in_executor(
                 functools.partial(value.backward, retain_graph=retain_graph)
@@ -1125,6 +1159,8 @@ class RRefService:
         context_id, retain_graph = message.context_id, message.retain_graph
 
         async def run(value: asyncio.Future[Any]) -> Message:
+            if context_id == -1:  # a user asking for local autograd here: torch's refusal
+                raise RuntimeError(_USER_LOCAL_BACKWARD)
             await self._run_backward(await outcome(value), context_id, retain_graph)
             return RRefBackwardResp()
 

@@ -2,7 +2,7 @@
 
 Layers, each importing only those above it::
 
-    1. errors, options (and small id types)   no project imports
+    1. errors (no project imports), options   options: errors only
     2. wire (sans-I/O framing),                layer 1; no asyncio, no sockets
        devices (device-map rules),
        handshake (sans-I/O authentication),
@@ -44,7 +44,7 @@ ANY = None  # no restriction besides the api rule
 # stands for the autograd module or package and everything in it).
 RULES: dict[str, frozenset[str] | None] = {
     "errors": frozenset(),
-    "options": frozenset(),
+    "options": frozenset({"errors"}),
     "wire": frozenset({"errors"}),
     "handshake": frozenset({"errors"}),
     "devices": frozenset(),

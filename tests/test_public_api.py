@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
+import datetime
 import importlib
 import inspect
 import pickle
@@ -135,6 +136,21 @@ def test_worker_info_is_a_frozen_hashable_pair() -> None:
     assert pickle.loads(pickle.dumps(info)) == info
 
 
+@pytest.mark.parametrize("name", ["abc*", " ", "", "a" * 128, "w.1", "w/1", "wörker", 7])
+def test_worker_info_refuses_names_torch_refuses(name: object) -> None:
+    # torch's test_invalid_names: RuntimeError "Worker name must match" /
+    # "must be non-empty" / "shorter than 128"; here also a ValueError.
+    with pytest.raises(RuntimeError, match="Worker name must match") as info:
+        WorkerInfo(name, 0)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+    assert "must be non-empty" in str(info.value) and "shorter than 128" in str(info.value)
+
+
+def test_worker_info_takes_torchs_names() -> None:
+    for name in ["a" * 127, "worker-1_x:y", "W0"]:
+        assert WorkerInfo(name, 1).name == name
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -146,6 +162,8 @@ def test_error_hierarchy() -> None:
         assert issubclass(cls, RuntimeError)
     assert issubclass(RpcTimeoutError, TimeoutError)
     assert issubclass(ConnectionLostError, ConnectionError)
+    # API.md's ValueError for a bad argument; torch's RuntimeError for it too.
+    assert issubclass(rpc.InvalidArgumentError, ValueError)
     assert not issubclass(ProtocolError, (TimeoutError, ConnectionError))
     with pytest.raises(TimeoutError):
         raise RpcTimeoutError("slow")
@@ -322,6 +340,33 @@ def test_options_reject_bad_values(kwargs: dict[str, object]) -> None:
         pytest.skip(f"RpcOptions has no {sorted(set(kwargs) - names)}")
     with pytest.raises(ValueError):
         RpcOptions(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rpc_timeout": datetime.timedelta(seconds=1)},  # torch's options refuse it too
+        {"rpc_timeout": "1"},
+        {"rpc_timeout": None},
+        {"num_worker_threads": 2.0},
+        {"num_worker_threads": True},
+        {"max_tensors": "8"},
+        {"heartbeat_timeout": True},
+        {"auth_token": 3},
+        {"listen_host": None},
+        {"allow_pickle": 1},
+    ],
+    ids=str,
+)
+def test_options_reject_values_of_the_wrong_type(kwargs: dict[str, object]) -> None:
+    (name,) = kwargs
+    with pytest.raises(TypeError, match=f"^{name} must be"):
+        RpcOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_options_take_an_int_for_a_float() -> None:
+    opts = RpcOptions(rpc_timeout=5, heartbeat_timeout=3, busy_poll=0)
+    assert (opts.rpc_timeout, opts.heartbeat_timeout, opts.busy_poll) == (5, 3, 0)
 
 
 def test_options_reject_a_non_ssl_context() -> None:

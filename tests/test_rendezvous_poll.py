@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import msgpack
 import pytest
 import torch.distributed as dist
 
-from aiorpc_autograd.errors import ConnectionLostError
+from aiorpc_autograd import membership
+from aiorpc_autograd.errors import ConnectionLostError, RpcError
 from aiorpc_autograd.rendezvous import Rendezvous
 
 pytestmark = pytest.mark.timeout(30)
@@ -62,3 +64,13 @@ def test_a_peer_lost_before_the_count_completes_still_ends_the_wait() -> None:
             rdv.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "w 1"])
+def test_a_member_list_naming_a_worker_torch_refuses_is_malformed(name: str) -> None:
+    # The dynamic group's member list comes from the store like the address
+    # records, and is checked like them.
+    good = msgpack.packb([[0, "worker0", "i0"], [1, "w-1:x_y", "i1"]])
+    assert [m[1] for m in membership._unpack(good)] == ["worker0", "w-1:x_y"]
+    with pytest.raises(RpcError, match="malformed member list"):
+        membership._unpack(msgpack.packb([[0, "worker0", "i0"], [1, name, "i1"]]))

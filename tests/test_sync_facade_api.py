@@ -9,6 +9,7 @@ each mirrored callable must accept what torch's accepts: the parameter names
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
 import threading
 import warnings
@@ -142,6 +143,30 @@ def test_tensorpipe_options_pass_our_options_and_refuse_unknown_ones() -> None:
         resolve_options(rpc.TensorPipeRpcBackendOptions(num_worker_threads=0))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"rpc_timeout": datetime.timedelta()},  # torch's test_..._throw_on_timedelta_timeout
+        {"rpc_timeout": "60"},
+        {"num_worker_threads": 2.0},
+        {"shm_threshold": "0"},
+    ],
+    ids=str,
+)
+def test_tensorpipe_options_refuse_wrong_types_on_construction(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match="incompatible constructor arguments"):
+        rpc.TensorPipeRpcBackendOptions(**kwargs)
+
+
+def test_torchs_constants_and_options_base_class() -> None:
+    opts = rpc.TensorPipeRpcBackendOptions()
+    assert isinstance(opts, rpc.RpcBackendOptions)
+    assert opts.rpc_timeout == rpc.constants.DEFAULT_RPC_TIMEOUT_SEC == 60.0
+    assert opts.num_worker_threads == rpc.constants.DEFAULT_NUM_WORKER_THREADS == 16
+    assert opts.init_method == rpc.constants.DEFAULT_INIT_METHOD == "env://"
+    assert rpc.constants.UNSET_RPC_TIMEOUT < 0 and rpc.constants.DEFAULT_SHUTDOWN_TIMEOUT == 0
+
+
 def test_tensorpipe_transports_and_channels_are_ignored() -> None:
     opts = rpc.TensorPipeRpcBackendOptions(_transports=["uv"], _channels=["basic"])
     assert resolve_options(opts)[0] == RpcOptions(auth_token=RpcOptions().auth_token)
@@ -168,7 +193,7 @@ def test_init_rpc_refuses_other_backends_before_starting_anything() -> None:
     with pytest.raises(ValueError, match="TENSORPIPE"):
         rpc.init_rpc("w", backend="PROCESS_GROUP", rank=0, world_size=1)
     assert threading.active_count() >= 1  # nothing left running: no agent
-    with pytest.raises(ours.RpcError, match="not initialised"):
+    with pytest.raises(ours.RpcError, match="RPC has not been initialized"):
         rpc.get_worker_info()
 
 

@@ -851,6 +851,9 @@ def test_unknown_worker_is_value_error(service: WorkerGroup) -> None:
     got = service.call(0, check_unknown_workers)
     for key in ("name", "rank", "negative_rank", "info", "info_wrong_id", "sync"):
         assert isinstance(got[key], ValueError), (key, got[key])
+        # torch's RuntimeError("... could not find destination") too
+        assert isinstance(got[key], RuntimeError), (key, got[key])
+        assert "could not find destination" in str(got[key]), (key, got[key])
     assert "nobody" in str(got["name"])
     assert got["pending_after"] == 0
 
@@ -889,6 +892,8 @@ def test_get_worker_info(service: WorkerGroup) -> None:
         assert got["is_workerinfo"]
         assert got["named"] == expected
         assert isinstance(got["unknown"], ValueError)
+        assert isinstance(got["unknown"], RuntimeError)
+        assert "could not find destination" in str(got["unknown"])
         assert got["frozen"] == ["name", "id"]
         assert got["hash_lookup"] == "found"
         assert got["through_rpc"] == got["me"]

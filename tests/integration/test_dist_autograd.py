@@ -836,6 +836,10 @@ async def check_invalid_calls(rank: int, world_size: int) -> dict[str, str]:
             await coro
         except Exception as exc:
             seen[case] = type(exc).__name__
+            if isinstance(exc, ValueError):
+                # torch raises RuntimeError with these words: both catch it.
+                assert isinstance(exc, RuntimeError), exc
+                seen[case + " says"] = str(exc)
         else:
             seen[case] = "no error"
 
@@ -854,6 +858,8 @@ async def check_invalid_calls(rank: int, world_size: int) -> dict[str, str]:
         await expect("non_scalar", dist_autograd.backward(cid, [y * 2]))
         await expect("no_grad", dist_autograd.backward(cid, [torch.tensor(1.0)]))
         await expect("no_grad_sum", dist_autograd.backward(cid, [y.detach().sum()]))
+        await expect("leaf", dist_autograd.backward(cid, [param("leaf", (1,))]))
+        await expect("not_a_tensor", dist_autograd.backward(cid, [1.0]))  # type: ignore[list-item]
         # A failed validation leaves the context usable.
         await expect("valid_after", dist_autograd.backward(cid, [y.sum()]))
     unknown = (0xFFFF << 48) | 12345
@@ -1080,11 +1086,20 @@ def test_released_contexts_are_freed_by_reference_counting(group: WorkerGroup, m
 
 def test_invalid_roots_and_unknown_contexts(group: WorkerGroup) -> None:
     seen = group.call(0, check_invalid_calls)
+    # torch's messages (dist_engine.cpp's validateRootsAndRetrieveEdges), in
+    # its order: requires_grad before the shape.
     assert seen == {
-        "empty": "ValueError",
-        "non_scalar": "ValueError",
-        "no_grad": "ValueError",
-        "no_grad_sum": "ValueError",
+        "empty": "InvalidArgumentError",
+        "empty says": "No tensors provided for gradient computation.",
+        "non_scalar": "InvalidArgumentError",
+        "non_scalar says": "root 0 of shape (3,) is not a scalar, all roots need to be scalar",
+        "no_grad": "InvalidArgumentError",
+        "no_grad says": "requires_grad not set on root 0",
+        "no_grad_sum": "InvalidArgumentError",
+        "no_grad_sum says": "requires_grad not set on root 0",
+        "leaf": "InvalidArgumentError",
+        "leaf says": "root 0 (a leaf) does not have a valid gradient function.",
+        "not_a_tensor": "TypeError",
         "valid_after": "no error",
         "backward_unknown": "RuntimeError",
         "get_gradients_unknown": "RuntimeError",

@@ -325,6 +325,35 @@ async def non_graceful_shutdown(rank: int, world_size: int, init_method: str) ->
     return out
 
 
+async def use_rrefs_after_shutdown(rank: int, world_size: int, init_method: str) -> dict[str, Any]:
+    """torch's test_use_rref_after_shutdown: a user RRef outlives the agent as
+    a dead handle; the owner's own RRef keeps its local value."""
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method)
+    await barrier()
+    out: dict[str, Any] = {}
+    if rank == 0:
+        user = rpc.remote("worker1", torch.add, args=(torch.ones(2), 1))
+        own = rpc.RRef(torch.zeros(2))
+        out["before"] = (await user.to_here()).tolist()
+    await rpc.shutdown(graceful=True)
+    if rank == 0:
+        out["after"] = str(await await_outcome(user.to_here()))
+        out["after_sync"] = call_outcome(user.to_here_sync)
+        out["owner_after"] = own.local_value().tolist()
+        out["call_after"] = str(await attempt("worker1", async_sleep, (0,)))
+    return out
+
+
+def test_use_rrefs_after_shutdown() -> None:
+    w0, _ = run_processes(use_rrefs_after_shutdown, 2, timeout=60)
+    assert w0["before"] == [2.0, 2.0]
+    assert "Cannot call to_here() on it after deletion" in w0["after"]
+    assert isinstance(w0["after_sync"], rpc.RpcError)
+    assert "Cannot call to_here() on it after deletion" in str(w0["after_sync"])
+    assert w0["owner_after"] == [0.0, 0.0]
+    assert w0["call_after"].startswith("RPC has not been initialized")
+
+
 def test_non_graceful_shutdown_fails_pending_futures() -> None:
     with WorkerGroup(non_graceful_shutdown, 2, mode="raw", timeout=60) as group:
         group.next_event(rank=0, timeout=45)

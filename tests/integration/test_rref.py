@@ -34,6 +34,7 @@ import torch
 
 import aiorpc_autograd as rpc
 from aiorpc_autograd import api, dist_autograd
+from aiorpc_autograd.codec import RRefBackwardReq
 from tests.integration.common import async_sleep, await_outcome, blocking_sleep, call_outcome
 from tests.integration.conftest import close_shared_group, shared_group
 from tests.integration.harness import WorkerGroup, barrier, run_processes
@@ -686,13 +687,27 @@ async def check_backward(rank: int, world_size: int) -> dict[str, Any]:
     await r.backward(context_id=-1)
     out["owner_local_accumulated"] = w.grad.clone()  # type: ignore[union-attr]
 
-    # User, local autograd on the owner.
+    # User, local autograd (-1): refused, as torch refuses it ("In the local
+    # case, the node calling this API has to be the owner of the RRef"), here
+    # and on the owner when a peer asks for it on the wire.
     r = rpc.remote("worker1", make_loss, ("bw-user-local",))
-    await r.backward(-1, retain_graph=True)
-    out["user_local"] = await rpc.rpc_async("worker1", leaf_grad, ("bw-user-local",))
-    await r.backward()
-    out["user_local_twice"] = await rpc.rpc_async("worker1", leaf_grad, ("bw-user-local",))
+    for attempt in (r.backward(-1, retain_graph=True), r.backward()):
+        with pytest.raises(RuntimeError) as info:
+            await attempt
+        out.setdefault("user_local", []).append(str(info.value))
+    agent = api.current_agent()
+    raw = RRefBackwardReq(list(r._rref_id), -1, False)
+    with pytest.raises(rpc.RemoteError) as remote_info:
+        await agent.request(agent.worker_info("worker1"), raw, decode=lambda m: None)
+    out["user_local_on_the_wire"] = str(remote_info.value)
+    out["user_local_dot_grad"] = await rpc.rpc_async("worker1", leaf_grad, ("bw-user-local",))
     await rpc.rpc_async("worker1", pop_leaf, ("bw-user-local",))
+    # A value that is not a tensor: torch's words, from the owner.
+    async with dist_autograd.context() as cid:
+        not_a_tensor = rpc.remote("worker1", str.upper, ("foo",))
+        with pytest.raises(RuntimeError) as info:
+            await not_a_tensor.backward(cid)
+        out["not_a_tensor"] = (type(info.value).__name__, str(info.value))
 
     # Owner, in a context: the backward crosses to worker1 and back.
     x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
@@ -720,9 +735,12 @@ def test_backward_from_rref_owner_and_user(group: WorkerGroup) -> None:
     got = group.call(0, check_backward)
     assert torch.equal(got["owner_local"], torch.tensor([2.0, 4.0, 6.0]))
     assert torch.equal(got["owner_local_accumulated"], torch.tensor([8.0, 10.0, 12.0]))
-    leaf = torch.tensor([1.0, -2.0, 3.0])
-    assert torch.equal(got["user_local"], 2 * leaf)
-    assert torch.equal(got["user_local_twice"], 4 * leaf)
+    assert len(got["user_local"]) == 2
+    for said in [*got["user_local"], got["user_local_on_the_wire"]]:
+        assert "User RRefs require 'dist_autograd_ctx_id' to be specified" in said
+    assert got["user_local_dot_grad"] is None
+    kind, said = got["not_a_tensor"]
+    assert kind == "RemoteRuntimeError" and "RRef should contain a tensor for .backward()" in said
     assert torch.equal(got["owner_ctx"], torch.tensor([4.0, 8.0, 12.0]))
     assert got["owner_ctx_dot_grad"] is None
     # Parity with local autograd on the same computation.

@@ -690,3 +690,125 @@ def test_torch_introspection_names(sync_service: WorkerGroup) -> None:
     no_context, released = got["after"]
     assert "doesn't have a valid autograd context" in no_context
     assert released.startswith("Could not find autograd context with id: ")
+
+
+class Held:
+    """A user class: an RRef's value whose type ``_get_type`` reports."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+@sync_rpc.functions.async_execution
+def async_returns_a_tensor() -> torch.Tensor:
+    """Wrong: an ``async_execution`` function must return a future."""
+    return torch.zeros(2)
+
+
+async def check_torch_private_names(rank: int, world_size: int) -> dict[str, Any]:
+    """torch's private names that its RPC tests (and programs) use."""
+
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        agent = sync_rpc._get_current_rpc_agent()
+        out["infos"] = [tuple(i) for i in agent.get_worker_infos()]
+        out["info"] = (tuple(agent.get_worker_info()), tuple(agent.get_worker_info("worker2")))
+        out["debug"] = sync_rpc._get_debug_info()["num_pending_requests"] == 0
+        # RRef._get_type: a user fetches it from the owner once, then keeps it.
+        user = sync_rpc.remote("worker1", Held, args=(3,))
+        fut = user._get_type(blocking=False)
+        out["user_type"] = (fut.wait() is Held, user._get_type() is Held)
+        out["cached"] = user._get_type(blocking=False).done()
+        owner = sync_rpc.RRef(Held(1))
+        out["owner_type"] = (owner._get_type() is Held, owner._get_type(blocking=False).wait())
+        out["tensor_type"] = sync_rpc.remote("worker2", torch.ones, args=(2,))._get_type()
+        # _set_rpc_timeout: the default of the calls started from now on.
+        sync_rpc._set_rpc_timeout(0.05)
+        try:
+            out["set_timeout"] = sync_rpc.get_rpc_timeout()
+            started = time.monotonic()
+            with pytest.raises(RuntimeError) as info:  # RpcTimeoutError is one
+                sync_rpc.rpc_sync("worker1", blocking_sleep, args=(1.0,))
+            out["timed_out"] = (type(info.value).__name__, time.monotonic() - started < 0.9)
+            out["explicit_wins"] = sync_rpc.rpc_sync(
+                "worker1", blocking_sleep, args=(0.2,), timeout=5
+            )
+        finally:
+            sync_rpc._set_rpc_timeout(sync_rpc.constants.DEFAULT_RPC_TIMEOUT_SEC)
+        out["restored"] = sync_rpc.get_rpc_timeout()
+        with pytest.raises(RuntimeError) as info:
+            sync_rpc.rpc_sync("worker1", async_returns_a_tensor)
+        out["wrong_return"] = str(info.value)
+        # Contexts do not nest (torch: "Already have an autograd context id").
+        with sync_autograd.context() as outer:
+            with pytest.raises(RuntimeError) as info, sync_autograd.context():
+                pass
+            out["nested"] = str(info.value)
+            out["outer_alive"] = sync_autograd._retrieve_context(outer)._context_id() == outer
+        with sync_autograd.context() as after:  # the outer one left: fine again
+            out["after"] = after != outer
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_torch_private_names(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(0, check_torch_private_names)
+    assert got["infos"] == [("worker0", 0), ("worker1", 1), ("worker2", 2)]
+    assert got["info"] == (("worker0", 0), ("worker2", 2)) and got["debug"]
+    assert got["user_type"] == (True, True) and got["cached"]
+    assert got["owner_type"] == (True, Held)
+    assert got["tensor_type"] is torch.Tensor
+    assert got["set_timeout"] == 0.05
+    assert got["timed_out"] == ("RpcTimeoutError", True)
+    assert got["explicit_wins"] == 0.2 and got["restored"] == 60.0
+    assert "must return a torch.futures.Future object" in got["wrong_return"]
+    assert "but got torch.Tensor" in got["wrong_return"]
+    assert got["nested"].startswith("Already have an autograd context id for this thread")
+    assert got["outer_alive"] and got["after"]
+
+
+async def nested_context_in_a_served_call() -> str:
+    """Runs on the callee inside the caller's context: a new one would nest."""
+    try:
+        async with dist_autograd.context():
+            pass
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+async def check_nested_contexts(rank: int, world_size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with dist_autograd.context() as outer:
+        with pytest.raises(RuntimeError, match="Already have an autograd context id"):
+            async with dist_autograd.context():
+                pass
+        out["served"] = await rpc.rpc_async("worker1", nested_context_in_a_served_call)
+
+        # A task started inside the context inherits it: nesting there is refused too.
+        async def child() -> str:
+            try:
+                with dist_autograd.context():
+                    return "no error"
+            except RuntimeError as exc:
+                return str(exc)
+
+        out["task"] = await asyncio.create_task(child())
+
+    # Outside any context, concurrent tasks each open their own.
+    async def own() -> int:
+        async with dist_autograd.context() as cid:
+            await asyncio.sleep(0.01)
+            return cid
+
+    ids = await asyncio.gather(*(own() for _ in range(4)))
+    out["concurrent"] = len(set(ids)) == 4 and outer not in ids
+    return out
+
+
+def test_contexts_do_not_nest(service: WorkerGroup) -> None:
+    got = service.call(0, check_nested_contexts)
+    assert got["served"].startswith("Already have an autograd context id")
+    assert got["task"].startswith("Already have an autograd context id")
+    assert got["concurrent"]

@@ -311,3 +311,12 @@ def test_run_id_changes_with_any_record_and_binds_confirmations() -> None:
 def test_malformed_records_raise_value_error(data: bytes) -> None:
     with pytest.raises(ValueError, match="malformed address record"):
         Address.unpack(data)
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "w 1", "w.1", "x" * 128, "wörker"])
+def test_records_with_a_name_torch_refuses_are_malformed(name: str) -> None:
+    # A worker name is a path part ("name/device") and a log field: only
+    # torch's names are taken from the store.
+    with pytest.raises(ValueError, match="malformed address record"):
+        Address.unpack(Address(name, 0, "h", 1, "", "").pack())
+    assert Address.unpack(Address("w-1_a:b", 0, "h", 1, "", "").pack()).name == "w-1_a:b"

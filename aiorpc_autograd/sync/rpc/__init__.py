@@ -21,9 +21,26 @@ from ...errors import (
 )
 from ...options import RpcOptions, WorkerInfo
 from .. import _bridge
-from . import functions
-from .api import RRef, get_worker_info, init_rpc, remote, rpc_async, rpc_sync, shutdown
-from .options import BackendType, TensorPipeRpcBackendOptions
+from . import constants, functions
+from .api import (
+    RRef,
+    get_worker_info,
+    init_rpc,
+    remote,
+    rpc_async,
+    rpc_sync,
+    shutdown,
+)
+from .api import (
+    _get_current_rpc_agent as _get_current_rpc_agent,
+)
+from .api import (
+    _get_debug_info as _get_debug_info,
+)
+from .api import (
+    _set_rpc_timeout as _set_rpc_timeout,
+)
+from .options import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions
 
 # torch.distributed.rpc names of the same things.
 Future = _bridge.Future
@@ -38,11 +55,13 @@ __all__ = [
     "RRef",
     "RemoteError",
     "RemoteException",
+    "RpcBackendOptions",
     "RpcError",
     "RpcOptions",
     "RpcTimeoutError",
     "TensorPipeRpcBackendOptions",
     "WorkerInfo",
+    "constants",
     "functions",
     "get_rpc_timeout",
     "get_worker_info",

@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
+import torch
+
 from ... import api, codec
 from ...options import WorkerInfo
 from ...rref import RRef as _AsyncRRef
@@ -117,6 +119,49 @@ def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
     return api.get_worker_info(worker_name)
 
 
+def _set_rpc_timeout(rpcTimeoutSeconds: float) -> None:  # torch's argument name
+    """Set the default timeout of the calls started from now on, in seconds
+    (torch's private ``rpc._set_rpc_timeout``; 0: none)."""
+    api._set_rpc_timeout(rpcTimeoutSeconds)
+
+
+def _get_debug_info() -> dict[str, int]:
+    """This worker's counters (torch's private ``rpc._get_debug_info``; ours
+    are :func:`aiorpc_autograd.get_debug_info`'s, as ints)."""
+    return api.get_debug_info()
+
+
+class _CurrentAgent:
+    """What ``_get_current_rpc_agent()`` gives: torch's agent methods that
+    programs and tests use, over this process's agent."""
+
+    __slots__ = ()
+
+    def get_worker_info(self, worker_name: str | None = None) -> WorkerInfo:
+        """The :class:`WorkerInfo` of ``worker_name`` (this worker when None)."""
+        return api.get_worker_info(worker_name)
+
+    def get_worker_infos(self) -> list[WorkerInfo]:
+        """Every worker of the group, by rank, this one included."""
+        return api.get_worker_infos()
+
+    def get_debug_info(self) -> dict[str, int]:
+        """This worker's counters."""
+        return api.get_debug_info()
+
+
+def _get_current_rpc_agent() -> _CurrentAgent:
+    """torch's private ``rpc.api._get_current_rpc_agent()``, for its
+    ``get_worker_infos()`` (every worker of the group), ``get_worker_info``
+    and ``get_debug_info``.
+
+    Raises:
+        RpcError: RPC has not been initialized in this process.
+    """
+    api.current_agent()
+    return _CurrentAgent()
+
+
 def _args(args: Any) -> tuple[Any, ...]:
     return tuple(args) if args is not None else ()
 
@@ -194,7 +239,35 @@ class RRef(_AsyncRRef[T], Generic[T]):
     and in the library's own code.
     """
 
-    __slots__ = ()
+    __slots__ = ("_value_type",)
+
+    def _get_type(self, timeout: float | None = -1.0, blocking: bool = True) -> Any:
+        """The type of the referenced value (torch's private ``RRef._get_type``):
+        on the owner ``type(local_value())``; on a user fetched from the owner
+        by one call, the first time only (then kept, as torch's). With
+        ``blocking=False``, a torch future of it (a completed one once known).
+
+        Raises:
+            RpcTimeoutError: the fetch (or the value's creation) timed out.
+            RemoteError: creating the value failed on the owner.
+        """
+        known = getattr(self, "_value_type", None)
+        if known is None and self.is_owner():
+            known = type(self.local_value())
+        if known is not None:
+            if blocking:
+                return known
+            done: Future[Any] = Future()
+            done.set_result(known)
+            return done
+
+        def keep(fut: torch.futures.Future[Any]) -> Any:
+            self._value_type = fut.wait()
+            return self._value_type
+
+        limit = -1.0 if timeout is None else timeout
+        fetched = rpc_async(self.owner(), _type_of_value, args=(self,), timeout=limit).then(keep)
+        return fetched.wait() if blocking else fetched
 
     def to_here(self, timeout: float | None = -1.0) -> Any:  # type: ignore[override, unused-ignore]
         """A copy of the value (the value itself on the owner); blocks.
@@ -203,6 +276,7 @@ class RRef(_AsyncRRef[T], Generic[T]):
             RemoteError: creating the value failed on the owner.
             RpcTimeoutError: creation or fetch timed out.
         """
+        self._check_usable("to_here()")
         limit = timeout_of(timeout)
         base = super().to_here
         if on_agent_loop():
@@ -235,6 +309,11 @@ class RRef(_AsyncRRef[T], Generic[T]):
     def remote(self, timeout: float | None = -1.0) -> Any:
         """A proxy whose method calls return an :class:`RRef` to the result."""
         return super().remote(timeout_of(timeout))
+
+
+def _type_of_value(rref: RRef[Any]) -> type:
+    """On the owner (a pool thread: waits for a value still being created)."""
+    return type(rref.local_value())
 
 
 class _AsyncProxy:

@@ -31,6 +31,10 @@ def async_execution(fn: F) -> F:
 
     Usable under ``@staticmethod`` / ``@classmethod`` as in torch. Called
     locally, it returns a torch future too (an awaitable one).
+
+    Raises:
+        RuntimeError: (when called) the function returned something else, as
+            torch's ("...must return a torch.futures.Future object...").
     """
     if inspect.iscoroutinefunction(fn):
         fn._wrapped_async_rpc_function = fn  # type: ignore[attr-defined]
@@ -43,6 +47,13 @@ def async_execution(fn: F) -> F:
         # made awaitable, so the agent awaits it on its loop and replies then.
         if isinstance(result, torch._C.Future) and not isinstance(result, Future):
             return awaitable(result)
+        if not inspect.isawaitable(result):
+            # torch's error, raised on the callee (its caller gets it).
+            raise RuntimeError(
+                "Functions decorated with @rpc.async_function must return a "
+                "torch.futures.Future object (or, here, an awaitable), but got "
+                f"{type(result).__module__}.{type(result).__qualname__}"
+            )
         return result
 
     # torch's marker, for code that checks for it.

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from ...options import DEFAULT_RPC_TIMEOUT, RpcOptions
+from ...options import RpcOptions
+from .constants import DEFAULT_INIT_METHOD, DEFAULT_NUM_WORKER_THREADS, DEFAULT_RPC_TIMEOUT_SEC
 
-__all__ = ["BackendType", "TensorPipeRpcBackendOptions", "resolve_options"]
+__all__ = ["BackendType", "RpcBackendOptions", "TensorPipeRpcBackendOptions", "resolve_options"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,15 @@ def _device(device: DeviceLike) -> str:
     return str(torch.device(device))
 
 
-class TensorPipeRpcBackendOptions:
+class RpcBackendOptions:
+    """torch's base class of backend options (``isinstance`` checks); the
+    one backend's options are :class:`TensorPipeRpcBackendOptions`."""
+
+    rpc_timeout: float
+    init_method: str
+
+
+class TensorPipeRpcBackendOptions(RpcBackendOptions):
     """torch's ``TensorPipeRpcBackendOptions``, accepted as an alias.
 
     Args:
@@ -57,15 +66,18 @@ class TensorPipeRpcBackendOptions:
             (``auth_token``, ``ssl``, ``shm_threshold``...), passed on.
 
     Raises:
-        TypeError: an unknown keyword.
+        TypeError: an unknown keyword, or a value of the wrong type
+            (``rpc_timeout=timedelta(...)``, ``num_worker_threads=2.0``), as
+            torch's "incompatible constructor arguments".
+        ValueError: a value out of range (a negative timeout...).
     """
 
     def __init__(
         self,
         *,
-        num_worker_threads: int = 16,
-        rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
-        init_method: str = "env://",
+        num_worker_threads: int = DEFAULT_NUM_WORKER_THREADS,
+        rpc_timeout: float = DEFAULT_RPC_TIMEOUT_SEC,
+        init_method: str = DEFAULT_INIT_METHOD,
         device_maps: dict[str, dict[DeviceLike, DeviceLike]] | None = None,
         devices: list[DeviceLike] | None = None,
         _transports: list[Any] | None = None,
@@ -88,6 +100,12 @@ class TensorPipeRpcBackendOptions:
             self.set_device_map(worker, device_map)
         self.devices: list[str] = [_device(d) for d in devices or []]
         self.aiorpc_options = dict(aiorpc_options)
+        try:  # refused here, as torch's constructor refuses them
+            self.to_options()
+        except TypeError as exc:
+            raise TypeError(
+                f"TensorPipeRpcBackendOptions(): incompatible constructor arguments: {exc}"
+            ) from None
 
     def set_device_map(self, to: str, device_map: dict[DeviceLike, DeviceLike]) -> None:
         """Map this worker's devices to worker ``to``'s for tensors sent there
@@ -115,7 +133,7 @@ class TensorPipeRpcBackendOptions:
         """The :class:`RpcOptions` these options stand for."""
         fields: dict[str, Any] = {
             "num_worker_threads": self.num_worker_threads,
-            "rpc_timeout": float(self.rpc_timeout),
+            "rpc_timeout": self.rpc_timeout,
             "device_maps": {k: dict(v) for k, v in self.device_maps.items()},
         }
         fields.update(self.aiorpc_options)
@@ -138,9 +156,9 @@ def resolve_options(options: Any) -> tuple[RpcOptions, str]:
         TypeError: anything else.
     """
     if options is None:
-        return RpcOptions(), "env://"
+        return RpcOptions(), DEFAULT_INIT_METHOD
     if isinstance(options, RpcOptions):
-        return options, "env://"
+        return options, DEFAULT_INIT_METHOD
     if isinstance(options, TensorPipeRpcBackendOptions):
         return options.to_options(), options.init_method
     names = ("num_worker_threads", "rpc_timeout", "init_method", "device_maps", "devices")
