@@ -175,6 +175,12 @@ async def _step(local: RRef[_LocalOptimizer], context_id: int) -> None:
     await _service().run_job(("optimizer", id(optimizer)), lambda: optimizer.step(context_id))
 
 
+async def _created(local: RRef[_LocalOptimizer]) -> None:
+    """Runs on the owner: returns once the local optimizer exists, or raises
+    the error its construction raised."""
+    await local.to_here()
+
+
 class DistributedOptimizer:
     """Steps parameters spread over workers with their gradients in a context.
 
@@ -207,6 +213,19 @@ class DistributedOptimizer:
             )
             for owner, params in by_owner.items()
         }
+
+    async def wait_created(self) -> None:
+        """Return once every owner's local optimizer exists (the synchronous
+        facade's constructor waits for this, as torch's does).
+
+        Raises:
+            RemoteError: an owner's ``optimizer_class(...)`` raised.
+        """
+        waits = [rpc_async(w, _created, (opt,)) for w, opt in self._optimizers.items()]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def step_in_backward_plan(self) -> list[int]:
         """What a pass stepping this optimizer in backward carries: its id,

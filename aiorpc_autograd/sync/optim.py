@@ -27,6 +27,10 @@ class DistributedOptimizer:
         params_rref: RRefs to the parameters (on any workers).
         *args: passed on to each local optimizer.
         **kwargs: likewise.
+
+    Raises:
+        RemoteError: (construction) an owner's ``optimizer_class(...)`` raised.
+        RuntimeError: constructed on the RPC agent's loop thread.
     """
 
     def __init__(
@@ -37,6 +41,9 @@ class DistributedOptimizer:
         **kwargs: Any,
     ) -> None:
         self._optimizer = _optim.DistributedOptimizer(optimizer_class, params_rref, *args, **kwargs)
+        # torch's constructor returns once every owner's optimizer exists, and
+        # raises the error of one that failed to build.
+        wait_for(self._optimizer.wait_created, "DistributedOptimizer()")
 
     def step(self, context_id: int) -> None:
         """Step every owner's optimizer with that context's gradients; blocks.

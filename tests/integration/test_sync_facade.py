@@ -812,3 +812,50 @@ def test_contexts_do_not_nest(service: WorkerGroup) -> None:
     assert got["served"].startswith("Already have an autograd context id")
     assert got["task"].startswith("Already have an autograd context id")
     assert got["concurrent"]
+
+
+class OptimizerFailingOnConstructor(torch.optim.SGD):
+    """torch's dist_optimizer_test: an optimizer whose construction fails."""
+
+    def __init__(self, params: Any) -> None:
+        raise ValueError("Error creating optimizer.")
+
+
+class FailingOptimizer(torch.optim.SGD):
+    """torch's dist_optimizer_test: an optimizer whose step fails."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, lr=0.1)
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        raise ValueError("Error running optimizer.")
+
+
+async def check_optimizer_errors(rank: int, world_size: int) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        params = [sync_rpc.remote(f"worker{r}", make_leaf, args=([1.0, 2.0],)) for r in (1, 2)]
+        started = time.monotonic()
+        with pytest.raises(ValueError, match=r"Error creating optimizer\.") as info:
+            sync_optim.DistributedOptimizer(OptimizerFailingOnConstructor, params)
+        out["construct"] = (type(info.value).__name__, time.monotonic() - started < 10)
+        opt = sync_optim.DistributedOptimizer(FailingOptimizer, params)
+        with sync_autograd.context() as cid:
+            loss = sum(
+                sync_rpc.rpc_sync(p.owner(), scale_by, args=(p, torch.ones(2))) for p in params
+            )
+            sync_autograd.backward(cid, [loss.sum()])
+            with pytest.raises(ValueError, match="Error running optimizer") as info:
+                opt.step(cid)
+            out["step"] = type(info.value).__name__
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_optimizer_errors_raise_where_torch_raises_them(sync_service: WorkerGroup) -> None:
+    # torch's test_dist_optim_exception(_on_constructor): the facade's
+    # constructor blocks until every owner's optimizer exists, as torch's does.
+    got = sync_service.call(0, check_optimizer_errors)
+    assert got["construct"] == ("RemoteValueError", True)
+    assert got["step"] == "RemoteValueError"
