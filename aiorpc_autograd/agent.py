@@ -1857,20 +1857,33 @@ class RpcAgent:
         Raises:
             LookupError: no function is registered under ``target``.
             ProtocolError: the payload is pickled and pickle is not allowed.
+            AttributeError, ImportError: the payload names a function or class
+                this worker does not have (torch's "RPC pickler does not
+                serialize function code..." in the message).
         """
         allow = self.options.allow_pickle
-        if target is None:
-            if not allow:
-                raise ProtocolError(
-                    "refused a pickled call: this worker runs in safe mode, "
-                    "call a function registered with rpc.register by name"
-                )
-            func, args, kwargs = codec.load_payload(payload, allow)
+        if target is None and not allow:
+            raise ProtocolError(
+                "refused a pickled call: this worker runs in safe mode, "
+                "call a function registered with rpc.register by name"
+            )
+        func = None if target is None else _REGISTERED.get(target)
+        if target is not None and func is None:
+            raise LookupError(f"no function is registered as {target!r}")
+        try:
+            loaded = codec.load_payload(payload, allow)
+        except (AttributeError, ImportError, ModuleNotFoundError) as exc:
+            if type(exc) not in (AttributeError, ImportError, ModuleNotFoundError):
+                raise  # a class's own error type, raised by its unpickling
+            # A function or class the caller has and this worker does not.
+            raise type(exc)(
+                "RPC pickler does not serialize function code. Ensure that UDFs are "
+                f"defined on both caller and callee modules: {exc}"
+            ) from exc
+        if func is None:
+            func, args, kwargs = loaded
         else:
-            func = _REGISTERED.get(target)
-            if func is None:
-                raise LookupError(f"no function is registered as {target!r}")
-            args, kwargs = codec.load_payload(payload, allow)
+            args, kwargs = loaded
         return func, tuple(args), dict(kwargs or {})
 
     def resolve_call_waiting(

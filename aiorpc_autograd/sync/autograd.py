@@ -91,6 +91,12 @@ def _is_valid_context(context_id: int) -> None:
     retrieve_context(context_id)
 
 
+def _get_debug_info() -> dict[str, int]:
+    """torch's private ``dist_autograd._get_debug_info()``: at least
+    ``num_autograd_contexts`` and ``num_current_backward_passes``."""
+    return _dist_autograd.get_debug_info()
+
+
 def is_available() -> bool:
     """True (torch's ``dist_autograd.is_available``)."""
     return True

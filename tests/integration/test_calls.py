@@ -736,6 +736,56 @@ async def raise_builtin_async(name: str) -> None:
     raise getattr(builtins, name)(f"a remote {name}")
 
 
+class OnlyOnTheCaller:
+    """Made importable on the caller only (see check_missing_on_callee)."""
+
+
+async def check_missing_on_callee(rank: int, world_size: int) -> dict[str, Any]:
+    """torch's test_function_not_on_callee: a function (or an argument's
+    class) the callee's module lacks fails the call with torch's hint, and the
+    callee keeps serving."""
+    module = sys.modules[__name__]
+
+    def only_here() -> int:
+        return 1
+
+    only_here.__qualname__ = only_here.__name__ = "only_on_the_caller"
+    module.only_on_the_caller = only_here  # type: ignore[attr-defined]
+    out: dict[str, Any] = {}
+    try:
+        out["function"] = await attempt("worker1", only_here)
+        await rpc.rpc_async("worker1", _drop_attr, ("OnlyOnTheCaller",))
+        out["argument"] = await attempt("worker1", echo, (OnlyOnTheCaller(),))
+        out["after"] = await rpc.rpc_async("worker1", echo, ("still serving",))
+    finally:
+        del module.only_on_the_caller  # type: ignore[attr-defined]
+        await rpc.rpc_async("worker1", _restore_attr, ("OnlyOnTheCaller",))
+    return out
+
+
+def _drop_attr(name: str) -> None:
+    module = sys.modules[__name__]
+    _DROPPED[name] = getattr(module, name)
+    delattr(module, name)
+
+
+def _restore_attr(name: str) -> None:
+    setattr(sys.modules[__name__], name, _DROPPED.pop(name))
+
+
+_DROPPED: dict[str, Any] = {}
+
+
+def test_a_function_missing_on_the_callee_fails_with_torchs_hint(service: WorkerGroup) -> None:
+    got = service.call(0, check_missing_on_callee)
+    for key in ("function", "argument"):
+        error = got[key]
+        assert isinstance(error, rpc.RemoteError) and isinstance(error, AttributeError), error
+        assert isinstance(error, RuntimeError)  # torch: assertRaisesRegex(RuntimeError, ...)
+        assert "RPC pickler does not serialize function code" in str(error), error
+    assert got["after"] == "still serving"
+
+
 async def check_builtin_exceptions(rank: int, world_size: int) -> dict[str, Any]:
     return {
         (func.__name__, name): await attempt("worker1", func, (name,), timeout=10)

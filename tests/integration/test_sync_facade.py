@@ -669,6 +669,7 @@ async def check_torch_introspection_names(rank: int, world_size: int) -> dict[st
             (send,) = ctx._send_functions().values()
             (recv,) = ctx._recv_functions().values()
             out["ids"] = (ctx._context_id() == cid, sync_autograd._retrieve_context(cid) is ctx)
+            out["contexts"] = sync_autograd._get_debug_info()["num_autograd_contexts"] >= 1
             out["known"] = ctx._known_worker_ids()
             # (not torch's autograd nodes: records of the message's tensors)
             out["graph"] = (send.tensors == [t1, t2], recv.tensors == [ret])
@@ -685,7 +686,7 @@ async def check_torch_introspection_names(rank: int, world_size: int) -> dict[st
 def test_torch_introspection_names(sync_service: WorkerGroup) -> None:
     got = sync_service.call(0, check_torch_introspection_names)
     assert got["timeout"] == 60.0
-    assert got["ids"] == (True, True) and got["known"] == {1}
+    assert got["ids"] == (True, True) and got["known"] == {1} and got["contexts"]
     assert got["graph"] == (True, True)
     no_context, released = got["after"]
     assert "doesn't have a valid autograd context" in no_context
@@ -733,6 +734,13 @@ async def check_torch_private_names(rank: int, world_size: int) -> dict[str, Any
             out["explicit_wins"] = sync_rpc.rpc_sync(
                 "worker1", blocking_sleep, args=(0.2,), timeout=5
             )
+            # torch's test_default_timeout_used: a call keeps the default of
+            # the moment it was made.
+            sync_rpc._set_rpc_timeout(30)
+            started_long = sync_rpc.rpc_async("worker1", blocking_sleep, args=(0.3,))
+            sync_rpc._set_rpc_timeout(0.001)
+            out["kept_default"] = started_long.wait()
+
         finally:
             sync_rpc._set_rpc_timeout(sync_rpc.constants.DEFAULT_RPC_TIMEOUT_SEC)
         out["restored"] = sync_rpc.get_rpc_timeout()
@@ -762,6 +770,7 @@ def test_torch_private_names(sync_service: WorkerGroup) -> None:
     assert got["set_timeout"] == 0.05
     assert got["timed_out"] == ("RpcTimeoutError", True)
     assert got["explicit_wins"] == 0.2 and got["restored"] == 60.0
+    assert got["kept_default"] == 0.3
     assert "must return a torch.futures.Future object" in got["wrong_return"]
     assert "but got torch.Tensor" in got["wrong_return"]
     assert got["nested"].startswith("Already have an autograd context id for this thread")

@@ -209,8 +209,16 @@ def rpc_async(
     """
     rpc_agent = agent()
     info = rpc_agent.worker_info(to)
-    call_args, limit = _args(args), timeout_of(timeout)
+    call_args, limit = _args(args), _limit(timeout)
     return submit(lambda: rpc_agent.call(info, func, call_args, kwargs, limit))
+
+
+def _limit(timeout: float | None) -> float:
+    """torch's timeout argument as seconds, the default read now: a call
+    started here (on the loop, a moment later) keeps the default of the
+    moment it was made, whatever ``_set_rpc_timeout`` does meanwhile."""
+    limit = timeout_of(timeout)
+    return agent().options.rpc_timeout if limit is None else limit
 
 
 def remote(
@@ -300,7 +308,7 @@ class RRef(_AsyncRRef[T], Generic[T]):
     def rpc_async(self, timeout: float | None = -1.0) -> Any:
         """A proxy: ``rref.rpc_async().method(*args)`` calls ``method`` of the
         owner's value and returns a torch future of the result."""
-        return _AsyncProxy(super().rpc_async(timeout_of(timeout)))
+        return _AsyncProxy(super().rpc_async(_limit(timeout)))
 
     def rpc_sync(self, timeout: float | None = -1.0) -> Any:
         """A proxy whose method calls block for the result."""
