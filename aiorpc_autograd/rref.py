@@ -938,6 +938,9 @@ class RRefService:
             self._notify(parent, RRefChildAccept(list(fork_id)))
 
         fut.add_done_callback(acked)
+        # As in torch, a call receiving it starts once the owner confirmed it
+        # (acked above runs first): its function sees confirmed_by_owner().
+        wait_before_call(fut)
         return rref
 
     def _notify(self, worker_id: int, message: Message) -> None:

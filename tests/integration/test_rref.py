@@ -1220,3 +1220,27 @@ def test_graceful_shutdown_with_references_not_yet_confirmed(case: str, world_si
         assert results[2][4] == 1, results  # the child could still fetch the value
     assert [r[0] for r in results] == [True] * world_size, results
     assert results[1] == (True, 0, 0, [], None), results
+
+
+def confirmed_here(r: rpc.RRef[Any]) -> bool:
+    """torch's check_rref_confirmed: run on a worker that received a fork."""
+    return r.confirmed_by_owner()
+
+
+async def check_forwarded_user_rrefs_are_confirmed(rank: int, world_size: int) -> dict[str, Any]:
+    # torch's test_user_rrefs_confirmed(_remote): a call receiving a user RRef
+    # from a user (not the owner) starts once the owner confirmed the fork.
+    r = rpc.remote("worker2", torch.add, (torch.zeros(2), 1))
+    out = {
+        "rpc": [await rpc.rpc_async("worker1", confirmed_here, (r,)) for _ in range(3)],
+        "remote": await rpc.remote("worker1", confirmed_here, (r,)).to_here(),
+        "owner": await rpc.rpc_async("worker2", confirmed_here, (r,)),
+        "value": (await r.to_here()).tolist(),
+    }
+    return out
+
+
+def test_a_forwarded_user_rref_is_confirmed_before_the_call_runs(group: WorkerGroup) -> None:
+    got = group.call(0, check_forwarded_user_rrefs_are_confirmed)
+    assert got == {"rpc": [True] * 3, "remote": True, "owner": True, "value": [1.0, 1.0]}
+    assert_settled(group)
