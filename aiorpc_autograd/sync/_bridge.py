@@ -50,6 +50,7 @@ __all__ = [
     "on_agent_loop",
     "submit",
     "timeout_of",
+    "wait_all",
     "wait_for",
 ]
 
@@ -144,6 +145,57 @@ class Future(torch.futures.Future[T]):
             super().add_done_callback(functools.partial(_wake_soon, loop, waiter))
             yield from waiter.__await__()
         return super().wait()
+
+
+_torch_wait_all = torch.futures.wait_all
+
+
+def wait_all(futures: list[torch.futures.Future[Any]]) -> list[Any]:
+    """``torch.futures.wait_all``, as the facade installs it: ends at the first
+    failure among the futures, as torch's does for its RPC futures.
+
+    torch's own waits for every future unless one carries an error of its C++
+    future, which a Python-completed future (ours) cannot: a failed call
+    would wait for the slowest other call. Lists without a facade future go
+    to torch's own.
+
+    Raises:
+        the first failure's error; RuntimeError: on the agent's loop thread
+        with a future not done yet (it would deadlock).
+    """
+    futures = list(futures)
+    if not any(isinstance(f, Future) for f in futures):
+        return _torch_wait_all(futures)
+    if not all(f.done() for f in futures):
+        _refuse_on_loop("torch.futures.wait_all()")
+    finished = threading.Event()
+    lock = threading.Lock()
+    state: dict[str, Any] = {"left": len(futures), "failed": None}
+
+    def settled(fut: torch.futures.Future[Any]) -> None:
+        try:
+            fut.value()
+            failed = False
+        except BaseException:
+            failed = True
+        with lock:
+            state["left"] -= 1
+            if failed and state["failed"] is None:
+                state["failed"] = fut
+            if failed or state["left"] == 0:
+                finished.set()
+
+    for fut in futures:
+        # torch's own add_done_callback: not a user callback (no pool hop).
+        torch._C.Future.add_done_callback(fut, settled)
+    finished.wait()
+    if state["failed"] is not None:
+        state["failed"].wait()  # raises its error
+    return [fut.wait() for fut in futures]
+
+
+# Ported code calls torch.futures.wait_all on the facade's futures.
+torch.futures.wait_all = wait_all
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

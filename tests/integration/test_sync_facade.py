@@ -868,3 +868,35 @@ def test_optimizer_errors_raise_where_torch_raises_them(sync_service: WorkerGrou
     got = sync_service.call(0, check_optimizer_errors)
     assert got["construct"] == ("RemoteValueError", True)
     assert got["step"] == "RemoteValueError"
+
+
+def raise_value_error(message: str) -> None:
+    raise ValueError(message)
+
+
+async def check_wait_all_ends_at_a_failure(rank: int, world_size: int) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        slow = sync_rpc.rpc_async("worker1", blocking_sleep, args=(3.0,))
+        failing = sync_rpc.rpc_async("worker2", raise_value_error, args=("Expected error",))
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="Expected error") as info:
+            torch.futures.wait_all([slow, failing])
+        out["early"] = (type(info.value).__name__, time.monotonic() - started < 2.0)
+        out["slow"] = slow.wait()
+        # All succeed: every value, in order (a plain torch future mixed in).
+        plain: torch.futures.Future[int] = torch.futures.Future()
+        plain.set_result(7)
+        futs = [sync_rpc.rpc_async("worker1", echo, args=(i,)) for i in range(3)]
+        out["values"] = torch.futures.wait_all([*futs, plain])
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_wait_all_ends_at_the_first_failure(sync_service: WorkerGroup) -> None:
+    # torch's test_wait_all_exit_early_python: wait_all reports a failed
+    # call without waiting for a slow one.
+    got = sync_service.call(0, check_wait_all_ends_at_a_failure)
+    assert got["early"] == ("RemoteValueError", True)
+    assert got["slow"] == 3.0 and got["values"] == [0, 1, 2, 7]
