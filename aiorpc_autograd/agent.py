@@ -453,7 +453,8 @@ class RpcAgent:
         # the hot paths make when profiling is off.
         self.tracer: Tracer | None = None
         # Services installed on this agent by the layers above (autograd, rrefs),
-        # what they need to be idle before shutdown, and what to do first then.
+        # what they need to be idle before shutdown, and what to do once every
+        # worker has called a graceful shutdown (this one's, in a dynamic group).
         self.extensions: dict[str, Any] = {}
         self.idle_checks: list[Callable[[], bool]] = []
         self.before_shutdown: list[Callable[[], None]] = []
@@ -762,12 +763,11 @@ class RpcAgent:
         failure: RpcError | None = None
         self._leaving = True
         if graceful:
-            for hook in self.before_shutdown:
-                hook()
             try:
                 if self.membership is not None:
                     # A dynamic group does not stop together: this worker
                     # leaves once nothing of its own is outstanding.
+                    self._run_before_shutdown()
                     await self._wait_idle(deadline, lambda: None)
                     await self.membership.leave(deadline)
                 else:
@@ -805,6 +805,10 @@ class RpcAgent:
         if failure is not None:
             raise RpcError(f"graceful shutdown could not reach the group: {failure}")
 
+    def _run_before_shutdown(self) -> None:
+        for hook in self.before_shutdown:
+            hook()
+
     async def _quiesce(self, deadline: float) -> None:
         """The rounds of :meth:`shutdown`, until one without a veto.
 
@@ -841,9 +845,16 @@ class RpcAgent:
             for round_ in itertools.count():
                 await self._wait_idle(deadline, stop)
                 mark = self._activity
-                veto, last = mark != last, mark
+                veto, last = mark != last, mark  # round 0: always a veto
                 if await self._vote(f"shutdown/{round_}", veto, deadline, stop):
                     return
+                if round_ == 0:
+                    # Every worker has called shutdown, and each was idle at
+                    # its vote: no user code is left that could still fork an
+                    # RRef of this worker's. Only now the services' last acts
+                    # (the user RRefs' deletions), as torch deletes them after
+                    # _wait_all_workers; the rounds go on until those settle.
+                    self._run_before_shutdown()
         finally:
             self.peer_gone_hooks.remove(on_gone)
             watch.cancel()

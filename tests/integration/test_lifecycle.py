@@ -354,6 +354,38 @@ def test_use_rrefs_after_shutdown() -> None:
     assert w0["call_after"].startswith("RPC has not been initialized")
 
 
+def nested_rrefs(to: str) -> tuple[rpc.RRef[torch.Tensor], rpc.RRef[torch.Tensor]]:
+    """A value holding user RRefs owned by a third worker."""
+    return (
+        rpc.remote(to, torch.add, args=(torch.ones(2), 1)),
+        rpc.remote(to, torch.add, args=(torch.ones(2), 2)),
+    )
+
+
+async def nested_rrefs_until_shutdown(
+    rank: int, world_size: int, init_method: str, n: int
+) -> list[list[float]]:
+    """torch's test_nested_rref_stress: the workers finish their loops at
+    different times; one that already called shutdown still serves the
+    others' fetches of values holding its user RRefs."""
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method)
+    await barrier()
+    first, second = f"worker{(rank + 1) % world_size}", f"worker{(rank + 2) % world_size}"
+    outer = [rpc.remote(first, nested_rrefs, args=(second,)) for _ in range(n)]
+    got = []
+    for rref in outer:
+        inner = await rref.to_here()
+        got.append([*(await inner[0].to_here()).tolist(), *(await inner[1].to_here()).tolist()])
+    await rpc.shutdown()
+    return got
+
+
+def test_user_rrefs_are_deleted_only_once_every_worker_called_shutdown() -> None:
+    results = run_processes(nested_rrefs_until_shutdown, 4, 20, timeout=120)
+    for got in results:
+        assert got == [[2.0, 2.0, 3.0, 3.0]] * 20
+
+
 def test_non_graceful_shutdown_fails_pending_futures() -> None:
     with WorkerGroup(non_graceful_shutdown, 2, mode="raw", timeout=60) as group:
         group.next_event(rank=0, timeout=45)
