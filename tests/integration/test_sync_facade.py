@@ -723,6 +723,14 @@ async def check_torch_private_names(rank: int, world_size: int) -> dict[str, Any
         owner = sync_rpc.RRef(Held(1))
         out["owner_type"] = (owner._get_type() is Held, owner._get_type(blocking=False).wait())
         out["tensor_type"] = sync_rpc.remote("worker2", torch.ones, args=(2,))._get_type()
+        # torch's test_rref_type_with_error_*: the creation's error, as itself.
+        failed = sync_rpc.remote("worker1", raise_value_error, args=("Expected error",))
+        with pytest.raises(ValueError, match="Expected error"):
+            failed._get_type()
+        with pytest.raises(ValueError, match="Expected error"):
+            sync_rpc.remote("worker2", raise_value_error, args=("Expected error",))._get_type(
+                blocking=False
+            ).wait()
         # _set_rpc_timeout: the default of the calls started from now on.
         sync_rpc._set_rpc_timeout(0.05)
         try:

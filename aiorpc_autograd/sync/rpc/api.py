@@ -6,11 +6,10 @@ Each function here is the async API's function run on the agent's loop
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
-
-import torch
 
 from ... import api, codec
 from ...options import WorkerInfo
@@ -269,12 +268,20 @@ class RRef(_AsyncRRef[T], Generic[T]):
             done.set_result(known)
             return done
 
-        def keep(fut: torch.futures.Future[Any]) -> Any:
-            self._value_type = fut.wait()
-            return self._value_type
+        rpc_agent, owner, limit = agent(), self.owner(), _limit(timeout)
 
-        limit = -1.0 if timeout is None else timeout
-        fetched = rpc_async(self.owner(), _type_of_value, args=(self,), timeout=limit).then(keep)
+        def keep(fut: asyncio.Future[Any]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                self._value_type = fut.result()
+
+        def start() -> asyncio.Future[Any]:
+            fut = rpc_agent.call(owner, _type_of_value, (self,), None, limit)
+            fut.add_done_callback(keep)
+            return fut
+
+        # (not a then(): a callback's error would arrive as RuntimeError, and
+        # the owner's error, a ValueError say, must arrive as itself)
+        fetched = submit(start)
         return fetched.wait() if blocking else fetched
 
     def to_here(self, timeout: float | None = -1.0) -> Any:  # type: ignore[override, unused-ignore]
