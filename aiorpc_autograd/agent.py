@@ -594,9 +594,9 @@ class RpcAgent:
         seen: dict[str, int] = {}
         for addr in addresses:
             if addr.name in seen:
-                raise ValueError(
-                    f"worker name {addr.name!r} is used by both rank {seen[addr.name]} "
-                    f"and rank {addr.rank}: names must be unique"
+                raise InvalidArgumentError(
+                    f"worker name {addr.name!r} is not unique: it is used by both rank "
+                    f"{seen[addr.name]} and rank {addr.rank}"
                 )
             seen[addr.name] = addr.rank
             self._add_address(addr)
@@ -1068,7 +1068,10 @@ class RpcAgent:
                 self._left(to)
                 raise InvalidArgumentError(f"unknown worker rank {to}: could not find destination")
             return peer.info
-        raise TypeError(f"a worker is a name, a rank or a WorkerInfo, not {type(to).__name__}")
+        # torch raises ValueError for a float rank
+        raise InvalidArgumentError(
+            f"a worker is a name, a rank or a WorkerInfo, not {type(to).__name__}"
+        )
 
     def _left(self, key: str | int) -> None:
         reason = self._departed.get(key)

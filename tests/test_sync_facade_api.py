@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import enum
 import inspect
 import threading
 import warnings
@@ -185,13 +186,21 @@ def test_other_option_values() -> None:
     assert resolve_options(None) == (RpcOptions(), "env://")
     mine = RpcOptions(rpc_timeout=3)
     assert resolve_options(mine) == (mine, "env://")
-    with pytest.raises(TypeError, match="rpc_backend_options"):
+    # torch's test_wrong_types: its words
+    with pytest.raises(TypeError, match="Argument rpc_backend_options must be an instance of"):
         resolve_options({"rpc_timeout": 3})
 
 
 def test_init_rpc_refuses_other_backends_before_starting_anything() -> None:
+    # torch's test_wrong_types: a string is not a BackendType member
+    with pytest.raises(TypeError, match="Argument backend must be a member of BackendType"):
+        rpc.init_rpc("w", backend="TENSORPIPE", rank=0, world_size=1)
+
+    class Other(enum.Enum):
+        PROCESS_GROUP = "PROCESS_GROUP"
+
     with pytest.raises(ValueError, match="TENSORPIPE"):
-        rpc.init_rpc("w", backend="PROCESS_GROUP", rank=0, world_size=1)
+        rpc.init_rpc("w", backend=Other.PROCESS_GROUP, rank=0, world_size=1)
     assert threading.active_count() >= 1  # nothing left running: no agent
     with pytest.raises(ours.RpcError, match="RPC has not been initialized"):
         rpc.get_worker_info()

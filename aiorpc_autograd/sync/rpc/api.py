@@ -7,6 +7,7 @@ Each function here is the async API's function run on the agent's loop
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
@@ -57,11 +58,16 @@ def init_rpc(
 
     Raises:
         RuntimeError: RPC is already initialised in this process.
-        ValueError: an unknown backend, bad arguments, a duplicate name.
+        TypeError: ``backend`` is not a ``BackendType`` member, or the options
+            are of no known type (torch's words).
+        ValueError: another backend, bad arguments, a duplicate name (an
+            ``InvalidArgumentError``, also a ``RuntimeError``: "is not unique").
         RpcTimeoutError: the group did not assemble in time.
     """
     global _loop_thread
-    if backend is not None and getattr(backend, "name", None) != BackendType.TENSORPIPE.name:
+    if backend is not None and not isinstance(backend, enum.Enum):
+        raise TypeError(f"Argument backend must be a member of BackendType, not {backend!r}")
+    if backend is not None and backend.name != BackendType.TENSORPIPE.name:
         raise ValueError(f"unsupported backend {backend!r}: only BackendType.TENSORPIPE")
     options, init_method = resolve_options(rpc_backend_options)
     with _lifecycle:

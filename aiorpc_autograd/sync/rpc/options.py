@@ -172,6 +172,6 @@ def resolve_options(options: Any) -> tuple[RpcOptions, str]:
         )
         return mapped.to_options(), mapped.init_method
     raise TypeError(
-        "rpc_backend_options must be a TensorPipeRpcBackendOptions or an RpcOptions, "
-        f"not {type(options).__name__}"
+        "Argument rpc_backend_options must be an instance of RpcBackendOptions "
+        f"(a TensorPipeRpcBackendOptions) or an RpcOptions, not {type(options).__name__}"
     )
