@@ -55,6 +55,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import torch
+from torch.autograd.graph import _engine_run_backward
 
 __all__ = [
     "BackwardPass",
@@ -183,6 +184,25 @@ def hold_grads(
         _GRAD_SLOTS.release(keys)
 
 
+def _backward(
+    outputs: tuple[torch.Tensor, ...], grads: tuple[torch.Tensor, ...], retain_graph: bool
+) -> None:
+    """``torch.autograd.backward(outputs, grads, retain_graph)``, minus its
+    Python check of the gradients' shapes, which the C++ engine makes too
+    ("invalid gradient at index 0 - got [4] but expected shape compatible
+    with [3]"). That check's first call imports ``torch.fx``'s symbolic
+    shapes and sympy: ~0.75 s of a worker's first backward pass, once per
+    process. Tensor subclasses with ``__torch_function__`` take torch's
+    own path.
+    """
+    if torch.overrides.has_torch_function(outputs + grads):
+        torch.autograd.backward(list(outputs), list(grads), retain_graph=retain_graph)
+        return
+    _engine_run_backward(
+        outputs, grads, retain_graph, False, (), allow_unreachable=True, accumulate_grad=True
+    )
+
+
 def run_local_backward(
     outputs: Sequence[torch.Tensor],
     grad_outputs: Sequence[torch.Tensor],
@@ -216,7 +236,7 @@ def run_local_backward(
             else:
                 for leaf, grad in zip(leaves, initial, strict=True):
                     leaf.grad = grad
-            torch.autograd.backward(list(outputs), list(grad_outputs), retain_graph=retain_graph)
+            _backward(tuple(outputs), tuple(grad_outputs), retain_graph)
             return [leaf.grad for leaf in leaves]
         finally:
             for leaf, grad in zip(leaves, saved, strict=True):

@@ -27,6 +27,7 @@ from aiorpc_autograd.autograd import (
     DistAutogradContext,
     RecvFunction,
     SendFunction,
+    run_local_backward,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -872,3 +873,15 @@ def test_after_last_job_sees_the_final_gradients() -> None:
     assert all(io.finished_with == [None] for io in sim.ios)
     final = sim.grad(1, w)
     assert len(seen) == 1 and seen[0] is final and sim.passes[1].ran_after_last_job
+
+
+def test_local_backward_checks_gradient_shapes_through_the_engine() -> None:
+    # run_local_backward skips torch.autograd.backward's Python shape check
+    # (its first call imports sympy); the C++ engine's check still refuses a
+    # gradient of the wrong shape, and casts one of another dtype.
+    x = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="invalid gradient at index 0"):
+        run_local_backward([x * 2], [torch.ones(4)], [x], None, False)
+    (grad,) = run_local_backward([x * 2], [torch.ones(3, dtype=torch.float64)], [x], None, False)
+    assert grad is not None and grad.dtype == torch.float32 and grad.tolist() == [2.0] * 3
+    assert x.grad is None

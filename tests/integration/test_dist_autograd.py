@@ -25,6 +25,7 @@ import asyncio
 import contextvars
 import gc
 import inspect
+import sys
 import threading
 import time
 import weakref
@@ -41,7 +42,7 @@ import aiorpc_autograd as rpc
 from aiorpc_autograd import dist_autograd
 from aiorpc_autograd.autograd import hold_grads
 from tests.integration.conftest import close_shared_group, shared_group
-from tests.integration.harness import WorkerGroup
+from tests.integration.harness import WorkerGroup, barrier, run_processes
 
 # Generous: the first test also waits for the group to start (spawning four
 # interpreters that import torch takes tens of seconds on a loaded 2-core box);
@@ -1623,3 +1624,25 @@ def test_a_release_cascades_never_back_to_its_sender_or_the_creator(group: Worke
     # worker1 knows worker0 (the creator, which sent it) and worker2; worker2
     # knows only worker1, which sent it: it sends nothing.
     assert got["sent"] == [[(cid, 1)], [(cid, 2)], []], got
+
+
+async def first_pass_imports(rank: int, world_size: int, init_method: str) -> list[str]:
+    """A fresh worker's first distributed backward pass: which of the heavy
+    modules torch.autograd.backward's grad check imports it loaded."""
+    await rpc.init_rpc(f"worker{rank}", rank, world_size, init_method=init_method)
+    await barrier()
+    if rank == 0:
+        x = torch.ones(3, requires_grad=True)
+        async with dist_autograd.context() as cid:
+            y = await rpc.rpc_async("worker1", torch.mul, (x, x))
+            await dist_autograd.backward(cid, [y.sum()])
+            assert dist_autograd.get_gradients(cid)[x].tolist() == [2.0] * 3
+    await rpc.shutdown()
+    return [m for m in ("sympy", "torch.fx.experimental.symbolic_shapes") if m in sys.modules]
+
+
+def test_the_first_backward_pass_does_not_import_sympy() -> None:
+    # torch.autograd.backward's Python check of explicit gradients imports
+    # torch.fx's symbolic shapes and sympy on its first call: ~0.75 s of every
+    # worker's first pass. The engine's own check is used instead.
+    assert run_processes(first_pass_imports, 2, timeout=60) == [[], []]
