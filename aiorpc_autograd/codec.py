@@ -562,11 +562,41 @@ def _sparse_coo_tensor(desc: list[Any], buffers: list[memoryview]) -> torch.Tens
     indices = _buffer_tensor(torch.int64, [sparse_dim, nnz], buffers, indices_at, 0)
     values = _buffer_tensor(dtype, [nnz, *shape[sparse_dim:]], buffers, values_at, 0)
     try:
+        _check_sparse_indices(indices, shape, coalesced)
         return torch.sparse_coo_tensor(
-            indices, values, shape, is_coalesced=coalesced, check_invariants=True
+            indices, values, shape, is_coalesced=coalesced, check_invariants=False
         )
-    except RuntimeError as exc:
+    except (RuntimeError, OverflowError) as exc:
         raise ProtocolError(f"invalid sparse tensor: {exc}") from exc
+
+
+def _check_sparse_indices(indices: torch.Tensor, shape: list[int], coalesced: bool) -> None:
+    """The invariants of a COO tensor's ``[sparse_dim, nnz]`` indices: each
+    index within its dimension, and a claim to be coalesced true (the columns
+    strictly increasing, in lexicographic order).
+
+    What ``torch.sparse_coo_tensor(check_invariants=True)`` checks, by a few
+    reductions: torch's check took ~2 ms a tensor in a worker whose peer is
+    busy (13 us alone), a sparse backward pass ~9 ms against ~1.4 ms.
+
+    Raises:
+        ProtocolError: an invariant does not hold.
+    """
+    sparse_dim, nnz = indices.shape
+    if nnz == 0 or sparse_dim == 0:  # no index to check (torch checks none either)
+        return
+    bounds = torch.tensor(shape[:sparse_dim], dtype=torch.int64)
+    if int(indices.min()) < 0 or bool((indices.amax(dim=1) >= bounds).any()):
+        raise ProtocolError("invalid sparse tensor: an index is out of bounds")
+    if coalesced and nnz > 1:
+        step = indices[:, 1:] - indices[:, :-1]
+        moved = step != 0
+        first = moved.to(torch.uint8).argmax(dim=0, keepdim=True)  # first dim that moves
+        rises = step.gather(0, first).squeeze(0) > 0
+        if not bool((moved.any(dim=0) & rises).all()):
+            raise ProtocolError(
+                "invalid sparse tensor: claimed coalesced, with indices not strictly increasing"
+            )
 
 
 # --------------------------------------------------------------------------- messages

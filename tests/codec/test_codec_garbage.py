@@ -551,3 +551,41 @@ def test_hostile_sparse_descriptor_is_a_protocol_error(
 ) -> None:
     with pytest.raises(ProtocolError):
         decode([*RET, [descriptor], PAYLOAD], buffers)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+    columns=st.lists(st.lists(st.integers(-2, 5), min_size=3, max_size=3), max_size=6),
+    coalesced=st.booleans(),
+)
+def test_sparse_index_checks_agree_with_torchs(
+    sizes: list[int], columns: list[list[int]], coalesced: bool
+) -> None:
+    # The codec checks a received COO tensor's indices itself (torch's
+    # check_invariants costs ~2 ms in a busy worker); it must refuse exactly
+    # what torch's check refuses.
+    sparse_dim = len(sizes)
+    indices = (
+        torch.tensor([c[:sparse_dim] for c in columns], dtype=torch.int64)
+        .reshape(len(columns), sparse_dim)
+        .t()
+        .contiguous()
+    )
+    values = torch.ones(len(columns))
+    try:
+        torch.sparse_coo_tensor(
+            indices, values, sizes, is_coalesced=coalesced, check_invariants=True
+        )
+        torch_refuses = False
+    except RuntimeError:
+        torch_refuses = True
+    try:  # what the decoder does
+        codec._check_sparse_indices(indices, sizes, coalesced)
+        torch.sparse_coo_tensor(
+            indices, values, sizes, is_coalesced=coalesced, check_invariants=False
+        )
+        ours_refuses = False
+    except (ProtocolError, RuntimeError):
+        ours_refuses = True
+    assert ours_refuses == torch_refuses, (indices.tolist(), sizes, coalesced)
