@@ -183,6 +183,12 @@ async def outcome(fut: asyncio.Future[T]) -> T:
     return fut.result()
 
 
+def _retrieve_exception(fut: asyncio.Future[Any]) -> None:
+    """A done callback: mark a future's error as seen (nobody awaits it)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def wait_before_call(fut: asyncio.Future[Any]) -> bool:
     """While a call's arguments are being decoded: make the call wait for
     ``fut`` before its function starts (and fail with ``fut``'s error).
@@ -829,12 +835,13 @@ class RpcAgent:
                 if peer.gone is not None and not peer.left_cleanly:
                     raise peer.gone
 
+        # A store call to a frozen or vanished store host fails within the
+        # heartbeat timeout instead of the rendezvous timeout.
+        await self._rdv.bound(min(deadline, time.monotonic() + self.options.heartbeat_timeout))
+        await self._find_the_dead()
         self.peer_gone_hooks.append(on_gone)
         watch = self.loop.create_task(self._watch_peers(lost))
         try:
-            # A store call to a frozen or vanished store host fails within the
-            # heartbeat timeout instead of the rendezvous timeout.
-            await self._rdv.bound(min(deadline, time.monotonic() + self.options.heartbeat_timeout))
             # Peers declared gone before this shutdown began are left out of
             # the vote (for everyone: whoever knows marks them in the store), so
             # the survivors' shutdown completes; a peer that dies during the
@@ -885,6 +892,34 @@ class RpcAgent:
                 if isinstance(exc, RpcTimeoutError)
                 else f"the rendezvous store{hosted} is unreachable: {exc}"
             ) from exc
+
+    async def _find_the_dead(self) -> None:
+        """As a graceful shutdown starts: probe every peer once and declare
+        gone those that cannot be reached (a refused connection), so they are
+        counted out like peers declared gone before. A worker that never
+        talked to a dead peer learns of its death only now; without this it
+        would fail its shutdown as if the peer had died during it. Waits at
+        most a quarter of the heartbeat timeout (a hung peer is the watch's
+        to find)."""
+        limit = self.options.heartbeat_timeout
+        if self.options.heartbeat_interval <= 0:
+            return
+        probes = {
+            peer.info: self._probe(peer.info, limit)
+            for peer in self._peers.values()
+            if peer.info.id != self.info.id and peer.info.id not in self._gone and peer.gone is None
+        }
+        if not probes:
+            return
+        await asyncio.wait(probes.values(), timeout=limit / 4)
+        for info, fut in probes.items():
+            if not fut.done():
+                fut.add_done_callback(_retrieve_exception)
+                continue
+            exc = None if fut.cancelled() else fut.exception()
+            if exc is not None and not isinstance(exc, RpcTimeoutError):
+                error = exc if isinstance(exc, RpcError) else ConnectionLostError(str(exc))
+                self._declare_gone(info, error)
 
     async def _watch_peers(self, lost: list[RpcError]) -> None:
         """Probe every peer while a graceful shutdown waits; a peer that does
