@@ -723,6 +723,12 @@ async def check_torch_private_names(rank: int, world_size: int) -> dict[str, Any
         owner = sync_rpc.RRef(Held(1))
         out["owner_type"] = (owner._get_type() is Held, owner._get_type(blocking=False).wait())
         out["tensor_type"] = sync_rpc.remote("worker2", torch.ones, args=(2,))._get_type()
+        # torch's test_rref_proxy_non_exist: remote() raises at once too.
+        for form in ("rpc_sync", "remote"):
+            with pytest.raises(AttributeError, match="has no attribute 'non_exist'"):
+                getattr(user, form)().non_exist()
+        with pytest.raises(AttributeError, match="has no attribute 'non_exist'"):
+            user.rpc_async().non_exist().wait()
         # torch's test_rref_type_with_error_*: the creation's error, as itself.
         failed = sync_rpc.remote("worker1", raise_value_error, args=("Expected error",))
         with pytest.raises(ValueError, match="Expected error"):

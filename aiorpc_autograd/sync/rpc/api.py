@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar, cast
 
+import torch
+
 from ... import api, codec
 from ...options import WorkerInfo
 from ...rref import RRef as _AsyncRRef
@@ -328,13 +330,37 @@ class RRef(_AsyncRRef[T], Generic[T]):
         return super().rpc_sync(timeout_of(timeout))
 
     def remote(self, timeout: float | None = -1.0) -> Any:
-        """A proxy whose method calls return an :class:`RRef` to the result."""
-        return super().remote(timeout_of(timeout))
+        """A proxy whose method calls return an :class:`RRef` to the result.
+
+        As torch's, a method the value's type lacks raises ``AttributeError``
+        at once (the type is fetched once: :meth:`_get_type`), where the
+        RRef it would return could only fail later. On the agent's loop
+        thread (it cannot wait for the type) the check is left to the owner.
+        """
+        proxy = super().remote(timeout_of(timeout))
+        return proxy if on_agent_loop() else _CheckedProxy(proxy, self, timeout)
 
 
 def _type_of_value(rref: RRef[Any]) -> type:
     """On the owner (a pool thread: waits for a value still being created)."""
     return type(rref.local_value())
+
+
+class _CheckedProxy:
+    """A ``remote()`` proxy that looks the method up on the value's type
+    first, as torch's does."""
+
+    __slots__ = ("_proxy", "_rref", "_timeout")
+
+    def __init__(self, proxy: Any, rref: RRef[Any], timeout: float | None) -> None:
+        self._proxy, self._rref, self._timeout = proxy, rref, timeout
+
+    def __getattr__(self, name: str) -> Any:
+        value_type = self._rref._get_type(self._timeout)
+        # torch skips ScriptModules (their methods are not the type's attributes)
+        if not issubclass(value_type, torch.jit.ScriptModule):
+            getattr(value_type, name)  # AttributeError: "... has no attribute '<name>'"
+        return getattr(self._proxy, name)
 
 
 class _AsyncProxy:
