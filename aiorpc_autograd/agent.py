@@ -106,7 +106,15 @@ from .membership import Membership
 from .options import RpcOptions, WorkerInfo, check_worker_name
 from .pool import StopError, WorkerPool, raisable
 from .rendezvous import Address, Rendezvous
-from .transport import BusyPoll, Connection, PreAuthGate, connect, serve_tcp, serve_unix
+from .transport import (
+    BusyPoll,
+    Connection,
+    PreAuthGate,
+    connect,
+    retrieve_error,
+    serve_tcp,
+    serve_unix,
+)
 from .wire import Frame, Limits
 
 if TYPE_CHECKING:
@@ -115,6 +123,10 @@ if TYPE_CHECKING:
 __all__ = ["RpcAgent", "registered_functions", "register_function"]
 
 log = logging.getLogger(__name__)
+
+# What a call made before init_rpc (or after shutdown) raises, in torch's
+# words (its tests match "^RPC has not been initialized").
+NOT_INITIALIZED = "RPC has not been initialized. Call `await rpc.init_rpc(...)` first"
 T = TypeVar("T")
 
 ResponseDecoder = Callable[[Message], Any]
@@ -181,12 +193,6 @@ async def outcome(fut: asyncio.Future[T]) -> T:
     if exc is not None:
         raise fresh_error(exc)
     return fut.result()
-
-
-def _retrieve_exception(fut: asyncio.Future[Any]) -> None:
-    """A done callback: mark a future's error as seen (nobody awaits it)."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 def wait_before_call(fut: asyncio.Future[Any]) -> bool:
@@ -893,6 +899,14 @@ class RpcAgent:
                 else f"the rendezvous store{hosted} is unreachable: {exc}"
             ) from exc
 
+    def _peers_not_gone(self) -> list[WorkerInfo]:
+        """The other workers, less those declared gone or that said goodbye."""
+        return [
+            peer.info
+            for peer in self._peers.values()
+            if peer.info.id != self.info.id and peer.info.id not in self._gone and peer.gone is None
+        ]
+
     async def _find_the_dead(self) -> None:
         """As a graceful shutdown starts: probe every peer once and declare
         gone those that cannot be reached (a refused connection), so they are
@@ -904,17 +918,13 @@ class RpcAgent:
         limit = self.options.heartbeat_timeout
         if self.options.heartbeat_interval <= 0:
             return
-        probes = {
-            peer.info: self._probe(peer.info, limit)
-            for peer in self._peers.values()
-            if peer.info.id != self.info.id and peer.info.id not in self._gone and peer.gone is None
-        }
+        probes = {info: self._probe(info, limit) for info in self._peers_not_gone()}
         if not probes:
             return
         await asyncio.wait(probes.values(), timeout=limit / 4)
         for info, fut in probes.items():
             if not fut.done():
-                fut.add_done_callback(_retrieve_exception)
+                fut.add_done_callback(retrieve_error)
                 continue
             exc = None if fut.cancelled() else fut.exception()
             if exc is not None and not isinstance(exc, RpcTimeoutError):
@@ -948,14 +958,8 @@ class RpcAgent:
             lost.append(exc)  # type: ignore[arg-type, unused-ignore]
 
         while True:
-            for peer in self._peers.values():
-                info = peer.info
-                if (
-                    info.id == self.info.id
-                    or info.id in probing
-                    or peer.gone is not None
-                    or info.id in self._gone
-                ):
+            for info in self._peers_not_gone():
+                if info.id in probing:
                     continue
                 probing.add(info.id)
                 self._probe(info, limit).add_done_callback(functools.partial(answered, info))
@@ -1921,7 +1925,7 @@ class RpcAgent:
             raise LookupError(f"no function is registered as {target!r}")
         try:
             loaded = codec.load_payload(payload, allow)
-        except (AttributeError, ImportError, ModuleNotFoundError) as exc:
+        except (AttributeError, ImportError) as exc:
             if type(exc) not in (AttributeError, ImportError, ModuleNotFoundError):
                 raise  # a class's own error type, raised by its unpickling
             # A function or class the caller has and this worker does not.

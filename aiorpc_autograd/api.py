@@ -12,7 +12,7 @@ import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, overload
 
-from .agent import RpcAgent, register_function
+from .agent import NOT_INITIALIZED, RpcAgent, register_function
 from .autograd_service import AutogradService
 from .errors import RpcError
 from .membership import MembershipEvent
@@ -52,7 +52,7 @@ def current_agent() -> RpcAgent:
     """
     agent = _agent
     if agent is None or not agent.running:
-        raise RpcError("RPC has not been initialized. Call `await rpc.init_rpc(...)` first")
+        raise RpcError(NOT_INITIALIZED)
     return agent
 
 

@@ -81,6 +81,7 @@ import torch
 
 from . import codec
 from .agent import (
+    NOT_INITIALIZED,
     RpcAgent,
     fresh_error,
     outcome,
@@ -104,6 +105,7 @@ from .codec import (
 )
 from .errors import ConnectionLostError, RpcError, RpcTimeoutError
 from .options import WorkerInfo
+from .transport import retrieve_error
 
 __all__ = ["RRef", "RRefService"]
 
@@ -310,11 +312,11 @@ class RRef(Generic[T]):
         try:
             await asyncio.wait({creation, fetch}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            fetch.add_done_callback(_retrieve)
+            fetch.add_done_callback(retrieve_error)
             raise
         error = _error_of(creation)
         if error is not None:  # the creation's failure decides, whatever the fetch does
-            fetch.add_done_callback(_retrieve)
+            fetch.add_done_callback(retrieve_error)
             raise fresh_error(error)
         if not fetch.done() or fetch.exception() is None:
             return await fetch  # type: ignore[no-any-return]
@@ -401,11 +403,6 @@ class RRef(Generic[T]):
             "Can not pickle rref in python pickler, rref can only be pickled when using RPC "
             "(an RRef can only be sent in RPC arguments and results)"
         )
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _error_of(fut: asyncio.Future[Any]) -> BaseException | None:
@@ -542,7 +539,7 @@ class RRefService:
         """
         service = cls._current
         if service is None or not service.agent.running:
-            raise RpcError("RPC has not been initialized. Call `await rpc.init_rpc(...)` first")
+            raise RpcError(NOT_INITIALIZED)
         return service
 
     def new_id(self) -> Id:
@@ -578,11 +575,11 @@ class RRefService:
         try:
             await asyncio.wait({creation, work}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            work.add_done_callback(_retrieve)
+            work.add_done_callback(retrieve_error)
             raise
         error = _error_of(creation)
         if error is not None:
-            work.add_done_callback(_retrieve)
+            work.add_done_callback(retrieve_error)
             raise fresh_error(error)
         if work.done() and not isinstance(work.exception(), RpcTimeoutError):
             # Failed while the creation was pending: its outcome explains it.
@@ -617,7 +614,7 @@ class RRefService:
         else:
             peer = _UNKNOWN
         entry = _OwnerEntry(self.agent.loop.create_future(), peer=peer)
-        entry.value.add_done_callback(_retrieve)
+        entry.value.add_done_callback(retrieve_error)
         self._owners[rref_id] = entry
         return entry
 
@@ -786,7 +783,7 @@ class RRefService:
         fut = self.agent.request(
             owner, RRefUserDelete(list(rref_id), list(fork_id)), decode=lambda m: None
         )
-        fut.add_done_callback(_retrieve)
+        fut.add_done_callback(retrieve_error)
 
     def _confirm(self, fork_id: Id) -> None:
         rref = self._users.get(fork_id)
@@ -948,7 +945,7 @@ class RRefService:
             return
         info = self.agent.worker_info(worker_id)
         fut = self.agent.request(info, message, decode=lambda m: None)
-        fut.add_done_callback(_retrieve)
+        fut.add_done_callback(retrieve_error)
 
     # -- remote() ------------------------------------------------------------------
 
@@ -985,7 +982,7 @@ class RRefService:
             fut = self.agent.request(to, msg, timeout, decode=lambda m: None)
             if source is not None:
                 fut = self.creation_first(source, fut)
-        fut.add_done_callback(_retrieve)
+        fut.add_done_callback(retrieve_error)
         fut.add_done_callback(lambda f: self._created(rref_id, f))
         rref._creation = fut
         return rref

@@ -72,6 +72,7 @@ __all__ = [
     "PreAuthGate",
     "connect",
     "new_event_loop",
+    "retrieve_error",
     "serve_tcp",
     "serve_unix",
 ]
@@ -409,7 +410,7 @@ class Connection(asyncio.BufferedProtocol):
         self.peer: Any = None  # set by the owner once the peer is known
         # Done once connected and (with a token) mutually authenticated.
         self.made: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.made.add_done_callback(_retrieved)  # accepted connections never await it
+        self.made.add_done_callback(retrieve_error)  # accepted connections never await it
         self.last_received = 0.0
         self.probe_sent = 0.0  # when the owner last sent a liveness probe
 
@@ -830,7 +831,9 @@ def _detached(error: BaseException) -> BaseException:
     return error
 
 
-def _retrieved(fut: asyncio.Future[None]) -> None:
+def retrieve_error(fut: asyncio.Future[Any]) -> None:
+    """A done callback for a future nobody awaits: mark its error as seen
+    (asyncio would log it as never retrieved)."""
     if not fut.cancelled():
         fut.exception()
 
