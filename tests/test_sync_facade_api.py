@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import enum
 import inspect
+import socket
 import threading
 import warnings
 from collections.abc import Callable
@@ -202,6 +203,24 @@ def test_init_rpc_refuses_other_backends_before_starting_anything() -> None:
     with pytest.raises(ValueError, match="TENSORPIPE"):
         rpc.init_rpc("w", backend=Other.PROCESS_GROUP, rank=0, world_size=1)
     assert threading.active_count() >= 1  # nothing left running: no agent
+    with pytest.raises(ours.RpcError, match="RPC has not been initialized"):
+        rpc.get_worker_info()
+
+
+@pytest.mark.parametrize("name", ["w/1", "w 1", "", "x" * 128])
+def test_init_rpc_refuses_a_name_torch_refuses_before_the_rendezvous(name: str) -> None:
+    # No store is listening at this address: the name is refused first.
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    try:
+        options = rpc.TensorPipeRpcBackendOptions(
+            init_method=f"tcp://127.0.0.1:{port.getsockname()[1]}", rendezvous_timeout=5.0
+        )
+        with pytest.raises(RuntimeError, match="Worker name must match") as info:
+            rpc.init_rpc(name, rank=0, world_size=2, rpc_backend_options=options)
+    finally:
+        port.close()
+    assert isinstance(info.value, ValueError)
     with pytest.raises(ours.RpcError, match="RPC has not been initialized"):
         rpc.get_worker_info()
 
