@@ -344,6 +344,19 @@ def torch_threads_on_one_cpu() -> int:
     return threads if threads > 1 and on_one_cpu() else 0
 
 
+def adopt_torch_threads() -> None:
+    """Give the calling thread the process's count of torch intra-op threads
+    (``torch.set_num_threads``), as torch's own threads take it when they
+    start: the count is a per-thread OpenMP setting, and a thread started by
+    Python keeps the library's default (the CPUs at import) until an op that
+    reads torch's count runs on it. A matrix product does not: after
+    ``torch.set_num_threads(1)`` (or pinning after ``import torch``), a pool
+    thread ran it on the default team of 2 threads, which on one CPU wait for
+    each other (1000 64x64 products: 15 s instead of 6 ms). Reading the count
+    on the thread (``torch.get_num_threads()``) applies it there."""
+    torch.get_num_threads()
+
+
 def spinning_takes_no_cpu(world_size: int | None) -> bool:
     """Whether this process's loop may poll without taking a CPU from compute:
     the process may run on one CPU only (its threads take turns there), or the
@@ -420,10 +433,16 @@ class RpcAgent:
         # agreed on the run; connections accepted before are refused).
         self._run_key: bytes | None = None
         self._servers: list[asyncio.AbstractServer] = []
-        self._pool = WorkerPool(self.loop, options.num_worker_threads, f"aiorpc-{name}")
+        self._pool = WorkerPool(
+            self.loop,
+            options.num_worker_threads,
+            f"aiorpc-{name}",
+            thread_init=adopt_torch_threads,
+        )
         # Confined to one CPU when the agent starts (workers pinned one per
         # core): the loop and the pool take turns on it.
         self.pinned = on_one_cpu()
+        adopt_torch_threads()  # the loop's thread runs ops too (the facade's is not the main one)
         threads = torch_threads_on_one_cpu()
         if threads:
             log.warning(

@@ -70,6 +70,7 @@ class WorkerPool:
         raisable: what :meth:`run`'s future raises for a job's exception (a
             future cannot carry ``StopIteration``: it would end the coroutine
             awaiting it).
+        thread_init: called first on each new thread, before its first job.
     """
 
     def __init__(
@@ -78,8 +79,10 @@ class WorkerPool:
         max_threads: int,
         name: str,
         raisable: Callable[[BaseException], BaseException] = raisable,
+        thread_init: Callable[[], object] | None = None,
     ) -> None:
         self._loop = loop
+        self._thread_init = thread_init
         self._raisable = raisable
         self._max = max_threads
         self._name = name
@@ -154,6 +157,11 @@ class WorkerPool:
             threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _work(self) -> None:
+        if self._thread_init is not None:
+            try:
+                self._thread_init()
+            except Exception:
+                log.exception("%s: thread_init failed", threading.current_thread().name)
         jobs, cond = self._jobs, self._cond
         while True:
             with cond:

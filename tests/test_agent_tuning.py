@@ -346,3 +346,51 @@ def test_init_rpc_warns_when_torch_threads_share_the_one_cpu() -> None:
     assert "one CPU only, but torch runs ops on 2 intra-op threads" in warned
     assert "torch.set_num_threads(1)" in warned
     assert "intra-op" not in output(1)
+
+
+@pytest.mark.timeout(90)
+def test_pool_threads_take_the_process_torch_thread_count() -> None:
+    """After ``torch.set_num_threads(1)``, a function the agent runs on its
+    threads computes on one intra-op thread: OpenMP's count is per thread, and
+    a Python thread keeps the library's default (the CPUs at import) until an
+    op that reads torch's count runs there; a matrix product does not, and ran
+    on a team of several threads (on one CPU, ~2000x slower)."""
+    from tests.integration.harness import free_port
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("OpenMP's default is 1 thread on one CPU: nothing to adopt")
+    probe = textwrap.dedent(
+        """
+        import ctypes, sys, threading
+        import torch
+        torch.set_num_threads(1)
+        gomp = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+        omp_max_threads = ctypes.CDLL(gomp).omp_get_max_threads
+        import aiorpc_autograd as rpc
+
+        def seen() -> tuple[str, int]:
+            return threading.current_thread().name, omp_max_threads()
+
+        async def main() -> None:
+            await rpc.init_rpc("w0", 0, 1, init_method=f"tcp://127.0.0.1:{sys.argv[1]}")
+            plain: list[tuple[str, int]] = []
+            thread = threading.Thread(target=lambda: plain.append(seen()), name="plain")
+            thread.start()
+            thread.join()
+            print("plain", *plain[0])
+            print("call", *await rpc.rpc_async("w0", seen))
+            print("to_thread", *await rpc.to_thread(seen))
+            await rpc.shutdown()
+
+        rpc.run(main())
+        """
+    )
+    cmd = [sys.executable, "-c", probe, str(free_port())]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    seen = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()}
+    # A thread of the caller's own keeps OpenMP's default (what the fix is about).
+    assert int(seen["plain"][1]) > 1, out
+    for how in ("call", "to_thread"):
+        name, threads = seen[how]
+        assert name.startswith("aiorpc-w0"), out
+        assert int(threads) == 1, out

@@ -37,6 +37,36 @@ async def test_stop_iteration_does_not_end_the_awaiting_coroutine() -> None:
     custom.shutdown()
 
 
+async def test_thread_init_runs_once_on_each_thread_before_its_jobs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inited: list[int] = []
+    pool = WorkerPool(
+        asyncio.get_running_loop(), 3, "t", thread_init=lambda: inited.append(threading.get_ident())
+    )
+    gate = threading.Event()
+
+    def job() -> bool:
+        gate.wait(5)
+        return threading.get_ident() in inited
+
+    jobs = [pool.run(job) for _ in range(3)]  # each blocks: three threads
+    await asyncio.sleep(0.05)
+    gate.set()
+    assert await asyncio.gather(*jobs) == [True, True, True]
+    assert await pool.run(lambda: threading.get_ident() in inited)
+    assert len(inited) == len(set(inited)) == pool.threads == 3
+    pool.shutdown()
+
+    def broken() -> None:
+        raise OSError("no such library")
+
+    failing = WorkerPool(asyncio.get_running_loop(), 1, "t", thread_init=broken)
+    assert await failing.run(lambda: 7) == 7  # the thread still serves
+    assert "thread_init failed" in caplog.text
+    failing.shutdown()
+
+
 async def test_callbacks_run_on_the_loop_thread() -> None:
     pool = WorkerPool(asyncio.get_running_loop(), 3, "t")
     loop_thread = threading.get_ident()
