@@ -1141,7 +1141,14 @@ class RpcAgent:
         return [self._peers[r].info for r in sorted(self._peers)]
 
     def debug_info(self) -> dict[str, int]:
-        """Counters for ``get_debug_info``."""
+        """Counters for ``get_debug_info``, read on the loop's thread, where
+        the tables they count change (from another thread this waits for the
+        loop; a stopped loop's are read here)."""
+        if not self.loop.is_running() or self.loop.is_closed():
+            return self._read_debug_counters()
+        return self.on_loop(self._read_debug_counters)
+
+    def _read_debug_counters(self) -> dict[str, int]:
         live = [p.conn for p in self._peers.values() if p.conn is not None and not p.conn.closed]
         live += [c for c in self._incoming if not c.closed]
         info = {
