@@ -914,3 +914,137 @@ def test_wait_all_ends_at_the_first_failure(sync_service: WorkerGroup) -> None:
     got = sync_service.call(0, check_wait_all_ends_at_a_failure)
     assert got["early"] == ("RemoteValueError", True)
     assert got["slow"] == 3.0 and got["values"] == [0, 1, 2, 7]
+
+
+# ------------------------------------------- torch's private _wait_all, _all_gather, _barrier
+
+
+def gather_my_id(names: list[str] | None) -> dict[str, int]:
+    """On a facade worker (a pool thread): torch's ``rpc.api._all_gather`` of its id."""
+    return sync_rpc.api._all_gather(sync_rpc.get_worker_info().id, names)
+
+
+_BARRIER_COUNT: list[int] = []
+
+
+def count_up() -> None:
+    _BARRIER_COUNT.append(1)
+
+
+def count_reset() -> int:
+    count = len(_BARRIER_COUNT)
+    _BARRIER_COUNT.clear()
+    return count
+
+
+def barrier_then_count(names: list[str], leader: str) -> None:
+    """torch's ``_test_barrier_helper`` on one worker: after the first barrier
+    every worker adds one to the leader's count; after the second the leader
+    reads them all."""
+    sync_rpc.api._barrier(names)
+    sync_rpc.rpc_sync(leader, count_up)
+    sync_rpc.api._barrier(names)
+
+
+async def check_all_gather_and_barrier(rank: int, world_size: int) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        everyone = [f"worker{i}" for i in range(world_size)]
+        for round_no in range(2):  # rounds of one group follow each other
+            others = [sync_rpc.rpc_async(n, gather_my_id, args=(None,)) for n in everyone[1:]]
+            out[f"round{round_no}"] = [gather_my_id(None)] + [f.wait() for f in others]
+        # A subset, led by worker1 (its name sorts first): worker0 is a follower.
+        pair = ["worker2", "worker1"]
+        led = sync_rpc.rpc_async("worker1", gather_my_id, args=(pair,))
+        out["pair"] = [sync_rpc.rpc_sync("worker2", gather_my_id, args=(pair,)), led.wait()]
+        # torch's barrier test: no worker passes the second barrier before all counted.
+        count_reset()
+        others = [
+            sync_rpc.rpc_async(n, barrier_then_count, args=(everyone, "worker0"))
+            for n in everyone[1:]
+        ]
+        barrier_then_count(everyone, "worker0")
+        out["counted"] = count_reset()
+        for f in others:
+            f.wait()
+        # Nobody else comes: the wait ends at the timeout (torch went on with
+        # the objects it had; ours raises).
+        t0 = time.monotonic()
+        with pytest.raises(rpc.RpcTimeoutError, match=r"timed out in _all_gather after 0\.30 s"):
+            sync_rpc.api._all_gather("x", ["worker0", "worker2"], timeout=0.3)
+        out["timeout_s"] = time.monotonic() - t0
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_all_gather_and_barrier_as_torch(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(0, check_all_gather_and_barrier)
+    ids = {f"worker{i}": i for i in range(3)}
+    assert got["round0"] == got["round1"] == [ids] * 3
+    assert got["pair"] == [{"worker1": 1, "worker2": 2}] * 2
+    assert got["counted"] == 3
+    assert 0.3 <= got["timeout_s"] < 5
+
+
+async def check_wait_all(rank: int, world_size: int) -> dict[str, Any]:
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        local = sync_rpc.api._thread_local_var
+        with sync_rpc.api._wait_all():
+            assert local.future_list == []
+            futs = [sync_rpc.rpc_async("worker1", echo, args=(i,)) for i in range(5)]
+            out["sync"] = sync_rpc.rpc_sync("worker2", echo, args=(9,))  # not collected
+            out["collected"] = len(local.future_list)
+            slow = sync_rpc.rpc_async("worker2", blocking_sleep, args=(0.3,))
+        out["done"] = [f.done() for f in [*futs, slow]]
+        out["values"] = [f.wait() for f in futs]
+        out["cleared"] = not hasattr(local, "future_list")
+        with pytest.raises(ValueError, match="invalid literal"), sync_rpc.api._wait_all():
+            sync_rpc.rpc_async("worker1", int, args=("x",))
+        with pytest.raises(rpc.RpcTimeoutError), sync_rpc.api._wait_all():
+            sync_rpc.rpc_async("worker1", blocking_sleep, args=(2.0,), timeout=0.2)
+        with pytest.raises(KeyError), sync_rpc.api._wait_all():
+            raise KeyError("in the body")
+        out["cleared_after_errors"] = not hasattr(local, "future_list")
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_wait_all_waits_for_the_calls_made_in_its_block(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(0, check_wait_all)
+    assert got["sync"] == 9 and got["collected"] == 5
+    assert got["done"] == [True] * 6 and got["values"] == list(range(5))
+    assert got["cleared"] and got["cleared_after_errors"]
+
+
+def contexts_once_released(context_id: int) -> int:
+    """On a worker, as torch's ``test_debug_info`` checks: once the context is
+    gone (``_retrieve_context`` raises), the count of contexts, read at once."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            sync_autograd._retrieve_context(context_id)
+        except RuntimeError:
+            return int(sync_autograd._get_debug_info()["num_autograd_contexts"])
+    raise AssertionError(f"context {context_id} was never released")
+
+
+async def check_context_count_after_release(rank: int, world_size: int) -> list[int]:
+    def run() -> list[int]:
+        counts = []
+        for _ in range(5):
+            with sync_autograd.context() as context_id:
+                t = torch.ones(2, requires_grad=True)
+                sync_rpc.rpc_sync("worker1", torch.add, args=(t, 1))
+            counts.append(sync_rpc.rpc_sync("worker1", contexts_once_released, args=(context_id,)))
+        return counts
+
+    return await asyncio.to_thread(run)
+
+
+def test_a_released_context_is_not_counted(sync_service: WorkerGroup) -> None:
+    """A context released by its creator is dropped by the time a worker reads
+    its debug counters (it waited up to 5 ms for a gap in the traffic)."""
+    assert sync_service.call(0, check_context_count_after_release) == [0] * 5

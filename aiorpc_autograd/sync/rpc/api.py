@@ -7,14 +7,19 @@ Each function here is the async API's function run on the agent's loop
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import enum
+import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
 import torch
 
 from ... import api, codec
+from ...errors import ConnectionLostError, RpcTimeoutError
 from ...options import WorkerInfo
 from ...rref import RRef as _AsyncRRef
 from ...rref import RRefService, _dump, _load
@@ -33,6 +38,7 @@ __all__ = [
 
 T = TypeVar("T")
 WorkerRef = str | int | WorkerInfo
+log = logging.getLogger(__name__)
 
 # The loop thread of a process started with this facade's init_rpc.
 _loop_thread: LoopThread | None = None
@@ -217,7 +223,11 @@ def rpc_async(
     rpc_agent = agent()
     info = rpc_agent.worker_info(to)
     call_args, limit = _args(args), _limit(timeout)
-    return submit(lambda: rpc_agent.call(info, func, call_args, kwargs, limit))
+    fut = submit(lambda: rpc_agent.call(info, func, call_args, kwargs, limit))
+    waited = getattr(_thread_local_var, "future_list", None)
+    if waited is not None:
+        waited.append(fut)
+    return fut
 
 
 def _limit(timeout: float | None) -> float:
@@ -384,3 +394,148 @@ class _AsyncProxy:
 
 # Facade RRefs travel exactly as the async API's do.
 codec.register_persistent(RRef, "RRef", _dump, _load)
+
+
+# -- torch's private helpers over RPC: _wait_all, _all_gather, _barrier -------
+
+# ``future_list``: the futures rpc_async made in this thread inside _wait_all.
+_thread_local_var = threading.local()
+
+
+@contextlib.contextmanager
+def _wait_all() -> Iterator[None]:
+    """torch's private ``rpc.api._wait_all()``: the futures ``rpc_async``
+    returns in this thread inside the block are waited for at its end (the
+    first failure raises; ``torch.futures.wait_all``)."""
+    _thread_local_var.future_list = []
+    try:
+        yield
+    finally:
+        try:
+            torch.futures.wait_all(_thread_local_var.future_list)
+        finally:
+            del _thread_local_var.future_list
+
+
+class _Gather:
+    """One ``_all_gather`` round of this process: the objects (every
+    worker's, on the leader; then the leader's map, on a follower) and the
+    signal that they are all there."""
+
+    __slots__ = ("objects", "proceed")
+
+    def __init__(self) -> None:
+        self.objects: dict[str, Any] = {}
+        self.proceed = threading.Event()
+
+
+_gather_lock = threading.Lock()
+_gather_rounds: dict[str, int] = {}  # the names of a group -> rounds started
+_gathers: collections.defaultdict[str, _Gather] = collections.defaultdict(_Gather)
+
+
+def _gather_to_leader(round_id: str, worker_name: str, obj: Any, names: frozenset[str]) -> None:
+    """On the leader (a pool thread): ``worker_name``'s object of ``round_id``."""
+    with _gather_lock:
+        gather = _gathers[round_id]
+        if worker_name in gather.objects:
+            raise RuntimeError(f"{worker_name} reported _all_gather round {round_id} twice")
+        gather.objects[worker_name] = obj
+        if names == gather.objects.keys():
+            gather.proceed.set()
+
+
+def _broadcast_to_followers(round_id: str, objects: dict[str, Any]) -> None:
+    """On a follower: the leader's map of ``round_id``."""
+    with _gather_lock:
+        gather = _gathers[round_id]
+    if gather.proceed.is_set():
+        raise RuntimeError(f"_all_gather round {round_id} was answered twice")
+    gather.objects = objects
+    gather.proceed.set()
+
+
+def _wait_for_leader(gather: _Gather, leader: str, limit: float | None) -> None:
+    """Wait for ``gather``'s signal: at most ``limit`` seconds (None: no
+    limit), and not past the leader's loss."""
+    rpc_agent = agent()
+    leader_id = rpc_agent.worker_info(leader).id
+    deadline = None if limit is None else time.monotonic() + limit
+    while not gather.proceed.wait(0.05):
+        if rpc_agent.peer_gone(leader_id):
+            raise ConnectionLostError(f"_all_gather: the leader {leader!r} is gone")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise RpcTimeoutError(f"timed out in _all_gather after {limit:.2f} seconds")
+
+
+def _all_gather(
+    obj: Any, worker_names: Iterable[str] | None = None, timeout: float = -1.0
+) -> dict[str, Any]:
+    """torch's private ``rpc.api._all_gather``: every named worker's ``obj``
+    (worker name -> object), on each of them. The worker whose name sorts
+    first gathers and sends the map to the others. ``worker_names``: the
+    group when None; ``timeout``: the calls' (the default: the default
+    timeout, and no limit on waiting for the others; 0: no limit at all).
+
+    Raises:
+        RpcTimeoutError: a call (or, with a timeout, the wait) took too long.
+        RuntimeError: on the leader, "Followers [...] timed out in _all_gather
+            after T seconds" (torch's words) when the map did not reach them.
+        ConnectionLostError: the leader is gone (once this worker's agent
+            knows: like torch's, a follower that is done calling the leader
+            does not watch it).
+    """
+    if on_agent_loop():
+        raise RuntimeError("_all_gather blocks, and this thread runs the RPC agent's event loop")
+    names = frozenset(worker_names or (w.name for w in api.get_worker_infos()))
+    leader, me = min(names), api.get_worker_info().name
+    key = ",".join(sorted(names))  # names hold no comma
+    with _gather_lock:
+        round_no = _gather_rounds.get(key, 0)
+        _gather_rounds[key] = round_no + 1
+    round_id = f"{key}#{round_no}"
+    if timeout < 0:
+        rpc_timeout, wait_limit = _limit(None), None
+    else:
+        rpc_timeout = timeout
+        wait_limit = timeout or None
+    try:
+        if me == leader:
+            _gather_to_leader(round_id, me, obj, names)
+        else:
+            rpc_sync(leader, _gather_to_leader, (round_id, me, obj, names), timeout=rpc_timeout)
+        with _gather_lock:
+            gather = _gathers[round_id]
+        _wait_for_leader(gather, leader, wait_limit)
+        if me == leader:
+            futures = {
+                name: rpc_async(
+                    name, _broadcast_to_followers, (round_id, gather.objects), timeout=rpc_timeout
+                )
+                for name in sorted(names - {leader})
+            }
+            errors = []
+            for name, fut in futures.items():
+                try:
+                    fut.wait()
+                except RuntimeError as exc:
+                    errors.append((name, exc))
+            if errors:
+                raise RuntimeError(
+                    f"Followers {[name for name, _ in errors]} timed out in _all_gather "
+                    f"after {rpc_timeout:.2f} seconds. The first exception is {errors[0][1]}"
+                )
+        return gather.objects
+    finally:
+        with _gather_lock:
+            _gathers.pop(round_id, None)
+
+
+def _barrier(worker_names: Iterable[str]) -> None:
+    """torch's private ``rpc.api._barrier``: return once every named worker
+    called it (an :func:`_all_gather` of nothing). A failure is logged, not
+    raised, as torch's is."""
+    try:
+        _all_gather(None, set(worker_names))
+    except RuntimeError:
+        log.exception("Failed to complete barrier")
