@@ -43,6 +43,7 @@ peer (``RpcOptions.max_peer_contexts``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -687,17 +688,26 @@ class AutogradService:
         await self.run_job(("optimizer", optimizer_id), lambda: step(context_id))
 
     def _as_remote(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, RemoteError) or not isinstance(exc, Exception):
+        """The error a failed pass raises on its root: a :class:`RemoteError`
+        naming the worker where the pass failed, its message led by torch's
+        "Error on Node N: " (N: that worker's id), which ported code matches."""
+        if not isinstance(exc, Exception):
             return exc
-        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        name = type(exc).__qualname__
-        if type(exc).__module__ != "builtins":
-            name = f"{type(exc).__module__}.{name}"
-        worker = self.agent.info.name
-        if isinstance(exc, ConnectionLostError) and exc.worker:
-            worker = exc.worker  # a lost participant: name it, not this worker
-            name = f"{ConnectionLostError.__module__}.{ConnectionLostError.__qualname__}"
-        return remote_error(worker, name, str(exc), tb)
+        if isinstance(exc, RemoteError):
+            worker, name = exc.worker, exc.type_name
+            message, tb = exc.remote_message, exc.remote_traceback
+        else:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            name = type(exc).__qualname__
+            if type(exc).__module__ != "builtins":
+                name = f"{type(exc).__module__}.{name}"
+            worker, message = self.agent.info.name, str(exc)
+            if isinstance(exc, ConnectionLostError) and exc.worker:
+                worker = exc.worker  # a lost participant: name it, not this worker
+                name = f"{ConnectionLostError.__module__}.{ConnectionLostError.__qualname__}"
+        with contextlib.suppress(Exception):  # a worker no longer in the group: no id
+            message = f"Error on Node {self.agent.worker_info(worker).id}: {message}"
+        return remote_error(worker, name, message, tb)
 
     def _abort_everywhere(
         self, ctx: DistAutogradContext, pass_id: int, error: BaseException
