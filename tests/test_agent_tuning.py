@@ -394,3 +394,27 @@ def test_pool_threads_take_the_process_torch_thread_count() -> None:
         name, threads = seen[how]
         assert name.startswith("aiorpc-w0"), out
         assert int(threads) == 1, out
+
+    # The facade's loop runs on a thread of its own, and async functions run there.
+    facade = textwrap.dedent(
+        """
+        import ctypes, sys, threading
+        import torch
+        torch.set_num_threads(1)
+        gomp = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+        omp_max_threads = ctypes.CDLL(gomp).omp_get_max_threads
+        from aiorpc_autograd.sync import rpc
+
+        async def seen_on_loop() -> tuple[str, int]:
+            return threading.current_thread().name, omp_max_threads()
+
+        opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{sys.argv[1]}")
+        rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=opts)
+        print("loop", *rpc.rpc_sync("w0", seen_on_loop))
+        rpc.shutdown()
+        """
+    )
+    cmd = [sys.executable, "-c", facade, str(free_port())]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    name, threads = out.stdout.split()[1:3]
+    assert name.startswith("aiorpc-loop") and int(threads) == 1, out

@@ -455,9 +455,10 @@ def _broadcast_to_followers(round_id: str, objects: dict[str, Any]) -> None:
     gather.proceed.set()
 
 
-def _wait_for_leader(gather: _Gather, leader: str, limit: float | None) -> None:
-    """Wait for ``gather``'s signal: at most ``limit`` seconds (None: no
-    limit), and not past the leader's loss."""
+def _wait_for_round(gather: _Gather, leader: str, limit: float | None) -> None:
+    """Wait for ``gather``'s signal (on the leader: every object arrived; on
+    a follower: the map did): at most ``limit`` seconds (None: no limit),
+    and not past the leader's loss."""
     rpc_agent = agent()
     leader_id = rpc_agent.worker_info(leader).id
     deadline = None if limit is None else time.monotonic() + limit
@@ -506,7 +507,7 @@ def _all_gather(
             rpc_sync(leader, _gather_to_leader, (round_id, me, obj, names), timeout=rpc_timeout)
         with _gather_lock:
             gather = _gathers[round_id]
-        _wait_for_leader(gather, leader, wait_limit)
+        _wait_for_round(gather, leader, wait_limit)
         if me == leader:
             futures = {
                 name: rpc_async(
