@@ -319,6 +319,8 @@ def fix_mmap_threshold(nbytes: int) -> bool:
 # How early a loop timer may fire against time.monotonic() (uvloop's clock
 # counts milliseconds).
 _TIMER_SLACK = 0.002
+# How often a thread blocked on the loop checks that the loop has not closed.
+_LOOP_CHECK_INTERVAL = 0.5
 
 
 def usable_cpus() -> int:
@@ -1144,9 +1146,13 @@ class RpcAgent:
         """Counters for ``get_debug_info``, read on the loop's thread, where
         the tables they count change (from another thread this waits for the
         loop; a stopped loop's are read here)."""
-        if not self.loop.is_running() or self.loop.is_closed():
-            return self._read_debug_counters()
-        return self.on_loop(self._read_debug_counters)
+        if self.loop.is_running() and not self.loop.is_closed():
+            try:
+                return self.on_loop(self._read_debug_counters)
+            except RpcError:
+                if not self.loop.is_closed():
+                    raise
+        return self._read_debug_counters()  # the loop stopped: nothing changes them
 
     def _read_debug_counters(self) -> dict[str, int]:
         live = [p.conn for p in self._peers.values() if p.conn is not None and not p.conn.closed]
@@ -1322,6 +1328,7 @@ class RpcAgent:
 
         Raises:
             RuntimeError: called on the loop thread (it would deadlock).
+            RpcError: the loop closed before the future was done.
         """
         if self.on_loop_thread():
             raise RuntimeError(
@@ -1347,8 +1354,22 @@ class RpcAgent:
 
             fut.add_done_callback(done)
 
-        self.loop.call_soon_threadsafe(run)
+        try:
+            self.loop.call_soon_threadsafe(run)
+        except RuntimeError:  # closed already
+            raise self._loop_closed() from None
+        # A loop closes only after its last turn: what it has not finished by
+        # then never finishes (the agent shut down meanwhile).
+        while not concurrent.futures.wait([cfut], _LOOP_CHECK_INTERVAL).done:
+            if self.loop.is_closed() and not cfut.done():
+                raise self._loop_closed()
         return cfut.result()
+
+    def _loop_closed(self) -> RpcError:
+        return RpcError(
+            f"RPC agent {self.info.name!r} shut down: its event loop closed "
+            "before this call finished"
+        )
 
     def on_loop(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the loop thread (directly if already there) and return

@@ -847,3 +847,44 @@ def test_env_init_on_a_port_held_by_another_process() -> None:
         (error,) = run_processes(init_on_a_taken_port, 1, timeout=60, env=master_env(port, 1))
     assert error.startswith("RpcError: cannot host the rendezvous store"), error
     assert f"held by process {os.getpid()} (" in error, error
+
+
+_LOOP_GOES_AWAY = """
+import sys, threading, time
+from aiorpc_autograd.sync import rpc
+import aiorpc_autograd.sync.rpc.api as api
+
+def slow() -> int:
+    time.sleep(3)
+    return 1
+
+opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{sys.argv[1]}")
+rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=opts)
+outcome = []
+
+def call() -> None:
+    try:
+        outcome.append(rpc.rpc_sync("w0", slow))
+    except Exception as exc:
+        outcome.append(f"{type(exc).__name__}: {exc}")
+
+caller = threading.Thread(target=call, daemon=True)
+caller.start()
+time.sleep(0.3)
+t0 = time.monotonic()
+api._loop_thread.stop()  # the loop goes away under a blocked caller
+caller.join(10)
+print(outcome, caller.is_alive(), round(time.monotonic() - t0, 1))
+"""
+
+
+def test_a_blocked_caller_is_released_when_the_loop_goes_away() -> None:
+    """A thread blocked on the agent's loop (the facade's calls, ``debug_info``
+    from another thread) gets an error once that loop closed without finishing
+    its call, instead of waiting forever."""
+    cmd = [sys.executable, "-c", _LOOP_GOES_AWAY, str(free_port())]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    outcome, alive, waited = out.stdout.rsplit(" ", 2)
+    assert alive == "False", out  # without the check: still blocked 10 s later
+    assert "RpcError: RPC agent 'w0' shut down: its event loop closed" in outcome, out
+    assert float(waited) < 5, out
