@@ -127,6 +127,11 @@ log = logging.getLogger(__name__)
 # What a call made before init_rpc (or after shutdown) raises, in torch's
 # words (its tests match "^RPC has not been initialized").
 NOT_INITIALIZED = "RPC has not been initialized. Call `await rpc.init_rpc(...)` first"
+# torch's words where an RRef needs the agent (its RRef context's)
+NO_AGENT_FOR_RREF = (
+    "Current RPC agent is not set! Did you initialize the RPC framework "
+    "(e.g. by calling `rpc.init_rpc`)?"
+)
 T = TypeVar("T")
 
 ResponseDecoder = Callable[[Message], Any]

@@ -91,7 +91,7 @@ async def init_rpc(
     """
     global _agent
     if _agent is not None and _agent.running:
-        raise RuntimeError("RPC is already initialised in this process")
+        raise RuntimeError("RPC is already initialized in this process")
     agent = await RpcAgent.start(
         name,
         rank,

@@ -152,9 +152,13 @@ class Rendezvous:
                 world_size = int(os.environ["WORLD_SIZE"])
         dynamic = world_size is None
         if rank is None:
-            raise ValueError(
-                f"rank is required with init_method={init_method!r} (or set RANK for env://)"
-            )
+            # torch's words for either init method
+            if init_method.startswith("env://"):
+                raise ValueError(
+                    "environment variable RANK expected, but not set: rank is required "
+                    f"with init_method={init_method!r}"
+                )
+            raise ValueError(f"rank parameter missing: rank is required with {init_method!r}")
         if world_size is not None and (world_size < 1 or not 0 <= rank < world_size):
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")
         if dynamic and rank < 0:

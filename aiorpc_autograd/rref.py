@@ -81,7 +81,7 @@ import torch
 
 from . import codec
 from .agent import (
-    NOT_INITIALIZED,
+    NO_AGENT_FOR_RREF,
     RpcAgent,
     fresh_error,
     outcome,
@@ -539,7 +539,7 @@ class RRefService:
         """
         service = cls._current
         if service is None or not service.agent.running:
-            raise RpcError(NOT_INITIALIZED)
+            raise RpcError(NO_AGENT_FOR_RREF)
         return service
 
     def new_id(self) -> Id:

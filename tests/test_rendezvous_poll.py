@@ -74,3 +74,13 @@ def test_a_member_list_naming_a_worker_torch_refuses_is_malformed(name: str) -> 
     assert [m[1] for m in membership._unpack(good)] == ["worker0", "w-1:x_y"]
     with pytest.raises(RpcError, match="malformed member list"):
         membership._unpack(msgpack.packb([[0, "worker0", "i0"], [1, name, "i1"]]))
+
+
+async def test_a_missing_rank_is_torch_s_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's test_dynamic_rpc_init_rpc_without_rank: its words per init method,
+    before anything is contacted."""
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="rank parameter missing"):
+        await Rendezvous.join("tcp://127.0.0.1:9", None, None, 1.0)
+    with pytest.raises(ValueError, match="environment variable RANK expected"):
+        await Rendezvous.join("env://", None, None, 1.0)

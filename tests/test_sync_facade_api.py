@@ -191,6 +191,21 @@ def test_other_option_values() -> None:
     with pytest.raises(TypeError, match="Argument rpc_backend_options must be an instance of"):
         resolve_options({"rpc_timeout": 3})
 
+    class FooBackendOptions(rpc.RpcBackendOptions):  # torch's: options of another backend
+        def __init__(self, init_method: str) -> None:
+            self.init_method = init_method
+
+    foo = FooBackendOptions("env://")
+    # torch's test_cannot_infer_backend_from_options / test_mismatched_type_for_options
+    with pytest.raises(TypeError, match="Could not infer backend for options"):
+        rpc.init_rpc("w", rank=0, world_size=1, rpc_backend_options=foo)
+    with pytest.raises(
+        TypeError, match="`rpc_backend_options` must be a `TensorPipeRpcBackendOptions`"
+    ):
+        rpc.init_rpc(
+            "w", rank=0, world_size=1, backend=rpc.BackendType.TENSORPIPE, rpc_backend_options=foo
+        )
+
 
 def test_init_rpc_refuses_other_backends_before_starting_anything() -> None:
     # torch's test_wrong_types: a string is not a BackendType member
@@ -205,6 +220,9 @@ def test_init_rpc_refuses_other_backends_before_starting_anything() -> None:
     assert threading.active_count() >= 1  # nothing left running: no agent
     with pytest.raises(ours.RpcError, match="RPC has not been initialized"):
         rpc.get_worker_info()
+    # torch's test_pg_init_no_rpc_init: an RRef needs the agent, in torch's words
+    with pytest.raises(RuntimeError, match="Current RPC agent is not set! Did you initialize"):
+        rpc.RRef(torch.ones(1))
 
 
 @pytest.mark.parametrize("name", ["w/1", "w 1", "", "x" * 128])

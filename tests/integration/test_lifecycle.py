@@ -888,3 +888,37 @@ def test_a_blocked_caller_is_released_when_the_loop_goes_away() -> None:
     assert alive == "False", out  # without the check: still blocked 10 s later
     assert "RpcError: RPC agent 'w0' shut down: its event loop closed" in outcome, out
     assert float(waited) < 5, out
+
+
+_INIT_TWICE = """
+import asyncio, sys
+import aiorpc_autograd as rpc
+from aiorpc_autograd.sync import rpc as sync_rpc
+
+async def main() -> None:
+    init = f"tcp://127.0.0.1:{sys.argv[1]}"
+    await rpc.init_rpc("w0", 0, 1, init_method=init)
+    try:
+        await rpc.init_rpc("w0", 0, 1, init_method=init)
+    except RuntimeError as exc:
+        print("async:", exc)
+    await rpc.shutdown()
+
+asyncio.run(main())
+opts = sync_rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{sys.argv[2]}")
+sync_rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=opts)
+try:
+    sync_rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=opts)
+except RuntimeError as exc:
+    print("facade:", exc)
+sync_rpc.shutdown()
+"""
+
+
+def test_a_second_init_rpc_is_torch_s_runtime_error() -> None:
+    """torch's test_reinit: "... is already initialized", in either API."""
+    cmd = [sys.executable, "-c", _INIT_TWICE, str(free_port()), str(free_port())]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["async", "facade"], out
+    assert all("is already initialized" in line for line in lines), out

@@ -65,7 +65,7 @@ def init_rpc(
             ``init_method`` (default ``env://``) says where to meet.
 
     Raises:
-        RuntimeError: RPC is already initialised in this process.
+        RuntimeError: RPC is already initialized in this process.
         TypeError: ``backend`` is not a ``BackendType`` member, or the options
             are of no known type (torch's words).
         ValueError: another backend, bad arguments, a duplicate name (an
@@ -77,10 +77,10 @@ def init_rpc(
         raise TypeError(f"Argument backend must be a member of BackendType, not {backend!r}")
     if backend is not None and backend.name != BackendType.TENSORPIPE.name:
         raise ValueError(f"unsupported backend {backend!r}: only BackendType.TENSORPIPE")
-    options, init_method = resolve_options(rpc_backend_options)
+    options, init_method = resolve_options(rpc_backend_options, backend)
     with _lifecycle:
         if _loop_thread is not None:
-            raise RuntimeError("RPC is already initialised in this process")
+            raise RuntimeError("RPC is already initialized in this process")
         thread = LoopThread(f"aiorpc-loop-{name}")
         # Every RRef of this process is a facade RRef (blocking to_here...),
         # also those of the requests served as soon as the agent is up.

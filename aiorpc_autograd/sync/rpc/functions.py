@@ -51,8 +51,9 @@ def async_execution(fn: F) -> F:
             # torch's error, raised on the callee (its caller gets it).
             raise RuntimeError(
                 "Functions decorated with @rpc.async_function must return a "
-                "torch.futures.Future object (or, here, an awaitable), but got "
-                f"{type(result).__module__}.{type(result).__qualname__}"
+                "torch.futures.Future object, but got "
+                f"{type(result).__module__}.{type(result).__qualname__} "
+                "(an awaitable is accepted too)"
             )
         return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -147,13 +148,15 @@ class TensorPipeRpcBackendOptions(RpcBackendOptions):
         )
 
 
-def resolve_options(options: Any) -> tuple[RpcOptions, str]:
+def resolve_options(options: Any, backend: Any = None) -> tuple[RpcOptions, str]:
     """``(RpcOptions, init_method)`` for the ``rpc_backend_options`` of
     ``init_rpc``: ours, an :class:`RpcOptions` (init_method ``env://``), None,
     or torch's own ``TensorPipeRpcBackendOptions`` (its fields read by name).
+    ``backend`` is the one ``init_rpc`` was given (None: torch infers it from
+    the options, which its error says).
 
     Raises:
-        TypeError: anything else.
+        TypeError: anything else (torch's words).
     """
     if options is None:
         return RpcOptions(), DEFAULT_INIT_METHOD
@@ -171,7 +174,21 @@ def resolve_options(options: Any) -> tuple[RpcOptions, str]:
             devices=options.devices,
         )
         return mapped.to_options(), mapped.init_method
-    raise TypeError(
-        "Argument rpc_backend_options must be an instance of RpcBackendOptions "
-        f"(a TensorPipeRpcBackendOptions) or an RpcOptions, not {type(options).__name__}"
-    )
+    # torch's words, in torch's order: not options at all; options of another
+    # backend, which torch tries to infer when none is given
+    kind = type(options).__name__
+    if not isinstance(options, RpcBackendOptions) and not _is_torch_options(options):
+        raise TypeError(
+            "Argument rpc_backend_options must be an instance of RpcBackendOptions "
+            f"(a TensorPipeRpcBackendOptions) or an RpcOptions, not {kind}"
+        )
+    if backend is None:
+        raise TypeError(f"Could not infer backend for options {options!r} (a {kind})")
+    raise TypeError(f"`rpc_backend_options` must be a `TensorPipeRpcBackendOptions`, not a {kind}")
+
+
+def _is_torch_options(options: Any) -> bool:
+    """An instance of torch's own ``RpcBackendOptions`` (torch's RPC imported)."""
+    torch_rpc = sys.modules.get("torch.distributed.rpc")
+    base = getattr(torch_rpc, "RpcBackendOptions", None)
+    return isinstance(base, type) and isinstance(options, base)
