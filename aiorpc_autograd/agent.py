@@ -1167,6 +1167,7 @@ class RpcAgent:
             "num_inflight_requests": self._inflight,
             "num_connections": len(live),
             "num_worker_threads": self.options.num_worker_threads,
+            "num_idle_worker_threads": self._pool.idle,
         }
         for key in ("num_shm_segments", "num_shm_segments_held", "num_shm_segments_leased"):
             info[key] = 0
@@ -1920,7 +1921,12 @@ class RpcAgent:
                 del late[next(iter(late))]  # its answer, if it ever comes, drops the link
         if pending is not None and not pending.future.done():
             pending.future.set_exception(
-                RpcTimeoutError(f"call to worker {to.name!r} timed out after {timeout}s")
+                # torch's words too, which ported code matches
+                RpcTimeoutError(
+                    f"call to worker {to.name!r} timed out after {timeout}s: RPC ran for "
+                    f"more than set timeout ({timeout * 1000:.0f} ms) and will now be "
+                    "marked with an error"
+                )
             )
 
     def _fail_pending(self, which: Callable[[_Pending], bool], error: RpcError) -> None:

@@ -59,17 +59,7 @@ class context:
         self._token: object = None
 
     def __enter__(self) -> int:
-        # From a thread other than the loop's (plain ``with`` in a pool thread or
-        # the sync facade), the service is touched on its loop.
-        agent = current_agent()
-        service = _service()
-        outer = current_context_id.get()
-        if outer is not None and service.container.get(outer) is not None:
-            raise RuntimeError(
-                f"Already have an autograd context id for this thread ({outer}): "
-                "distributed autograd contexts do not nest, as in torch"
-            )
-        self._ctx = agent.on_loop(service.new_context)
+        self._ctx = new_context_here()
         self._token = current_context_id.set(self._ctx.context_id())
         return self._ctx.context_id()
 
@@ -112,11 +102,71 @@ class context:
         self.__exit__(exc_type, exc, tb)
 
 
+def _check_argument_types(context_id: Any, roots: Any, retain_graph: Any) -> None:
+    """torch's binding refuses arguments of the wrong type before anything runs.
+
+    Raises:
+        TypeError: in torch's words ("incompatible function arguments").
+    """
+    ok = (
+        isinstance(context_id, int)
+        and not isinstance(context_id, bool)
+        and isinstance(retain_graph, bool)
+        and (
+            isinstance(roots, torch.Tensor)
+            or (
+                isinstance(roots, (list, tuple))
+                and all(isinstance(root, torch.Tensor) for root in roots)
+            )
+        )
+    )
+    if not ok:
+        raise TypeError(
+            "backward(): incompatible function arguments. The following argument types "
+            "are supported:\n    1. (context_id: int, roots: list[torch.Tensor], "
+            f"retain_graph: bool = False) -> None\n\nInvoked with: {context_id!r}, "
+            f"{roots!r}, {retain_graph!r}"
+        )
+
+
+def new_context_here() -> DistAutogradContext:
+    """A new context of this worker (not yet made the current one).
+
+    Raises:
+        RuntimeError: a context is current here already (they do not nest).
+        RpcError: RPC is not initialized.
+    """
+    # From a thread other than the loop's (plain ``with`` in a pool thread or
+    # the sync facade), the service is touched on its loop.
+    agent = current_agent()
+    service = _service()
+    outer = current_context_id.get()
+    if outer is not None and service.container.get(outer) is not None:
+        raise RuntimeError(
+            f"Already have an autograd context id for this thread ({outer}): "
+            "distributed autograd contexts do not nest, as in torch"
+        )
+    return agent.on_loop(service.new_context)
+
+
+def release_here(context_id: int) -> None:
+    """Release the context ``context_id`` here and on the workers it knows
+    (what leaving its ``with`` block does); it is no longer current.
+
+    Raises:
+        RuntimeError: no such context here.
+    """
+    retrieve_context(context_id)
+    service = _service()
+    service.agent.on_loop(lambda: service.release(context_id))
+    if current_context_id.get() == context_id:
+        current_context_id.set(None)
+
+
 def _validate_roots(roots: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
     """The roots as a list, checked in torch's order.
 
     Raises:
-        TypeError: a root is not a tensor (or ``roots`` is not a sequence).
         InvalidArgumentError: no roots, or a root that does not require
             grad, is not a scalar or is a leaf (torch's messages).
     """
@@ -126,8 +176,6 @@ def _validate_roots(roots: Sequence[torch.Tensor] | torch.Tensor) -> list[torch.
     if not roots:
         raise InvalidArgumentError("No tensors provided for gradient computation.")
     for i, root in enumerate(roots):
-        if not isinstance(root, torch.Tensor):
-            raise TypeError(f"root {i} is a {type(root).__name__}, not a tensor")
         if not root.requires_grad:
             raise InvalidArgumentError(f"requires_grad not set on root {i}")
         if root.numel() != 1:
@@ -171,6 +219,8 @@ def backward(
     and are not stepped (a step would leave their parameters alone).
 
     Raises:
+        TypeError: an argument of the wrong type (raised by the call itself,
+            torch's "incompatible function arguments").
         ValueError: invalid roots (empty, not scalar, not requiring grad).
         RuntimeError: unknown context id, or a pass already running in it.
         RemoteError: the pass failed on some worker (named in the error); the
@@ -179,6 +229,7 @@ def backward(
     A coroutine: forgetting to await it makes the context's exit raise (see
     :class:`context`).
     """
+    _check_argument_types(context_id, roots, retain_graph)
     plan = None if optimizer is None else optimizer.step_in_backward_plan()
     coro = _backward(context_id, roots, retain_graph, plan)
     watch(context_id, "dist_autograd.backward(...)", coro)

@@ -107,6 +107,12 @@ class WorkerPool:
         return self._threads - self._idle - self._free > 0 or bool(self._jobs)
 
     @property
+    def idle(self) -> int:
+        """Threads of ``max_threads`` not running a job (not yet started ones
+        included): torch's ``agent.num_idle_threads``."""
+        return max(0, self._max - (self._threads - self._idle - self._free))
+
+    @property
     def name(self) -> str:
         """The thread name prefix."""
         return self._name

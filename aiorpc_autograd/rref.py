@@ -314,7 +314,7 @@ class RRef(Generic[T]):
         except BaseException:
             fetch.add_done_callback(retrieve_error)
             raise
-        error = _error_of(creation)
+        error = _creation_error(creation)
         if error is not None:  # the creation's failure decides, whatever the fetch does
             fetch.add_done_callback(retrieve_error)
             raise fresh_error(error)
@@ -329,7 +329,7 @@ class RRef(Generic[T]):
         done, _ = await asyncio.wait({creation}, timeout=left if left else None)
         if not done:
             raise RpcTimeoutError(f"to_here() timed out after {limit}s")
-        error = _error_of(creation)
+        error = _creation_error(creation)
         if error is not None:
             raise fresh_error(error)
         # Created after all (the fetch overtook a delayed creation): once more.
@@ -403,6 +403,20 @@ class RRef(Generic[T]):
             "Can not pickle rref in python pickler, rref can only be pickled when using RPC "
             "(an RRef can only be sent in RPC arguments and results)"
         )
+
+
+def _creation_error(creation: asyncio.Future[Any]) -> BaseException | None:
+    """The error a failed creation gives the RRef's uses: a timed-out one in
+    torch's words (the value may or may not exist on the owner)."""
+    error = _error_of(creation)
+    if isinstance(error, RpcTimeoutError):
+        translated = RpcTimeoutError(
+            "RRef creation via rpc.remote() timed out, and it is possible that the RRef "
+            f"on the owner node does not exist ({error})"
+        )
+        translated.__cause__ = error
+        return translated
+    return error
 
 
 def _error_of(fut: asyncio.Future[Any]) -> BaseException | None:
@@ -552,7 +566,7 @@ class RRefService:
         or its owner is gone. Loop thread only."""
         creation = rref._creation
         if creation is not None:
-            error = _error_of(creation)
+            error = _creation_error(creation)
             if error is not None:
                 return error
         gone = self._gone.get(rref._owner.id)
@@ -577,14 +591,14 @@ class RRefService:
         except BaseException:
             work.add_done_callback(retrieve_error)
             raise
-        error = _error_of(creation)
+        error = _creation_error(creation)
         if error is not None:
             work.add_done_callback(retrieve_error)
             raise fresh_error(error)
         if work.done() and not isinstance(work.exception(), RpcTimeoutError):
             # Failed while the creation was pending: its outcome explains it.
             await asyncio.wait({creation})
-            error = _error_of(creation)
+            error = _creation_error(creation)
             if error is not None:
                 raise fresh_error(error)
         return await work
@@ -794,6 +808,21 @@ class RRefService:
             self._send_delete(pending[0], pending[1], fork_id)
         elif rref is None:
             self._confirmed_forks.add(fork_id)
+
+    def torch_debug_info(self) -> dict[str, int]:
+        """torch's RRef context counters (``_rref_context_get_debug_info``),
+        read on the loop's thread: the owner RRefs shared with other workers
+        (a local ``RRef(value)`` counts once shared), their forks, owner
+        entries waiting for a value still being created, and references not
+        yet confirmed by their owner (here or sent from here)."""
+        shared = [entry for entry in self._owners.values() if entry.forks or entry.placeholder]
+        return {
+            "num_owner_rrefs": len(shared),
+            "num_forks": sum(len(entry.forks) for entry in shared),
+            "num_pending_futures": sum(entry.placeholder for entry in shared),
+            "num_pending_users": len(self._pending_children)
+            + sum(not rref._confirmed for rref in list(self._users.values())),
+        }
 
     def delete_all_users(self) -> None:
         """Graceful shutdown: tell owners every live user RRef is gone, each

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import dist_autograd as _dist_autograd
+from ..api import current_agent
 from ..autograd import current_context_id
 from ..dist_autograd import DistAutogradContext, context, get_gradients
 from ._bridge import wait_for
@@ -63,6 +64,35 @@ def retrieve_context(context_id: int) -> DistAutogradContext:
 
 # torch's private names, which its tests and some programs use.
 _retrieve_context = retrieve_context
+
+
+def _new_context() -> DistAutogradContext:
+    """A new context, made this thread's current one until
+    :func:`_release_context` (torch's private ``_new_context``, for code that
+    cannot use ``with context()``).
+
+    Raises:
+        RuntimeError: this thread has a context already (they do not nest).
+    """
+    ctx = _dist_autograd.new_context_here()
+    current_context_id.set(ctx.context_id())
+    return ctx
+
+
+def _release_context(context_id: int) -> None:
+    """Release a context here and on the workers it knows, as leaving its
+    ``with`` block does (torch's private ``_release_context``).
+
+    Raises:
+        RuntimeError: no such context ("Could not find autograd context with id: N").
+    """
+    _dist_autograd.release_here(context_id)
+
+
+def _get_max_id() -> int:
+    """The largest context id this worker can make (torch's private
+    ``_get_max_id``): its worker id in the top 16 bits, all ones below."""
+    return (current_agent().info.id << 48) | ((1 << 48) - 1)
 
 
 def _current_context() -> DistAutogradContext:

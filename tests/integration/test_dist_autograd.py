@@ -849,6 +849,8 @@ async def check_invalid_calls(rank: int, world_size: int) -> dict[str, str]:
             fn()
         except Exception as exc:
             seen[case] = type(exc).__name__
+            if isinstance(exc, TypeError):
+                seen[case + " says"] = str(exc).split(" The following")[0]
         else:
             seen[case] = "no error"
 
@@ -860,7 +862,10 @@ async def check_invalid_calls(rank: int, world_size: int) -> dict[str, str]:
         await expect("no_grad", dist_autograd.backward(cid, [torch.tensor(1.0)]))
         await expect("no_grad_sum", dist_autograd.backward(cid, [y.detach().sum()]))
         await expect("leaf", dist_autograd.backward(cid, [param("leaf", (1,))]))
-        await expect("not_a_tensor", dist_autograd.backward(cid, [1.0]))  # type: ignore[list-item]
+        # Arguments of the wrong type: the call itself raises, as torch's binding.
+        bad: list[tuple[Any, Any]] = [(cid, [1.0]), (cid, None), (None, None)]
+        for case, (context_id, roots) in zip(("not_a_tensor", "none", "no_id"), bad, strict=True):
+            sync(case, lambda: dist_autograd.backward(context_id, roots))  # noqa: B023
         # A failed validation leaves the context usable.
         await expect("valid_after", dist_autograd.backward(cid, [y.sum()]))
     unknown = (0xFFFF << 48) | 12345
@@ -1101,6 +1106,11 @@ def test_invalid_roots_and_unknown_contexts(group: WorkerGroup) -> None:
         "leaf": "InvalidArgumentError",
         "leaf says": "root 0 (a leaf) does not have a valid gradient function.",
         "not_a_tensor": "TypeError",
+        "not_a_tensor says": "backward(): incompatible function arguments.",
+        "none": "TypeError",
+        "none says": "backward(): incompatible function arguments.",
+        "no_id": "TypeError",
+        "no_id says": "backward(): incompatible function arguments.",
         "valid_after": "no error",
         "backward_unknown": "RuntimeError",
         "get_gradients_unknown": "RuntimeError",

@@ -1054,3 +1054,101 @@ def test_a_released_context_is_not_counted(sync_service: WorkerGroup) -> None:
     """A context released by its creator is dropped by the time a worker reads
     its debug counters (it waited up to 5 ms for a gap in the traffic)."""
     assert sync_service.call(0, check_context_count_after_release) == [0] * 5
+
+
+_KEPT: list[Any] = []
+
+
+def keep_rref(rref: Any) -> bool:
+    """Holds a reference sent here (torch's set_global_rref)."""
+    _KEPT.append(rref)
+    return True
+
+
+def drop_rrefs() -> int:
+    n = len(_KEPT)
+    _KEPT.clear()
+    return n
+
+
+def wait_all_workers_then(value: int) -> int:
+    sync_rpc.api._wait_all_workers()
+    return value
+
+
+async def check_torch_debug_and_creation_names(rank: int, world_size: int) -> dict[str, Any]:
+    """torch's private debug-info, RRef-creation, shutdown-barrier and
+    autograd-context names (rpc_test.py / dist_autograd_test.py use them)."""
+
+    def run() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        # Three disjoint parts whose union is _get_debug_info (test_debug_info).
+        rref_info = sync_rpc._rref_context_get_debug_info()
+        agent_info = sync_rpc.api._get_current_rpc_agent().get_debug_info()
+        autograd_info = sync_autograd._get_debug_info()
+        union = sync_rpc._get_debug_info()
+        out["disjoint"] = not (rref_info.keys() & agent_info.keys() & autograd_info.keys())
+        out["union"] = union.keys() == (rref_info | agent_info | autograd_info).keys()
+        out["pool"] = (agent_info["agent.thread_pool_size"], agent_info["agent.num_idle_threads"])
+        # A local RRef counts once shared (test_rref_context_debug_info).
+        local = sync_rpc.RRef(torch.ones(1))
+        before = sync_rpc._rref_context_get_debug_info()
+        out["local"] = (before["num_owner_rrefs"], before["num_pending_users"])
+        sync_rpc.rpc_sync("worker1", keep_rref, args=(local,))
+        deadline = time.monotonic() + 10
+        while sync_rpc._rref_context_get_debug_info()["num_forks"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        shared = sync_rpc._rref_context_get_debug_info()
+        out["shared"] = (shared["num_owner_rrefs"], shared["num_forks"])
+        out["dropped"] = sync_rpc.rpc_sync("worker1", drop_rrefs)
+        # RRef._get_future: the creation's future.
+        made = sync_rpc.remote("worker1", echo, args=(3,))
+        out["created"] = (made._get_future().wait(), made.to_here(), local._get_future().done())
+        slow = sync_rpc.remote("worker2", blocking_sleep, args=(1.0,), timeout=0.05)
+        with pytest.raises(rpc.RpcTimeoutError) as timed_out:
+            slow._get_future().wait()
+        out["creation_timeout"] = str(timed_out.value)
+        with pytest.raises(RuntimeError) as use:
+            slow.to_here()
+        out["use_after_timeout"] = str(use.value)
+        # _wait_all_workers: returns once every worker called it.
+        others = [
+            sync_rpc.rpc_async(f"worker{i}", wait_all_workers_then, args=(i,)) for i in (1, 2)
+        ]
+        sync_rpc.api._wait_all_workers()
+        out["barrier"] = [f.wait() for f in others]
+        # dist_autograd._new_context / _release_context / _get_max_id
+        out["max_id"] = sync_autograd._get_max_id()
+        ctx = sync_autograd._new_context()
+        cid = ctx._context_id()
+        out["current"] = sync_autograd._current_context()._context_id() == cid
+        with pytest.raises(RuntimeError, match="Already have an autograd context id"):
+            sync_autograd._new_context()
+        sync_autograd._release_context(cid)
+        with pytest.raises(RuntimeError, match=f"Could not find autograd context with id: {cid}"):
+            sync_autograd._retrieve_context(cid)
+        with pytest.raises(RuntimeError, match="doesn't have a valid autograd context"):
+            sync_autograd._current_context()
+        with pytest.raises(RuntimeError, match="Could not find autograd context with id"):
+            sync_autograd._release_context(cid)
+        with sync_autograd.context() as after:  # the thread may open one again
+            out["again"] = after != cid
+        return out
+
+    return await asyncio.to_thread(run)
+
+
+def test_torch_debug_info_rref_creation_and_context_names(sync_service: WorkerGroup) -> None:
+    got = sync_service.call(0, check_torch_debug_and_creation_names)
+    assert got["disjoint"] and got["union"]
+    assert got["pool"][0] == 2 and 0 <= got["pool"][1] <= 2  # the group's num_worker_threads
+    assert got["local"] == (0, 0)  # not counted until shared, as in torch
+    assert got["shared"] == (1, 1) and got["dropped"] == 1
+    assert got["created"] == (None, 3, True)
+    # the call's timeout in torch's words too; a later use says it was the creation
+    assert "RPC ran for more than set timeout (50 ms)" in got["creation_timeout"]
+    assert got["use_after_timeout"].startswith("RRef creation via rpc.remote() timed out")
+    assert got["barrier"] == [1, 2]
+    assert got["max_id"] == (0 << 48) + 281474976710655  # worker0: torch's value
+    assert got["current"] and got["again"]

@@ -38,6 +38,9 @@ from .api import (
     _get_debug_info as _get_debug_info,
 )
 from .api import (
+    _rref_context_get_debug_info as _rref_context_get_debug_info,
+)
+from .api import (
     _set_rpc_timeout as _set_rpc_timeout,
 )
 from .options import BackendType, RpcBackendOptions, TensorPipeRpcBackendOptions

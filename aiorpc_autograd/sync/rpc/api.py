@@ -19,11 +19,13 @@ from typing import Any, Generic, TypeVar, cast
 import torch
 
 from ... import api, codec
+from ...agent import fresh_error
 from ...errors import ConnectionLostError, RpcTimeoutError
 from ...options import WorkerInfo
 from ...rref import RRef as _AsyncRRef
-from ...rref import RRefService, _dump, _load
+from ...rref import RRefService, _creation_error, _dump, _load
 from .._bridge import Future, LoopThread, agent, on_agent_loop, submit, timeout_of, wait_for
+from .constants import DEFAULT_SHUTDOWN_TIMEOUT
 from .options import BackendType, resolve_options
 
 __all__ = [
@@ -139,9 +141,52 @@ def _set_rpc_timeout(rpcTimeoutSeconds: float) -> None:  # torch's argument name
 
 
 def _get_debug_info() -> dict[str, int]:
-    """This worker's counters (torch's private ``rpc._get_debug_info``; ours
-    are :func:`aiorpc_autograd.get_debug_info`'s, as ints)."""
-    return api.get_debug_info()
+    """This worker's counters (torch's private ``rpc._get_debug_info``): the
+    union of the agent's (``_get_current_rpc_agent().get_debug_info()``), the
+    RRef context's (:func:`_rref_context_get_debug_info`) and distributed
+    autograd's (``dist_autograd._get_debug_info()``), whose keys are disjoint
+    as torch's are."""
+    agent_info, rref_info, autograd_info = _debug_info_parts()
+    return agent_info | rref_info | autograd_info
+
+
+_RREF_KEYS = frozenset(
+    {"num_owner_rrefs", "num_user_rrefs", "num_pending_rref_children", "num_pending_rref_fetches"}
+)
+_AUTOGRAD_KEYS = frozenset({"num_autograd_contexts", "num_current_backward_passes"})
+
+
+def _debug_info_parts() -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(agent, RRef context, autograd) counters, each under torch's names as
+    well as the async API's (:func:`aiorpc_autograd.get_debug_info`)."""
+    full = api.get_debug_info()
+    service = RRefService.current()
+    rref_info = {k: v for k, v in full.items() if k in _RREF_KEYS}
+    rref_info |= service.agent.on_loop(service.torch_debug_info)
+    autograd_info = {k: v for k, v in full.items() if k in _AUTOGRAD_KEYS}
+    agent_info = {k: v for k, v in full.items() if k not in _RREF_KEYS | _AUTOGRAD_KEYS}
+    agent_info |= {
+        "agent.num_pending_requests": full["num_pending_requests"],
+        "agent.thread_pool_size": full["num_worker_threads"],
+        "agent.num_idle_threads": full["num_idle_worker_threads"],
+    }
+    return agent_info, rref_info, autograd_info
+
+
+def _rref_context_get_debug_info() -> dict[str, int]:
+    """torch's private ``rpc._rref_context_get_debug_info()``, torch's keys:
+    ``num_owner_rrefs`` (owner RRefs shared with other workers: a local
+    ``RRef(value)`` counts once shared, as in torch), ``num_forks`` (their
+    references known to this owner), ``num_pending_futures`` (references that
+    arrived before their value's creation), ``num_pending_users``
+    (references not yet confirmed by their owner); also the async API's
+    ``num_user_rrefs``, ``num_pending_rref_children`` and
+    ``num_pending_rref_fetches``.
+
+    Raises:
+        RpcError: RPC has not been initialized in this process.
+    """
+    return _debug_info_parts()[1]
 
 
 class _CurrentAgent:
@@ -159,8 +204,10 @@ class _CurrentAgent:
         return api.get_worker_infos()
 
     def get_debug_info(self) -> dict[str, int]:
-        """This worker's counters."""
-        return api.get_debug_info()
+        """The agent's counters, under torch's names (``agent.thread_pool_size``,
+        ``agent.num_pending_requests``, ``agent.num_idle_threads``) and the
+        async API's (``num_pending_requests``, ``num_connections``...)."""
+        return _debug_info_parts()[0]
 
 
 def _get_current_rpc_agent() -> _CurrentAgent:
@@ -301,6 +348,33 @@ class RRef(_AsyncRRef[T], Generic[T]):
         # the owner's error, a ValueError say, must arrive as itself)
         fetched = submit(start)
         return fetched.wait() if blocking else fetched
+
+    def _get_future(self) -> Future[None]:
+        """The future of this RRef's creation by ``remote`` (torch's private
+        ``RRef._get_future``): done once the owner ran the function, with the
+        call's error if it failed or timed out; a done one for an RRef made
+        otherwise (``RRef(value)``, received in a message)."""
+
+        creation = self._creation  # set once, when remote() made it
+        if creation is None:
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+
+        def start() -> asyncio.Future[None]:
+            created: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def settle(fut: asyncio.Future[Any]) -> None:
+                error = _creation_error(fut)
+                if error is None:
+                    created.set_result(None)
+                else:
+                    created.set_exception(fresh_error(error))
+
+            creation.add_done_callback(settle)
+            return created
+
+        return submit(start)
 
     def to_here(self, timeout: float | None = -1.0) -> Any:  # type: ignore[override, unused-ignore]
         """A copy of the value (the value itself on the owner); blocks.
@@ -540,3 +614,19 @@ def _barrier(worker_names: Iterable[str]) -> None:
         _all_gather(None, set(worker_names))
     except RuntimeError:
         log.exception("Failed to complete barrier")
+
+
+def _wait_all_workers(timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
+    """torch's private ``rpc.api._wait_all_workers``: return once every worker
+    of the group called it (an :func:`_all_gather` of nothing; ``timeout`` 0:
+    no limit). The facade's graceful ``shutdown`` has its own protocol and does
+    not call it.
+
+    Raises:
+        RpcTimeoutError, RuntimeError: as :func:`_all_gather` (also logged).
+    """
+    try:
+        _all_gather(None, timeout=timeout)
+    except RuntimeError:
+        log.exception("Failed to respond to 'Shutdown Proceed' in time")
+        raise
