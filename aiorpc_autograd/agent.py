@@ -147,6 +147,8 @@ ResponseUnwrapper = Callable[[int, Message], Message]
 # Ids of timed-out requests remembered per connection (their late answers are
 # not forgeries); past this, the oldest are forgotten.
 _MAX_ABANDONED = 100_000
+# The most characters of a served call's error (repr and traceback) logged.
+_MAX_LOGGED_ERROR = 8192
 
 # Functions callable by name (rpc.register); process-wide like Python imports.
 _REGISTERED: dict[str, Callable[..., Any]] = {}
@@ -267,6 +269,9 @@ def exception_message(worker: str, exc: BaseException) -> ExceptionMsg:
     if isinstance(exc, StopError) and exc.__cause__ is not None:
         exc = exc.__cause__  # report the StopIteration it carries
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    # Where it was raised, as torch prints it (its test_py_raise_in_user_func);
+    # bounded: a peer chooses the arguments an error message may quote.
+    log.warning("On worker %r:\n%.*s", worker, _MAX_LOGGED_ERROR, f"{exc!r}\n{tb}")
     if isinstance(exc, ConnectionLostError) and exc.worker:
         # Serving failed because *another* worker was lost: name that one, so
         # the caller's error is a ConnectionLostError naming the lost worker.

@@ -1130,3 +1130,40 @@ def test_busy_polling_stops_when_idle(service: WorkerGroup) -> None:
     # and their short windows use a few ms.
     assert got["caller"] < 0.1, got
     assert got["callee"] < 0.1, got
+
+
+_CALLEE_LOGS = """
+import sys
+from aiorpc_autograd.sync import rpc
+
+def raise_func(n: int) -> None:
+    raise ValueError("Expected error " + "x" * n)
+
+opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{sys.argv[1]}")
+rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=opts)
+for n in (int(sys.argv[2]), 0):
+    try:
+        rpc.rpc_sync("w0", raise_func, args=(n,))
+    except ValueError as exc:
+        print("caller got", type(exc).__name__)
+    print("-" * 10, file=sys.stderr, flush=True)
+rpc.shutdown()
+"""
+
+
+def test_the_callee_logs_the_error_a_call_raised() -> None:
+    """torch's test_py_raise_in_user_func: the worker that ran the function
+    prints its error (repr and traceback) to stderr, with no logging set up
+    (Python's last-resort handler), bounded in size."""
+    import subprocess
+
+    from tests.integration.harness import free_port
+
+    cmd = [sys.executable, "-c", _CALLEE_LOGS, str(free_port()), "20000"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.count("caller got RemoteValueError") == 2, out
+    long, short = out.stderr.split("-" * 10)[:2]
+    assert "On worker 'w0':\nValueError('Expected error " in short, short
+    assert "Traceback (most recent call last)" in short and "in raise_func" in short, short
+    assert "On worker 'w0':\nValueError('Expected error xxx" in long, long[:200]
+    assert 8192 < len(long) < 8192 + 200, len(long)  # cut at the bound
