@@ -483,6 +483,10 @@ class ContextContainer:
             raise RuntimeError("autograd id space exhausted")
         return (self.worker_id << _ID_BITS) | n
 
+    def max_id(self) -> int:
+        """The largest id this worker can make (torch's ``_get_max_id``)."""
+        return (self.worker_id << _ID_BITS) | _ID_MASK
+
     def new_context(self) -> DistAutogradContext:
         """Create a context with a group-unique id."""
         ctx = DistAutogradContext(self._next(self._context_ids))

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import torch
 
 from .. import dist_autograd as _dist_autograd
-from ..api import current_agent
 from ..autograd import current_context_id
 from ..dist_autograd import DistAutogradContext, context, get_gradients
 from ._bridge import wait_for
@@ -92,7 +91,7 @@ def _release_context(context_id: int) -> None:
 def _get_max_id() -> int:
     """The largest context id this worker can make (torch's private
     ``_get_max_id``): its worker id in the top 16 bits, all ones below."""
-    return (current_agent().info.id << 48) | ((1 << 48) - 1)
+    return _dist_autograd._service().container.max_id()
 
 
 def _current_context() -> DistAutogradContext:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -50,16 +51,18 @@ def shared_group(
     holder: dict[str, WorkerGroup],
     world_size: int,
     setup: Callable[[WorkerGroup], object] | None = None,
+    **start_kwargs: Any,
 ) -> WorkerGroup:
     """The module's group of ``world_size`` service workers, started (then
-    ``setup``) on first use and restarted if an earlier test broke it."""
+    ``setup``) on first use and restarted if an earlier test broke it;
+    ``start_kwargs`` go to ``start_service`` (``sync=True``...)."""
     group = holder.get("group")
     if group is not None and group.broken:
         group.close()
         _LIVE.remove(group)
         group = None
     if group is None:
-        group = start_service(world_size, timeout=60)
+        group = start_service(world_size, timeout=60, **start_kwargs)
         holder["group"] = group
         _LIVE.append(group)  # its workers are not orphans (no_orphan_workers)
         if setup is not None:

@@ -36,8 +36,8 @@ from aiorpc_autograd.sync import autograd as sync_autograd
 from aiorpc_autograd.sync import nn as sync_nn
 from aiorpc_autograd.sync import optim as sync_optim
 from aiorpc_autograd.sync import rpc as sync_rpc
-from tests.integration.conftest import _LIVE, close_shared_group
-from tests.integration.harness import WorkerGroup, start_service
+from tests.integration.conftest import close_shared_group, shared_group
+from tests.integration.harness import WorkerGroup
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,16 +53,7 @@ def _sync_holder() -> Iterator[dict[str, WorkerGroup]]:
 
 
 def _sync_group(holder: dict[str, WorkerGroup]) -> WorkerGroup:
-    group = holder.get("group")
-    if group is not None and group.broken:
-        group.close()
-        _LIVE.remove(group)
-        group = None
-    if group is None:
-        group = start_service(3, sync=True, options_kwargs={"num_worker_threads": 2})
-        holder["group"] = group
-        _LIVE.append(group)
-    return group
+    return shared_group(holder, 3, sync=True, options_kwargs={"num_worker_threads": 2})
 
 
 @pytest.fixture
