@@ -1356,8 +1356,10 @@ class RpcAgent:
                 return
 
             def done(f: asyncio.Future[T]) -> None:
-                if f.cancelled():
-                    cfut.cancel()
+                if f.cancelled():  # (tasks are cancelled as the loop ends)
+                    cfut.set_exception(
+                        RpcError(f"RPC agent {self.info.name!r}: the call was cancelled")
+                    )
                 elif f.exception() is not None:
                     cfut.set_exception(f.exception())  # type: ignore[arg-type, unused-ignore]
                 else:
@@ -1371,10 +1373,14 @@ class RpcAgent:
             raise self._loop_closed() from None
         # A loop closes only after its last turn: what it has not finished by
         # then never finishes (the agent shut down meanwhile).
-        while not concurrent.futures.wait([cfut], _LOOP_CHECK_INTERVAL).done:
-            if self.loop.is_closed() and not cfut.done():
-                raise self._loop_closed()
-        return cfut.result()
+        while True:
+            try:
+                return cfut.result(_LOOP_CHECK_INTERVAL)
+            except TimeoutError:
+                if cfut.done():  # the call's own timeout, or done just now
+                    return cfut.result()
+                if self.loop.is_closed():
+                    raise self._loop_closed() from None
 
     def _loop_closed(self) -> RpcError:
         return RpcError(

@@ -32,6 +32,7 @@ import contextvars
 import functools
 import logging
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
@@ -252,6 +253,11 @@ def _start(start: Callable[[], asyncio.Future[T]], target: Future[T]) -> None:
     fut.add_done_callback(functools.partial(_settle, target))
 
 
+# Futures handed to other threads by submit(): the loop settles them, or, if it
+# closes first (stopped under them), LoopThread fails those still pending.
+_unsettled: weakref.WeakSet[Future[Any]] = weakref.WeakSet()
+
+
 def submit(start: Callable[[], asyncio.Future[T]]) -> Future[T]:
     """Run ``start`` on the agent's loop (now if this is the loop thread, else
     as soon as the loop gets to it, in a copy of this thread's contextvars) and
@@ -262,6 +268,7 @@ def submit(start: Callable[[], asyncio.Future[T]]) -> Future[T]:
     if rpc_agent.on_loop_thread():
         _start(start, target)
     else:
+        _unsettled.add(target)  # failed if the loop ends first (LoopThread)
         ctx = contextvars.copy_context()
         try:
             rpc_agent.loop.call_soon_threadsafe(ctx.run, _start, start, target)
@@ -308,6 +315,15 @@ class LoopThread:
                 self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
+            # What the closed loop never settled never will be: fail it, as
+            # RpcAgent.blocking does for its callers.
+            for fut in list(_unsettled):
+                if not fut.done():
+                    fut.set_exception(
+                        RpcError(
+                            "RPC agent shut down: its event loop closed before this call finished"
+                        )
+                    )
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run ``coro`` on this loop and block until it is done."""

@@ -9,6 +9,7 @@ to the test process and it ``send``-s the go-ahead to another worker.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import datetime
 import gc
@@ -860,33 +861,49 @@ def slow() -> int:
 
 opts = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{sys.argv[1]}")
 rpc.init_rpc("w0", rank=0, world_size=1, rpc_backend_options=opts)
-outcome = []
+outcome = {}
+waits = {  # every way a facade caller waits on the loop
+    "rpc_sync": lambda: rpc.rpc_sync("w0", slow),
+    "future": lambda: rpc.rpc_async("w0", slow).wait(),
+    "to_here": lambda: rpc.remote("w0", slow).to_here(),
+    "creation": lambda: rpc.remote("w0", slow)._get_future().wait(),
+}
 
-def call() -> None:
+def call(name: str) -> None:
     try:
-        outcome.append(rpc.rpc_sync("w0", slow))
+        outcome[name] = waits[name]()
     except Exception as exc:
-        outcome.append(f"{type(exc).__name__}: {exc}")
+        outcome[name] = f"{type(exc).__name__}: {exc}"
 
-caller = threading.Thread(target=call, daemon=True)
-caller.start()
-time.sleep(0.3)
+callers = [threading.Thread(target=call, args=(n,), daemon=True) for n in waits]
+for caller in callers:
+    caller.start()
+time.sleep(0.5)
 t0 = time.monotonic()
-api._loop_thread.stop()  # the loop goes away under a blocked caller
-caller.join(10)
-print(outcome, caller.is_alive(), round(time.monotonic() - t0, 1))
+api._loop_thread.stop()  # the loop goes away under blocked callers
+for caller in callers:
+    caller.join(10)
+print(repr(outcome), any(c.is_alive() for c in callers), round(time.monotonic() - t0, 1))
 """
 
 
 def test_a_blocked_caller_is_released_when_the_loop_goes_away() -> None:
-    """A thread blocked on the agent's loop (the facade's calls, ``debug_info``
-    from another thread) gets an error once that loop closed without finishing
-    its call, instead of waiting forever."""
+    """A thread blocked on the agent's loop (the facade's calls, a torch
+    future's ``wait``, ``to_here``, ``debug_info`` from another thread) gets an
+    error once that loop closed without finishing its call, instead of
+    waiting forever."""
     cmd = [sys.executable, "-c", _LOOP_GOES_AWAY, str(free_port())]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
-    outcome, alive, waited = out.stdout.rsplit(" ", 2)
-    assert alive == "False", out  # without the check: still blocked 10 s later
-    assert "RpcError: RPC agent 'w0' shut down: its event loop closed" in outcome, out
+    text, alive, waited = out.stdout.rsplit(" ", 2)
+    assert alive == "False", out  # without the checks: still blocked 10 s later
+    outcome = ast.literal_eval(text)
+    assert "RpcError: RPC agent 'w0' shut down: its event loop closed" in outcome["rpc_sync"], out
+    assert sorted(outcome) == ["creation", "future", "rpc_sync", "to_here"], out
+    for how, got in outcome.items():
+        # closed under it, or (a task of the loop's) cancelled as it ended; the
+        # creation's call, served by this same worker, was cancelled there
+        assert got.startswith(("RpcError: RPC agent", "RemoteError")), (how, out)
+        assert "closed" in got or "cancelled" in got, (how, out)
     assert float(waited) < 5, out
 
 
