@@ -691,6 +691,9 @@ async def check_backward(rank: int, world_size: int) -> dict[str, Any]:
     # case, the node calling this API has to be the owner of the RRef"), here
     # and on the owner when a peer asks for it on the wire.
     r = rpc.remote("worker1", make_loss, ("bw-user-local",))
+    # The refusals below need not wait for the creation; the leaf must exist
+    # before leaf_grad reads it.
+    await r.to_here()
     for attempt in (r.backward(-1, retain_graph=True), r.backward()):
         with pytest.raises(RuntimeError) as info:
             await attempt
