@@ -6,9 +6,11 @@ A *context* (one per forward+backward pass, id unique across the group: the
 creating worker's id in the high 16 bits, a counter in the low 48) exists on
 every worker the pass touched. When a message inside a context carries tensors
 that require grad, the sender records a :class:`SendFunction` (those tensors)
-and the receiver a :class:`RecvFunction` under the same autograd message id;
-the receiver's copies of the tensors are fresh leaves, so the local autograd
-engine stops at them and reports their gradients, which go back to the sender.
+and the receiver a :class:`RecvFunction` under the same autograd message id.
+The recv function is an autograd node, as torch's: the tensors the message
+delivers are its outputs; behind it are fresh leaves (its ``tensors``), where
+the local autograd engine stops and reports their gradients, which go back to
+the sender.
 
 A backward pass (:class:`BackwardPass`, one per worker and pass) has *sources*
 (the local roots on the worker that started it; every send function of the
@@ -52,9 +54,10 @@ import itertools
 import threading
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import _engine_run_backward
 
 __all__ = [
@@ -243,30 +246,32 @@ def run_local_backward(
                 leaf.grad = grad
 
 
-class _AutogradFunction:
-    """A send or recv record: an autograd message id, the peer, the tensors."""
+class SendFunction:
+    """Records the tensors (requiring grad) a message sent to ``peer``: as
+    torch's ``SendRpcBackward``, its ``next_functions`` are those tensors'
+    gradient edges (their ``grad_fn``, or a leaf's ``AccumulateGrad``)."""
 
-    __slots__ = ("message_id", "peer", "tensors")
+    __slots__ = ("_reach", "message_id", "peer", "tensors")
 
     def __init__(self, message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
         self.message_id = message_id
         self.peer = peer
         self.tensors = tensors
+        # (the tensors' grad_fns, the leaves they reach, their grad keys) once computed
+        self._reach: tuple[list[Any], list[torch.Tensor], frozenset[int]] | None = None
 
     def __repr__(self) -> str:
         n = len(self.tensors)
-        return f"{type(self).__name__}(message_id={self.message_id}, peer={self.peer}, {n} tensors)"
+        return f"SendFunction(message_id={self.message_id}, peer={self.peer}, {n} tensors)"
 
+    def name(self) -> str:
+        """torch's name for the node."""
+        return "torch::distributed::autograd::SendRpcBackward"
 
-class SendFunction(_AutogradFunction):
-    """Records the tensors (requiring grad) a message sent to ``peer``."""
-
-    __slots__ = ("_reach",)
-
-    def __init__(self, message_id: int, peer: int, tensors: list[torch.Tensor]) -> None:
-        super().__init__(message_id, peer, tensors)
-        # (the tensors' grad_fns, the leaves they reach, their grad keys) once computed
-        self._reach: tuple[list[Any], list[torch.Tensor], frozenset[int]] | None = None
+    @property
+    def next_functions(self) -> tuple[tuple[Any, int], ...]:
+        """``(node, input_nr)`` for each tensor, as an autograd node's."""
+        return tuple(_edge(t) for t in self.tensors)
 
     def leaves(self) -> list[torch.Tensor]:
         """The leaves its tensors reach: walked once (a graph never changes
@@ -288,22 +293,81 @@ class SendFunction(_AutogradFunction):
         return reach
 
 
-class RecvFunction(_AutogradFunction):
-    """Records the leaves a message from ``peer`` created on this worker; their
-    gradients go back to ``peer``'s send function of the same message id, by
-    ``device_map`` (the inverse of the map the message came by; None: CPU only)."""
+def _edge(t: torch.Tensor) -> tuple[Any, int]:
+    if not t.requires_grad:
+        return (None, 0)
+    edge = torch.autograd.graph.get_gradient_edge(t)
+    return (edge.node, edge.output_nr)
 
-    __slots__ = ("device_map",)
 
-    def __init__(
-        self,
+class RecvFunction(BackwardCFunction):
+    """The autograd node of a message from ``peer`` that carried tensors
+    requiring grad, as torch's ``RecvRpcBackward``: what the message delivers
+    here are its outputs (``t.grad_fn`` is this node, so in-place ops on them
+    work as on any computed tensor). Behind it, ``tensors`` are fresh leaves,
+    one per output: the backward engine stops at them, and their gradients go
+    back to ``peer``'s send function of the same message id, by
+    ``device_map`` (the inverse of the map the message came by; None: CPU
+    only). Made by :meth:`record`."""
+
+    message_id: int
+    peer: int
+    tensors: list[torch.Tensor]
+    device_map: dict[str, str] | None
+    _forward_cls: type[torch.autograd.Function]
+    _autograd_function_id: int
+
+    @staticmethod
+    def record(
         message_id: int,
         peer: int,
-        tensors: list[torch.Tensor],
+        tensors: Sequence[torch.Tensor],
         device_map: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message_id, peer, tensors)
-        self.device_map = device_map
+    ) -> tuple[RecvFunction, list[torch.Tensor]]:
+        """The node for ``tensors`` (leaves requiring grad, taken as they
+        are) and what the message delivers instead of them: tensors sharing
+        their storage, computed by the node."""
+        with torch.enable_grad():
+            outputs = _Recv.apply((message_id, peer, device_map), *tensors)  # type: ignore[no-untyped-call]
+        node: RecvFunction = outputs[0].grad_fn
+        return node, list(outputs)
+
+    def name(self) -> str:
+        """torch's name for the node."""
+        return "torch::distributed::autograd::RecvRpcBackward"
+
+    def __repr__(self) -> str:
+        n = len(self.tensors)
+        return f"RecvFunction(message_id={self.message_id}, peer={self.peer}, {n} tensors)"
+
+
+class _Recv(torch.autograd.Function):
+    """The function whose node is a :class:`RecvFunction`: the identity, on
+    tensors that share storage with the leaves and are not views of them."""
+
+    @staticmethod
+    def forward(
+        ctx: RecvFunction,
+        meta: tuple[int, int, dict[str, str] | None],
+        *leaves: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        ctx.message_id, ctx.peer, ctx.device_map = meta
+        ctx.tensors = list(leaves)
+        # An output no source reaches passes None on (its leaf gets no
+        # gradient), not zeros.
+        ctx.set_materialize_grads(False)
+        return tuple(t.detach() for t in leaves)
+
+    @staticmethod
+    def backward(ctx: RecvFunction, *grads: Any) -> tuple[Any, ...]:
+        return (None, *grads)
+
+
+# The node _Recv.apply makes is a RecvFunction (torch builds the node class
+# from Function._backward_cls).
+RecvFunction._forward_cls = _Recv
+RecvFunction._autograd_function_id = cast(Any, _Recv._backward_cls)._autograd_function_id
+_Recv._backward_cls = RecvFunction
 
 
 class DistAutogradContext:

@@ -439,11 +439,22 @@ class AutogradService:
         self, ctx: DistAutogradContext, message: ForwardAutogradReq | ForwardAutogradResp
     ) -> None:
         peer = message.from_worker
-        tensors = _grad_tensors(message.wrapped)
-        if tensors:
+        payload = message.wrapped.payload()
+        table = [] if payload is None else payload.tensors
+        at: list[int] = []
+        leaves: list[torch.Tensor] = []
+        for i, t in enumerate(table):
+            if t is not None and t.requires_grad:
+                at.append(i)
+                leaves.append(t)
+        if at:
             # Gradients go back by the inverse of the map the message came by.
             back = inverse(message.device_map)
-            ctx.add_recv(RecvFunction(message.message_id, peer, tensors, back))
+            recv, outputs = RecvFunction.record(message.message_id, peer, leaves, back)
+            # The message delivers the recv function's outputs (as torch's).
+            for i, out in zip(at, outputs, strict=True):
+                table[i] = out
+            ctx.add_recv(recv)
         else:
             ctx.add_known_worker(peer)
 

@@ -217,6 +217,11 @@ def _parameter_ref(index: int) -> torch.Tensor:
     t = _table()[index]
     if t is None:
         raise pickle.UnpicklingError(f"parameter {index} is missing from the tensor table")
+    if t.grad_fn is not None:
+        # A recv function's output (a message in an autograd context): a
+        # Parameter is a leaf, the one behind that output.
+        accumulate: Any = t.grad_fn.next_functions[t.output_nr][0]
+        t = accumulate.variable
     # Made a Parameter in place, not wrapped: the table's tensor is the object
     # autograd recorded (a recv function's leaf), and one tensor appearing
     # twice stays one object.

@@ -104,7 +104,7 @@ def test_send_and_recv_records_and_known_workers() -> None:
 
     t = torch.ones(2, requires_grad=True)
     send = SendFunction(11, 1, [t])
-    recv = RecvFunction(12, 2, [torch.zeros(3, requires_grad=True)])
+    recv, _ = RecvFunction.record(12, 2, [torch.zeros(3, requires_grad=True)])
     ctx.add_send(send)
     ctx.add_recv(recv)
     ctx.add_known_worker(3)

@@ -96,7 +96,11 @@ class Sim:
         received = [t.detach().clone().requires_grad_(t.requires_grad) for t in tensors]
         if needs:
             self.ctx[src].add_send(SendFunction(mid, dst, needs))
-            self.ctx[dst].add_recv(RecvFunction(mid, src, [r for r in received if r.requires_grad]))
+            at = [i for i, r in enumerate(received) if r.requires_grad]
+            recv, outputs = RecvFunction.record(mid, src, [received[i] for i in at])
+            self.ctx[dst].add_recv(recv)
+            for i, out in zip(at, outputs, strict=True):  # delivered, as the agent does
+                received[i] = out
         else:
             self.ctx[src].add_known_worker(dst)
             self.ctx[dst].add_known_worker(src)
@@ -280,8 +284,8 @@ def test_unreachable_recv_is_answered_with_none_at_start() -> None:
     ctx = DistAutogradContext(1)
     unused = torch.ones(2, requires_grad=True)
     used = torch.ones(2, requires_grad=True)
-    ctx.add_recv(RecvFunction(10, 0, [unused]))
-    ctx.add_recv(RecvFunction(11, 0, [used]))
+    ctx.add_recv(RecvFunction.record(10, 0, [unused])[0])
+    ctx.add_recv(RecvFunction.record(11, 0, [used])[0])
     out = used * 3
     ctx.add_send(SendFunction(20, 0, [out]))
     io = FakeIO(1, collections.deque())
@@ -299,7 +303,7 @@ def test_unreachable_recv_is_answered_with_none_at_start() -> None:
 
 def test_a_worker_with_only_unused_recvs_finishes_at_start() -> None:
     ctx = DistAutogradContext(1)
-    ctx.add_recv(RecvFunction(3, 0, [torch.ones(1, requires_grad=True)]))
+    ctx.add_recv(RecvFunction.record(3, 0, [torch.ones(1, requires_grad=True)])[0])
     io = FakeIO(1, collections.deque())
     bp = BackwardPass(ctx, 1, False, None, io)
     bp.start()
@@ -328,7 +332,7 @@ def test_rpc_result_never_used_does_not_hang() -> None:
 def test_send_resolved_without_gradients_computes_nothing() -> None:
     ctx = DistAutogradContext(1)
     r = torch.ones(2, requires_grad=True)
-    ctx.add_recv(RecvFunction(1, 0, [r]))
+    ctx.add_recv(RecvFunction.record(1, 0, [r])[0])
     ctx.add_send(SendFunction(2, 0, [r.tanh()]))
     io = FakeIO(1, collections.deque())
     bp = BackwardPass(ctx, 1, False, None, io)
@@ -370,7 +374,7 @@ def _shared_subgraph_worker() -> tuple[DistAutogradContext, torch.Tensor, torch.
     ctx = DistAutogradContext(1)
     r = _leaf(3, seed=20)
     w = _leaf(3, seed=21)
-    ctx.add_recv(RecvFunction(1, 0, [r]))
+    ctx.add_recv(RecvFunction.record(1, 0, [r])[0])
     h = (r * w).tanh()
     ctx.add_send(SendFunction(2, 0, [h * 2]))
     ctx.add_send(SendFunction(3, 2, [h + 1]))
@@ -420,8 +424,8 @@ def test_shared_subgraph_in_a_deferred_engine_still_one_batch() -> None:
 def test_independent_subgraphs_do_not_wait_for_each_other() -> None:
     ctx = DistAutogradContext(1)
     r1, r2 = _leaf(2, seed=22), _leaf(2, seed=23)
-    ctx.add_recv(RecvFunction(1, 0, [r1]))
-    ctx.add_recv(RecvFunction(2, 2, [r2]))
+    ctx.add_recv(RecvFunction.record(1, 0, [r1])[0])
+    ctx.add_recv(RecvFunction.record(2, 2, [r2])[0])
     ctx.add_send(SendFunction(3, 0, [r1 * 5]))
     ctx.add_send(SendFunction(4, 2, [r2 * 7]))
     io = FakeIO(1, collections.deque())
@@ -447,7 +451,7 @@ def _micro_batch_worker(n: int) -> tuple[DistAutogradContext, list[torch.Tensor]
     w = _leaf(3, seed=30)
     rs = [_leaf(3, seed=31 + i) for i in range(n)]
     for i, r in enumerate(rs):
-        ctx.add_recv(RecvFunction(i, 0, [r]))
+        ctx.add_recv(RecvFunction.record(i, 0, [r])[0])
         ctx.add_send(SendFunction(i + 100, 0, [(r * w).tanh()]))
     return ctx, rs, w
 
@@ -573,7 +577,7 @@ def test_error_in_the_root_job_reaches_finished() -> None:
     ctx = DistAutogradContext(1)
     x = torch.ones(3, requires_grad=True)
     r = torch.ones(3, requires_grad=True)
-    ctx.add_recv(RecvFunction(5, 1, [r]))
+    ctx.add_recv(RecvFunction.record(5, 1, [r])[0])
     loss = (Boom.apply(x) * r).sum()
     io = FakeIO(0, collections.deque())
     bp = BackwardPass(ctx, 1, False, [loss], io)
@@ -589,7 +593,7 @@ def test_error_in_the_root_job_reaches_finished() -> None:
 def test_error_in_a_send_job_reaches_finished() -> None:
     ctx = DistAutogradContext(1)
     r = torch.ones(3, requires_grad=True)
-    ctx.add_recv(RecvFunction(1, 0, [r]))
+    ctx.add_recv(RecvFunction.record(1, 0, [r])[0])
     ctx.add_send(SendFunction(2, 0, [Boom.apply(r * 2)]))
     io = FakeIO(1, collections.deque(), deferred=True)
     bp = BackwardPass(ctx, 1, False, None, io)
@@ -639,7 +643,7 @@ def test_abort_while_a_batch_runs() -> None:
 def _two_send_worker() -> tuple[DistAutogradContext, BackwardPass, FakeIO]:
     ctx = DistAutogradContext(1)
     r = torch.ones(2, requires_grad=True)
-    ctx.add_recv(RecvFunction(1, 0, [r]))
+    ctx.add_recv(RecvFunction.record(1, 0, [r])[0])
     ctx.add_send(SendFunction(2, 0, [r * 2]))
     ctx.add_send(SendFunction(3, 2, [r * 3, r * 4]))
     io = FakeIO(1, collections.deque())

@@ -490,6 +490,37 @@ async def sc_views() -> list[torch.Tensor]:
     return [(c * 3).sum() + a.sum()]
 
 
+def add_relu_in_place(a: torch.Tensor) -> torch.Tensor:
+    """In place on a received argument: it is computed (by the recv
+    function), not a leaf, as in torch."""
+    a.add_(param("ipw", tuple(a.shape), a.dtype))
+    return a.relu_() * 2
+
+
+async def sc_in_place() -> list[torch.Tensor]:
+    """In-place ops on received tensors, on the callee and on the caller."""
+    x = param("ipx", (4,))
+    y = await call("worker1", add_relu_in_place, x * 3)
+    y.add_(x)
+    return [(y * y).sum()]
+
+
+def parameter_arrival(p: torch.Tensor) -> torch.Tensor:
+    """A Parameter sent in a context arrives as a Parameter leaf whose
+    gradient goes back to the sender."""
+    if not (type(p) is torch.nn.Parameter and p.is_leaf and p.requires_grad):
+        raise TypeError(f"arrived as {type(p).__name__}, leaf {p.is_leaf}")
+    return p * 2
+
+
+async def check_parameter_argument(rank: int, world_size: int) -> list[float]:
+    p = torch.nn.Parameter(torch.ones(3))
+    async with dist_autograd.context() as cid:
+        y = await call("worker1", parameter_arrival, p)
+        await dist_autograd.backward(cid, [(y * y).sum()])
+        return dist_autograd.get_gradients(cid)[p].tolist()  # type: ignore[no-any-return]
+
+
 async def sc_rref() -> list[torch.Tensor]:
     """``remote()`` then ``to_here()`` twice: one send/recv per message."""
     x = param("rx", (3,))
@@ -951,6 +982,14 @@ def test_remote_functions_returning_their_own_leaves(group: WorkerGroup) -> None
 
 def test_views_as_arguments_and_results(group: WorkerGroup) -> None:
     assert_parity(group.call(0, check_parity, sc_views))
+
+
+def test_in_place_ops_on_received_tensors(group: WorkerGroup) -> None:
+    assert_parity(group.call(0, check_parity, sc_in_place))
+
+
+def test_parameter_argument_is_a_leaf_with_its_gradient_sent_back(group: WorkerGroup) -> None:
+    assert group.call(0, check_parameter_argument) == [8.0, 8.0, 8.0]
 
 
 def test_remote_and_to_here_record_send_and_recv(group: WorkerGroup) -> None:

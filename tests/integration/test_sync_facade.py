@@ -663,8 +663,21 @@ async def check_torch_introspection_names(rank: int, world_size: int) -> dict[st
             out["ids"] = (ctx._context_id() == cid, sync_autograd._retrieve_context(cid) is ctx)
             out["contexts"] = sync_autograd._get_debug_info()["num_autograd_contexts"] >= 1
             out["known"] = ctx._known_worker_ids()
-            # (not torch's autograd nodes: records of the message's tensors)
-            out["graph"] = (send.tensors == [t1, t2], recv.tensors == [ret])
+            # torch's _verify_graph_for_first_rpc_call
+            (f1, i1), (f2, i2) = send.next_functions
+            out["graph"] = [
+                send.name(),
+                [f.name() for f in (f1, f2)],
+                f1.variable is t1 and f2.variable is t2 and i1 == i2 == 0,
+                ret.grad_fn is recv and recv.name(),
+                not ret.is_leaf,
+            ]
+            # and _verify_graph_for_rpc_call_exec, on the callee
+            out["callee_graph"] = sync_rpc.rpc_sync("worker1", callee_graph, args=(cid,))
+            ret.mul_(2)  # a received tensor is computed, not a leaf: in place works
+            sync_autograd.backward(cid, [ret.sum()])
+            grads = sync_autograd.get_gradients(cid)
+            out["inplace_grads"] = (grads[t1].tolist(), grads[t2].tolist())
         for probe in (sync_autograd._current_context, lambda: sync_autograd._is_valid_context(cid)):
             try:
                 probe()
@@ -675,11 +688,28 @@ async def check_torch_introspection_names(rank: int, world_size: int) -> dict[st
     return await asyncio.to_thread(run)
 
 
+def callee_graph(cid: int) -> list[Any]:
+    """On the callee of ``torch.add(t1, t2)``: the graph torch's test checks."""
+    (send,) = sync_autograd._retrieve_context(cid)._send_functions().values()
+    ((add, _),) = send.next_functions
+    (r1, n1), (r2, n2) = add.next_functions
+    return [add.name(), r1.name(), r1 is r2, (n1, n2), len(r1.tensors)]
+
+
 def test_torch_introspection_names(sync_service: WorkerGroup) -> None:
     got = sync_service.call(0, check_torch_introspection_names)
     assert got["timeout"] == 60.0
     assert got["ids"] == (True, True) and got["known"] == {1} and got["contexts"]
-    assert got["graph"] == (True, True)
+    recv_name = "torch::distributed::autograd::RecvRpcBackward"
+    assert got["graph"] == [
+        "torch::distributed::autograd::SendRpcBackward",
+        ["torch::autograd::AccumulateGrad"] * 2,
+        True,
+        recv_name,
+        True,
+    ]
+    assert got["callee_graph"] == ["AddBackward0", recv_name, True, (0, 1), 2]
+    assert got["inplace_grads"] == ([[2.0] * 3] * 3, [[2.0] * 3] * 3)
     no_context, released = got["after"]
     assert "doesn't have a valid autograd context" in no_context
     assert released.startswith("Could not find autograd context with id: ")
