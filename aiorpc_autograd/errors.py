@@ -31,6 +31,7 @@ are rebuilt on the caller by :func:`remote_error`.
 from __future__ import annotations
 
 import builtins
+import sys
 from typing import cast
 
 __all__ = [
@@ -173,16 +174,42 @@ _NOT_MIXED = (
 )
 
 
-def _builtin_exception(type_name: str) -> type[Exception] | None:
-    if "." in type_name and not type_name.startswith("builtins."):
-        return None
-    candidate = getattr(builtins, type_name.rpartition(".")[2], None)
+def _exception_type(type_name: str) -> type[Exception] | None:
+    """The exception class ``type_name`` names, if this process has it: a
+    built-in, or a class of a module already imported here (looked up in
+    the modules' and classes' ``__dict__``s: nothing is imported, no module
+    ``__getattr__`` runs). None for this package's own errors (a nested
+    call's timeout is not the caller's) and the types :data:`_NOT_MIXED`."""
+    if "." not in type_name or type_name.startswith("builtins."):
+        candidate = vars(builtins).get(type_name.rpartition(".")[2])
+    else:
+        candidate = _loaded(type_name)
     if (
         isinstance(candidate, type)
         and issubclass(candidate, Exception)
         and not issubclass(candidate, _NOT_MIXED)
+        and not candidate.__module__.startswith(_PACKAGE)
     ):
         return candidate
+    return None
+
+
+_PACKAGE = __name__.partition(".")[0] + "."
+
+
+def _loaded(type_name: str) -> object:
+    """What ``module.Qual.Name`` names in a module already imported, or None."""
+    parts = type_name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:cut]))
+        if module is None:
+            continue
+        value: object = vars(module).get(parts[cut])
+        for part in parts[cut + 1 :]:  # a nested class: through classes only
+            if not isinstance(value, type):
+                return None
+            value = vars(value).get(part)
+        return value
     return None
 
 
@@ -199,12 +226,14 @@ def remote_error(
         traceback_text: the remote traceback as text.
 
     Returns:
-        A :class:`RemoteError`; for a built-in exception type, an instance of a
-        subclass of both :class:`RemoteError` and that built-in type.
+        A :class:`RemoteError`; for an exception type this process has (a
+        built-in, or a class of a module imported here), an instance of a
+        subclass of both :class:`RemoteError` and that type (made without
+        calling the type's constructor).
     """
     if type_name in _CONNECTION_LOST_NAMES:
         return RemoteConnectionLostError(worker, type_name, message, traceback_text)
-    base = _builtin_exception(type_name)
+    base = _exception_type(type_name)
     cls: type[RemoteError] = RemoteError
     if base is not None:
         cls = _REMOTE_SUBCLASSES.get(base) or RemoteError

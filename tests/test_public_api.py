@@ -11,6 +11,7 @@ import inspect
 import pickle
 import pkgutil
 import ssl
+import sys
 import types
 
 import pytest
@@ -215,6 +216,50 @@ def test_non_exception_or_unsafe_names_give_a_plain_remote_error(type_name: str)
     err = remote_error("w", type_name, "m")
     assert type(err) is RemoteError
     assert not isinstance(err, (KeyboardInterrupt, SystemExit))
+
+
+class _UserError(Exception):
+    """A user's exception whose constructor differs from Exception's."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+    class Nested(LookupError):
+        pass
+
+
+def test_remote_error_of_a_loaded_user_type_is_also_that_type() -> None:
+    name = f"{__name__}._UserError"
+    err = remote_error("w", name, "it broke", "tb")
+    # Made without the type's constructor; RemoteError's text and pickling.
+    assert isinstance(err, RemoteError) and isinstance(err, _UserError)
+    assert str(err).startswith(f"{name} on worker 'w': it broke")
+    with pytest.raises(_UserError):
+        raise err
+    again = pickle.loads(pickle.dumps(err))
+    assert type(again) is type(err) and again.remote_message == "it broke"
+    nested = remote_error("w", f"{name}.Nested", "k")
+    assert isinstance(nested, _UserError.Nested) and isinstance(nested, LookupError)
+
+
+def test_remote_error_type_lookup_imports_nothing_and_runs_no_module_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[str] = []
+    lazy = types.ModuleType("lazy_errors_mod")
+    lazy.__getattr__ = lambda attr: asked.append(attr)  # type: ignore[method-assign]
+    monkeypatch.setitem(sys.modules, "lazy_errors_mod", lazy)
+    for type_name in (
+        "lazy_errors_mod.Missing",  # a module __getattr__ would answer
+        "never_imported_module_x.Error",  # not imported: stays so
+        "os.sep",  # a module attribute that is not a class
+        f"{__name__}._UserError.code",  # a nested name that is not a class
+        "aiorpc_autograd.errors.RpcTimeoutError",  # a nested call's timeout is not ours
+    ):
+        err = remote_error("w", type_name, "m")
+        assert type(err) is RemoteError, type_name
+    assert asked == [] and "never_imported_module_x" not in sys.modules
 
 
 # Every built-in Exception subclass, except those errors.py deliberately keeps

@@ -674,7 +674,10 @@ def test_remote_exceptions(service: WorkerGroup) -> None:
     assert "worker1" in str(err) and "bad value 42" in str(err)
 
     custom = got["custom"]
-    assert isinstance(custom, rpc.RemoteError) and not isinstance(custom, ValueError)
+    # A user's exception class the caller has too: also an instance of it
+    # (torch re-raises that type); the message and traceback as for any.
+    assert isinstance(custom, rpc.RemoteError) and isinstance(custom, CustomError)
+    assert not isinstance(custom, ValueError)
     assert custom.type_name == f"{CustomError.__module__}.CustomError"
     assert (custom.worker, custom.remote_message) == ("worker2", "custom!")
     assert "raise_custom_async" in custom.remote_traceback
