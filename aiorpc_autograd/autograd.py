@@ -296,8 +296,13 @@ class SendFunction:
 def _edge(t: torch.Tensor) -> tuple[Any, int]:
     if not t.requires_grad:
         return (None, 0)
-    edge = torch.autograd.graph.get_gradient_edge(t)
-    return (edge.node, edge.output_nr)
+    if t.grad_fn is not None:
+        return (t.grad_fn, t.output_nr)
+    if t.layout == torch.strided:
+        return (torch.autograd.graph.get_gradient_edge(t).node, 0)
+    # A sparse leaf has no view (what get_gradient_edge uses): its
+    # AccumulateGrad through a copy (introspection only).
+    return (t.clone().grad_fn.next_functions[0][0], 0)  # type: ignore[union-attr]
 
 
 class RecvFunction(BackwardCFunction):

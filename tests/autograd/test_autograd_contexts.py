@@ -123,6 +123,45 @@ def test_send_and_recv_records_and_known_workers() -> None:
     assert ctx.known_worker_ids() == {1, 2, 3}
 
 
+def test_send_and_recv_functions_have_torchs_graph_shape() -> None:
+    """torch's SendRpcBackward / RecvRpcBackward, as its tests walk them."""
+    dense = torch.ones(2, requires_grad=True)
+    sparse = torch.sparse_coo_tensor(
+        [[0, 1]], [1.0, 2.0], (2,), check_invariants=True
+    ).requires_grad_()
+    recv, (r_dense, r_sparse) = RecvFunction.record(7, 1, [dense, sparse])
+    assert recv.name() == "torch::distributed::autograd::RecvRpcBackward"
+    assert (recv.message_id, recv.peer, recv.tensors) == (7, 1, [dense, sparse])
+    # What a message delivers: computed by the recv node, not leaves, not views.
+    assert r_dense.grad_fn is recv and r_sparse.grad_fn is recv
+    assert (r_dense.output_nr, r_sparse.output_nr) == (0, 1)
+    assert not r_dense.is_leaf and not r_dense._is_view()
+    r_dense.mul_(3)  # in place works, as on any computed tensor
+
+    leaf = torch.zeros(2, requires_grad=True)
+    sparse_leaf = torch.sparse_coo_tensor(
+        [[1]], [5.0], (2,), check_invariants=True
+    ).requires_grad_()
+    computed = leaf * 2
+    send = SendFunction(8, 2, [leaf, sparse_leaf, computed, r_sparse])
+    assert send.name() == "torch::distributed::autograd::SendRpcBackward"
+    edges = send.next_functions
+    assert [node.name() for node, _ in edges] == [
+        "torch::autograd::AccumulateGrad",
+        "torch::autograd::AccumulateGrad",
+        "MulBackward0",
+        "torch::distributed::autograd::RecvRpcBackward",
+    ]
+    assert edges[0][0].variable is leaf and edges[1][0].variable is sparse_leaf
+    assert edges[2] == (computed.grad_fn, 0) and edges[3] == (recv, 1)
+
+    # The recv node passes gradients through to its leaves; an output nothing
+    # reaches gives its leaf no gradient (None, not zeros).
+    r_dense.sum().backward()
+    assert dense.grad is not None and dense.grad.tolist() == [3.0, 3.0]
+    assert sparse.grad is None
+
+
 def test_gradients_accumulate_per_leaf() -> None:
     ctx = DistAutogradContext(1)
     a = torch.zeros(2, requires_grad=True)
