@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import builtins
 import sys
+import types
 from typing import cast
 
 __all__ = [
@@ -184,13 +185,16 @@ def _exception_type(type_name: str) -> type[Exception] | None:
         candidate = vars(builtins).get(type_name.rpartition(".")[2])
     else:
         candidate = _loaded(type_name)
-    if (
-        isinstance(candidate, type)
-        and issubclass(candidate, Exception)
-        and not issubclass(candidate, _NOT_MIXED)
-        and not candidate.__module__.startswith(_PACKAGE)
-    ):
-        return candidate
+    try:  # (a user's metaclass may answer issubclass oddly: the error still goes)
+        if (
+            isinstance(candidate, type)
+            and issubclass(candidate, Exception)
+            and not issubclass(candidate, _NOT_MIXED)
+            and not str(candidate.__module__).startswith(_PACKAGE)
+        ):
+            return candidate
+    except Exception:
+        pass
     return None
 
 
@@ -202,7 +206,7 @@ def _loaded(type_name: str) -> object:
     parts = type_name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         module = sys.modules.get(".".join(parts[:cut]))
-        if module is None:
+        if not isinstance(module, types.ModuleType):  # (anything may sit in sys.modules)
             continue
         value: object = vars(module).get(parts[cut])
         for part in parts[cut + 1 :]:  # a nested class: through classes only

@@ -250,9 +250,11 @@ def test_remote_error_type_lookup_imports_nothing_and_runs_no_module_code(
     lazy = types.ModuleType("lazy_errors_mod")
     lazy.__getattr__ = lambda attr: asked.append(attr)  # type: ignore[method-assign]
     monkeypatch.setitem(sys.modules, "lazy_errors_mod", lazy)
+    monkeypatch.setitem(sys.modules, "not_a_module_x", 42)  # anything may sit there
     for type_name in (
         "lazy_errors_mod.Missing",  # a module __getattr__ would answer
         "never_imported_module_x.Error",  # not imported: stays so
+        "not_a_module_x.Error",
         "os.sep",  # a module attribute that is not a class
         f"{__name__}._UserError.code",  # a nested name that is not a class
         "aiorpc_autograd.errors.RpcTimeoutError",  # a nested call's timeout is not ours
