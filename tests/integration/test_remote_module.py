@@ -270,18 +270,23 @@ def check_common(got: dict[str, Any]) -> None:
 # --------------------------------------------------------------------- the async API
 
 
+def torch_attributes(m: Any) -> dict[str, Any]:
+    """torch's public attributes of a RemoteModule (either flavour)."""
+    return {
+        "on": m.on,
+        "device": m.device,
+        "is_device_map_set": m.is_device_map_set,
+        "is_scriptable": m.is_scriptable,
+        "owner": m.owner.name,
+    }
+
+
 async def check_async_module(rank: int, world_size: int) -> dict[str, Any]:
     t = torch.ones(1)
     m = async_nn.RemoteModule("worker1/cpu", MyModule, (1,), {"first_kwarg": 2})
     out: dict[str, Any] = {
         "is_module": [isinstance(m, torch.nn.Module), isinstance(m, async_nn._RemoteModule)],
-        "attrs": {
-            "on": m.on,
-            "device": m.device,
-            "is_device_map_set": m.is_device_map_set,
-            "is_scriptable": m.is_scriptable,
-            "owner": m.owner.name,
-        },
+        "attrs": torch_attributes(m),
         "keys": list(m.__dict__),
         "module_args": await rpc.rpc_async("worker1", args_of, (m.module_rref,)),
         "same_rref": m.get_module_rref() is m.module_rref,
@@ -422,13 +427,7 @@ async def check_sync_module(rank: int, world_size: int) -> dict[str, Any]:
         m = sync_nn.RemoteModule("worker1/cpu", MyModule, (1,), {"first_kwarg": 2})
         out: dict[str, Any] = {
             "is_module": [isinstance(m, torch.nn.Module), isinstance(m, sync_nn._RemoteModule)],
-            "attrs": {
-                "on": m.on,
-                "device": m.device,
-                "is_device_map_set": m.is_device_map_set,
-                "is_scriptable": m.is_scriptable,
-                "owner": m.owner.name,
-            },
+            "attrs": torch_attributes(m),
             "keys": list(m.__dict__),
             "module_args": sync_rpc.rpc_sync("worker1", args_of, (m.module_rref,)),
             "same_rref": m.get_module_rref() is m.module_rref,
