@@ -813,6 +813,9 @@ class RpcAgent:
                     self._run_before_shutdown()
                     await self._wait_idle(deadline, lambda: None)
                     await self.membership.leave(deadline)
+                    if self.info.id == 0 and self._rdv.hosted_by_rank0:
+                        settle = time.monotonic() + self.options.heartbeat_timeout
+                        await self.membership.outlast(min(deadline, settle))
                 else:
                     await self._quiesce(deadline)
             except RpcError as exc:

@@ -14,7 +14,10 @@ rendezvous store under ``aiorpc/dyn/``:
 ``version``, ``v/N`` a counter bumped after each change, and a key set for
                      each value: members look for ``v/<last seen + 1>``;
 ``seen/R/I``         the last version member ``R`` (incarnation ``I``) applied;
-``why/R/I``          why ``R`` was removed by another worker (its death).
+``why/R/I``          why ``R`` was removed by another worker (its death);
+``joining``          a count of the workers that reached the store and have not
+                     finished joining (bumped by the rendezvous, dropped at the
+                     end of the join, whatever its outcome).
 
 A worker **joins** by publishing its record, adding itself to ``members``,
 bumping the version and waiting (bounded) until every member has applied
@@ -24,7 +27,10 @@ name or rank already in ``members`` is taken over only if its holder is dead
 worker (torchrun ``--max-restarts``) rejoins under its old name; a live holder
 makes ``init_rpc`` fail with ``ValueError``. A graceful ``shutdown`` **leaves**:
 it waits until its own calls and requests are done, removes itself, bumps
-the version and keeps serving until every member applied it. A member that
+the version and keeps serving until every member applied it; the store's host
+(rank 0) then keeps the store up until the group has been quiet (no member,
+no join in progress, no change) for a second, bounded by ``heartbeat_timeout``,
+as the others need it to the end of their own join or leave. A member that
 **dies** is removed by the first worker that declares it gone (the agent's
 ``peer_gone_hooks``), with the reason. Every member applies every version it
 sees: new members become peers (``join`` event), removed ones stop being
@@ -52,7 +58,7 @@ import msgpack
 
 from .errors import RpcError, WorkerLeftError
 from .options import WorkerInfo, check_worker_name
-from .rendezvous import Address, Rendezvous
+from .rendezvous import DYNAMIC_PREFIX, JOINING_KEY, Address, Rendezvous
 
 if TYPE_CHECKING:
     from .agent import RpcAgent
@@ -61,9 +67,10 @@ __all__ = ["Membership", "MembershipEvent", "WorkerLeftError"]  # the error: fro
 
 log = logging.getLogger(__name__)
 
-PREFIX = "aiorpc/dyn/"
+PREFIX = DYNAMIC_PREFIX
 _POLL = 0.05  # seconds between the watcher's looks at the version
 _ACK_WAIT = 10.0  # seconds a join or leave waits for the members to apply it
+_HOST_LINGER = 1.0  # seconds the store's host waits, once the group is quiet, before leaving
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,12 @@ class Membership:
             ValueError: a live worker already holds this name or rank.
             RpcTimeoutError: the store did not answer before ``deadline``.
         """
+        try:
+            return await self._join(me, deadline)
+        finally:
+            await self.rdv.joined()
+
+    async def _join(self, me: Address, deadline: float) -> list[Address]:
         rank, name, inc = me.rank, me.name, self.incarnation
         await self.rdv.call(
             self.rdv.store.set, _key("addr", (rank, name, inc)), me.pack(), deadline=deadline
@@ -232,16 +245,21 @@ class Membership:
     async def wait_seen(self, version: int, timeout: float) -> None:
         """Wait (at most ``timeout``) until every other member applied ``version``."""
         deadline = time.monotonic() + timeout
-        for member in list(self._members.values()):
-            if member[0] == self.agent.info.id:
-                continue
-            key = _key("seen", member)
-            while time.monotonic() < deadline:
-                seen = await self.rdv.call(self._get, key, deadline=deadline)
-                if seen and int(seen) >= version:
-                    break
-                if member[0] not in self._members:
-                    break  # it left meanwhile
+        me = self.agent.info.id
+        pending = [m for m in self._members.values() if m[0] != me]
+        while pending and time.monotonic() < deadline:
+            behind = []
+            for member in pending:
+                seen = await self.rdv.call(self._get, _key("seen", member), deadline=deadline)
+                if not seen or int(seen) < version:
+                    behind.append(member)
+            if behind:
+                # One that left or was removed meanwhile never applies it; the
+                # store's list, not ours: a joiner does not watch the group yet.
+                current = await self.rdv.call(self._get, PREFIX + "members", deadline=deadline)
+                behind = [m for m in behind if m in _unpack(current)]
+            pending = behind
+            if pending:
                 await asyncio.sleep(0.01)
 
     def start(self) -> None:
@@ -272,6 +290,34 @@ class Membership:
             await self.wait_seen(version, max(0.0, min(deadline - time.monotonic(), _ACK_WAIT)))
         except RpcError as exc:
             log.warning("could not leave the group cleanly: %s", exc)
+
+    async def outlast(self, deadline: float) -> None:
+        """The store's host, once it left: keep the store up until the group has
+        been quiet for :data:`_HOST_LINGER` seconds (no member left, no join in
+        progress, no change of the version), or until ``deadline``. The others
+        need the store to the end of their own join or leave, and a worker
+        still starting may not have reached it yet (c10d's client backs off
+        ~0.5-1 s after a refused first connection). Members that die meanwhile
+        are removed as usual (this worker still watches the group)."""
+        store = self.rdv.store
+        quiet_since: float | None = None
+        last_version = -1
+        while time.monotonic() < deadline:
+            try:
+                members = await self.rdv.call(self._get, PREFIX + "members", deadline=deadline)
+                joining = await self.rdv.call(store.add, JOINING_KEY, 0, deadline=deadline)
+                version = await self.rdv.call(store.add, PREFIX + "version", 0, deadline=deadline)
+            except RpcError:
+                return
+            now = time.monotonic()
+            if _unpack(members) or int(joining) > 0 or version != last_version:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= _HOST_LINGER:
+                return
+            last_version = version
+            await asyncio.sleep(_POLL)
 
     def close(self) -> None:
         """Stop the watcher and end the event streams."""

@@ -39,7 +39,7 @@ import msgpack
 import torch.distributed as dist
 from torch.distributed import Store, TCPStore  # type: ignore[attr-defined]
 
-from .errors import RpcError, RpcTimeoutError
+from .errors import InvalidArgumentError, RpcError, RpcTimeoutError
 from .options import check_worker_name
 
 __all__ = ["Address", "Rendezvous"]
@@ -134,6 +134,7 @@ class Rendezvous:
         self.timeout = timeout
         # Rank 0 hosts the store (tcp://, env://), not torchelastic's agent.
         self.hosted_by_rank0 = False
+        self._joining = False  # counted in JOINING_KEY (a dynamic group's join)
         self._thread = _StoreThread()
 
     @classmethod
@@ -186,11 +187,17 @@ class Rendezvous:
             # cannot share it (what each would expect of the other is undefined).
             current = bytes(store.compare_set(_MODE_KEY, "", mode))  # type: ignore[arg-type]
             if current != mode:
-                raise ValueError(
-                    f"the group at {init_method} is {current.decode()!r} and this worker asked "
-                    f"for a {mode.decode()!r} one (world_size={world_size}): a group is either "
-                    "fixed-size (every worker passes world_size) or dynamic (world_size=None)"
+                raise InvalidArgumentError(
+                    "RPC group mixes statically and dynamically initialized members which is "
+                    f"not supported: the group at {init_method} is {current.decode()!r} and "
+                    f"this worker asked for a {mode.decode()!r} one (world_size={world_size}): "
+                    "a group is either fixed-size (every worker passes world_size) or dynamic "
+                    "(world_size=None)"
                 )
+            if dynamic:
+                # Counted from the moment the store is reached, so that its host
+                # does not close it under a join in progress (see joined()).
+                store.add(JOINING_KEY, 1)
             return store, r, w
 
         loop = asyncio.get_running_loop()
@@ -203,12 +210,16 @@ class Rendezvous:
                 if "timeout" in str(exc).lower() or isinstance(exc, TimeoutError):
                     raise RpcTimeoutError(f"rendezvous at {init_method} timed out: {exc}") from exc
                 raise
-        if w is None:  # dynamic: one group on the store, its state under aiorpc/dyn/
-            return cls(store, r, None, "aiorpc/dyn/", timeout)
+        hosted_by_rank0 = _store_address(init_method) is not None
+        if w is None:  # dynamic: one group on the store, its state under DYNAMIC_PREFIX
+            self = cls(store, r, None, DYNAMIC_PREFIX, timeout)
+            self.hosted_by_rank0 = hosted_by_rank0
+            self._joining = True
+            return self
         # A generation per rank, so re-initialising on one store gets fresh keys;
         # every rank counts the same number of inits, so all agree on it.
         self = cls(store, r, w, "", timeout)
-        self.hosted_by_rank0 = _store_address(init_method) is not None
+        self.hosted_by_rank0 = hosted_by_rank0
         gen = await self.call(store.add, f"aiorpc/gen/{r}", 1)
         self.prefix = f"aiorpc/{gen}/"
         return self
@@ -365,7 +376,10 @@ class Rendezvous:
         up to ``timeout``, until all others are, so nobody loses the store early."""
         store = self.store
         if self.world_size is None:
-            return  # a dynamic group: the store's host simply stays
+            # A dynamic group: Membership keeps its host until the others are
+            # done (Membership.outlast); a join that failed is no longer one.
+            await self.joined()
+            return
         deadline = time.monotonic() + min(timeout, _CHUNK)
         key = f"{self.prefix}left"
         try:
@@ -381,6 +395,13 @@ class Rendezvous:
         except (RpcError, RuntimeError):
             pass  # the store's host is gone or stuck: nothing left to protect
 
+    async def joined(self) -> None:
+        """A dynamic group's join is over (done or failed): uncount it, once."""
+        if self._joining:
+            self._joining = False
+            with contextlib.suppress(RpcError, RuntimeError):  # the host is gone: moot
+                await self.call(self.store.add, JOINING_KEY, -1)
+
     def close(self) -> None:
         """Stop the store thread (the store goes when the last reference does)."""
         self._thread.close()
@@ -392,6 +413,9 @@ _CHUNK = 30.0  # seconds: the longest single store wait
 _POLL_MIN = 0.002
 _POLL_MAX = 0.05
 _MODE_KEY = "aiorpc/mode"  # "fixed" or "dynamic": the kind of group the store hosts
+DYNAMIC_PREFIX = "aiorpc/dyn/"  # a dynamic group's keys (see membership)
+# Workers that reached a dynamic group's store and have not finished joining.
+JOINING_KEY = DYNAMIC_PREFIX + "joining"
 
 
 def _store_address(init_method: str) -> tuple[str, int] | None:
