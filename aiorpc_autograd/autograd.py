@@ -34,8 +34,9 @@ the sources; the targets are every leaf they reach), so tensor hooks,
 hooks and DDP's reducer run as they would locally, and ``AccumulateGrad``
 decides when a gradient may be stolen and when it must be copied (so no two
 leaves share a gradient buffer). The gradients go to the context instead of
-``.grad``: while a job runs, each target's ``.grad`` slot holds the context's
-gradient so far (what hooks, and DDP, read and write), and afterwards the
+``.grad``: while a job runs, the ``.grad`` slot of each target, and of every
+other leaf with a gradient in the context, holds the context's gradient so
+far (what hooks, and DDP's reducer, read and write), and afterwards the
 accumulated ``.grad`` moves into the context and the user's ``.grad`` comes
 back (:func:`run_local_backward`). Jobs and optimizer steps that touch one
 tensor's ``.grad`` slot are serialised by :func:`hold_grads`.
@@ -861,8 +862,20 @@ class BackwardPass:
         # accumulation in this pass starts at this pass's sum).
         recv_of_leaf = self._recv_of_leaf
         leaves = [leaf for leaf in reach if id(leaf) not in recv_of_leaf]
+        n_reached = len(leaves)
+        if self.ctx.has_gradients():
+            # Every leaf with a gradient in the context shows it as its .grad
+            # while the job runs, not only those the job reaches: a hook or a
+            # callback of the job may read or write any (torch's see the
+            # context's gradient of every variable). DDP's reducer, whose last
+            # bucket completes in a later job than some of its parameters'
+            # gradients (a model wrapped whole, with RPCs inside its forward),
+            # then writes the averaged bucket into all of their .grad slots.
+            reached = {id(leaf) for leaf in leaves}
+            leaves += [leaf for leaf in self.ctx.gradients() if id(leaf) not in reached]
+            slots = None
         n_context = len(leaves)
-        if n_context < len(reach):
+        if n_reached < len(reach):
             leaves += [leaf for leaf in reach if id(leaf) in recv_of_leaf]
         retain = self.retain_graph or not final
         recv_initial = [self._recv_grad_so_far(leaf) for leaf in leaves[n_context:]]

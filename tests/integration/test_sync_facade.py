@@ -688,6 +688,82 @@ async def check_torch_introspection_names(rank: int, world_size: int) -> dict[st
     return await asyncio.to_thread(run)
 
 
+def tanh_twice(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x) * 2
+
+
+class Hybrid(torch.nn.Module):
+    """A local layer, a remote op (an RPC inside ``forward``; local with no
+    ``remote``), a local layer."""
+
+    def __init__(self, remote: str | None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre = torch.nn.Linear(4, 4)
+        self.post = torch.nn.Linear(4, 2)
+        self.remote = remote
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        if self.remote is None:
+            h = tanh_twice(h)
+        else:
+            h = sync_rpc.rpc_sync(self.remote, tanh_twice, (h,))
+        return self.post(h)  # type: ignore[no-any-return]
+
+
+def hybrid_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(10 + rank)
+    return torch.randn(5, 4, generator=gen), torch.randn(5, 2, generator=gen)
+
+
+def hybrid_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).sum()
+
+
+def ddp_whole_model_grads(rank: int, store: str) -> list[torch.Tensor]:
+    """torch's DdpMode.OUTSIDE: DDP wraps the whole model, RPC inside."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        ddp = DistributedDataParallel(Hybrid("worker2"))
+        x, target = hybrid_batch(rank)
+        with sync_autograd.context() as cid:
+            sync_autograd.backward(cid, [hybrid_loss(ddp(x), target)])
+            grads = sync_autograd.get_gradients(cid)
+            return [grads[p].clone() for p in ddp.module.parameters()]
+    finally:
+        dist.destroy_process_group()
+
+
+async def check_ddp_whole_model(rank: int, world_size: int, store: str) -> list[torch.Tensor]:
+    return await asyncio.to_thread(ddp_whole_model_grads, rank, store)
+
+
+def test_ddp_around_a_model_with_an_rpc_inside_averages_every_gradient(
+    sync_service: WorkerGroup, tmp_path: Any
+) -> None:
+    """DDP wrapping a model whose forward makes an RPC (torch's
+    ``DdpUnderDistAutogradTest`` with ``DdpMode.OUTSIDE``): the last layer's
+    gradients are computed in the pass's first job, the first layer's in a
+    later one (after the remote op's gradient comes back), and DDP's bucket
+    holds both. The averaged bucket is written when the last gradient is in,
+    into every parameter's gradient in the context, the earlier job's too."""
+    store = str(tmp_path / "gloo-store")
+    got = sync_service.call_many([(r, check_ddp_whole_model, (store,)) for r in (0, 1)], timeout=60)
+    local = []
+    for rank in (0, 1):
+        model = Hybrid(None)
+        x, target = hybrid_batch(rank)
+        local.append(torch.autograd.grad(hybrid_loss(model(x), target), list(model.parameters())))
+    want = [a / 2 + b / 2 for a, b in zip(*local, strict=True)]
+    for g0, g1, w in zip(got[0], got[1], want, strict=True):
+        assert torch.equal(g0, g1)  # both replicas hold the averaged gradient
+        torch.testing.assert_close(g0, w)
+
+
 def callee_graph(cid: int) -> list[Any]:
     """On the callee of ``torch.add(t1, t2)``: the graph torch's test checks."""
     (send,) = sync_autograd._retrieve_context(cid)._send_functions().values()
