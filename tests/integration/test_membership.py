@@ -304,11 +304,14 @@ async def join_and_leave_at_once(rank: int, world_size: int, init_method: str) -
     # fresh incarnation under the same name. Joins then race leaves, and the
     # host's own leave races everybody's (the store lives in its process,
     # which exits when this returns). Default heartbeats: the host's wait is
-    # bounded by heartbeat_timeout, and the workers start seconds apart here.
+    # bounded by heartbeat_timeout. One barrier first: the processes start
+    # together, as torch's forked ranks do (spawned ones finish importing
+    # seconds apart, longer than the host outlasts a quiet group).
     warnings = _Warnings()
     logging.getLogger("aiorpc_autograd").addHandler(warnings)
     options = rpc.RpcOptions(rpc_timeout=20)
     rounds = 1 if rank == 0 else 3
+    await barrier()
     joins, leaves = [], []
     for _ in range(rounds):
         t0 = time.monotonic()
