@@ -863,7 +863,8 @@ class BackwardPass:
         recv_of_leaf = self._recv_of_leaf
         leaves = [leaf for leaf in reach if id(leaf) not in recv_of_leaf]
         n_reached = len(leaves)
-        if self.ctx.has_gradients():
+        has_gradients = self.ctx.has_gradients()
+        if has_gradients:
             # Every leaf with a gradient in the context shows it as its .grad
             # while the job runs, not only those the job reaches: a hook or a
             # callback of the job may read or write any (torch's see the
@@ -880,7 +881,7 @@ class BackwardPass:
         retain = self.retain_graph or not final
         recv_initial = [self._recv_grad_so_far(leaf) for leaf in leaves[n_context:]]
         initial: list[torch.Tensor | None] | None = None  # (no gradient anywhere yet)
-        if self.ctx.has_gradients() or any(g is not None for g in recv_initial):
+        if has_gradients or any(g is not None for g in recv_initial):
             initial = self.ctx.gradients_of(leaves[:n_context]) + recv_initial
 
         after = self.after_last_job if final else None
