@@ -70,6 +70,9 @@ class WorkerInfo(_WorkerInfo):
     def __new__(cls, name: str, id: int) -> WorkerInfo:
         return super().__new__(cls, check_worker_name(name), id)
 
+    def __repr__(self) -> str:
+        return f"WorkerInfo(id={self.id}, name={self.name})"  # torch's words
+
 
 @dataclass(frozen=True)
 class RpcOptions:

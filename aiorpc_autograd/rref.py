@@ -131,6 +131,11 @@ def _id(pair: list[int] | tuple[int, int]) -> Id:
     return (int(pair[0]), int(pair[1]))
 
 
+def _id_str(rref_id: Id) -> str:
+    """An id in torch's words."""
+    return f"GloballyUniqueId(created_on={rref_id[0]}, local_id={rref_id[1]})"
+
+
 @dataclass(eq=False)
 class _OwnerEntry:
     """The owner's record of one value."""
@@ -215,9 +220,10 @@ class RRef(Generic[T]):
             )
 
     def __repr__(self) -> str:
-        kind = "OwnerRRef" if self.is_owner() else "UserRRef"
-        ids = f"rref_id={self._rref_id}, fork_id={self._fork_id}"
-        return f"{kind}({ids}, owner={self._owner.name!r})"
+        # torch's words (PyRRef.__str__ and __repr__)
+        if self.is_owner():
+            return f"OwnerRRef({_id_str(self._rref_id)})"
+        return f"UserRRef(RRefId = {_id_str(self._rref_id)}, ForkId = {_id_str(self._fork_id)})"
 
     def __del__(self) -> None:
         try:
@@ -257,9 +263,11 @@ class RRef(Generic[T]):
             Exception: creating the value failed (its error).
         """
         if not self.is_owner():
+            ids = f"rref_id={_id_str(self._rref_id)}, fork_id={_id_str(self._fork_id)}"
             raise RuntimeError(
-                f"can't call localValue() on user {self._service.agent.info}. Call it on "
-                f"owner {self._owner}: local_value() is for the owner only; use to_here()"
+                f"For UserRRef({ids}), can't call localValue() on user "
+                f"{self._service.agent.info}. Call it on owner {self._owner}: "
+                "local_value() is for the owner only; use to_here()"
             )
         service = self._service
         agent = service.agent
@@ -502,7 +510,7 @@ class RRefService:
 
     def __init__(self, agent: RpcAgent) -> None:
         self.agent = agent
-        self._ids = itertools.count(1)
+        self._ids = itertools.count()  # local ids from 0, as torch's
         self._owners: dict[Id, _OwnerEntry] = {}
         self._users: weakref.WeakValueDictionary[Id, RRef[Any]] = weakref.WeakValueDictionary()
         self._pending_children: dict[Id, RRef[Any]] = {}
@@ -1006,22 +1014,25 @@ class RRefService:
                 call = self.agent.call_message(func, args, kwargs)
             finally:
                 sending_to.reset(token)
-            msg = PythonRemoteCall(call.target, call.value, list(rref_id), list(rref_id))
-            rref = RRef._make(self, to, rref_id, rref_id, False)
+            # The creator's user RRef gets its own fork id (as torch's, whose
+            # str() shows both); a remote() to ourselves makes an owner handle.
+            fork_id = rref_id if to.id == self.agent.info.id else self.new_id()
+            msg = PythonRemoteCall(call.target, call.value, list(rref_id), list(fork_id))
+            rref = RRef._make(self, to, rref_id, fork_id, False)
             fut = self.agent.request(to, msg, timeout, decode=lambda m: None)
             if source is not None:
                 fut = self.creation_first(source, fut)
         fut.add_done_callback(retrieve_error)
-        fut.add_done_callback(lambda f: self._created(rref_id, f))
+        fut.add_done_callback(lambda f: self._created(rref._fork_id, f))
         rref._creation = fut
         return rref
 
-    def _created(self, rref_id: Id, fut: asyncio.Future[Any]) -> None:
+    def _created(self, fork_id: Id, fut: asyncio.Future[Any]) -> None:
         # The owner registers the creator's fork before running the function,
         # so it knows it whatever the outcome (after a timeout or a lost
         # connection, a delete for an unknown fork is ignored there). The
         # creation's error stays in the RRef (failure()).
-        self._confirm(rref_id)
+        self._confirm(fork_id)
 
     def _on_remote_call(self, message: Message) -> Awaitable[Message]:
         """Registers the entry now (a later message of the creator finds it),

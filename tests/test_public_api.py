@@ -135,6 +135,7 @@ def test_worker_info_is_a_frozen_hashable_pair() -> None:
     with pytest.raises(AttributeError):
         info.name = "other"  # type: ignore[misc]
     assert pickle.loads(pickle.dumps(info)) == info
+    assert repr(info) == str(info) == "WorkerInfo(id=3, name=trainer)"  # torch's words
 
 
 @pytest.mark.parametrize("name", ["abc*", " ", "", "a" * 128, "w.1", "w/1", "wörker", 7])

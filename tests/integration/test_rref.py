@@ -37,7 +37,7 @@ from aiorpc_autograd import api, dist_autograd
 from aiorpc_autograd.codec import RRefBackwardReq
 from tests.integration.common import async_sleep, await_outcome, blocking_sleep, call_outcome
 from tests.integration.conftest import close_shared_group, shared_group
-from tests.integration.harness import WorkerGroup, barrier, run_processes
+from tests.integration.harness import WorkerGroup, barrier, run_processes, run_workers
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -358,6 +358,42 @@ async def relay(r: rpc.RRef[Any], to: str, func: Any, *args: Any) -> Any:
 
 async def identity_async(r: Any) -> Any:
     return r
+
+
+async def check_printed_forms(rank: int, world_size: int) -> dict[str, Any]:
+    """torch's test_rref_str and test_local_value_not_on_owner, in a fresh group."""
+    dst = (rank + 1) % world_size
+    owned = rpc.RRef(rank)
+    user = rpc.remote(f"worker{dst}", torch.add, (torch.ones(2, 2), 1))
+    try:
+        user.local_value()
+        local_value = "no error"
+    except RuntimeError as exc:
+        local_value = str(exc)
+    await user.to_here()
+    return {
+        "owned": (str(owned), repr(owned)),
+        "user": (str(user), repr(user)),
+        "local_value": local_value,
+        "me": repr(rpc.get_worker_info()),
+    }
+
+
+def test_rrefs_and_worker_infos_print_in_torchs_words() -> None:
+    results = run_workers(check_printed_forms, 2)
+    for rank, got in enumerate(results):
+        uid = "GloballyUniqueId(created_on={}, local_id={})".format
+        owned = f"OwnerRRef({uid(rank, 0)})"
+        user = f"UserRRef(RRefId = {uid(rank, 1)}, ForkId = {uid(rank, 2)})"
+        assert got["owned"] == (owned, owned)
+        assert got["user"] == (user, user)
+        assert got["me"] == f"WorkerInfo(id={rank}, name=worker{rank})"
+        other = 1 - rank
+        assert got["local_value"].startswith(
+            f"For UserRRef(rref_id={uid(rank, 1)}, fork_id={uid(rank, 2)}), can't call "
+            f"localValue() on user WorkerInfo(id={rank}, name=worker{rank}). "
+            f"Call it on owner WorkerInfo(id={other}, name=worker{other})"
+        ), got["local_value"]
 
 
 async def check_local_rref_travels(rank: int, world_size: int) -> dict[str, Any]:
