@@ -810,6 +810,12 @@ async def check_torch_private_names(rank: int, world_size: int) -> dict[str, Any
     def run() -> dict[str, Any]:
         out: dict[str, Any] = {}
         agent = sync_rpc._get_current_rpc_agent()
+        # torch's test_infer_backend_from_options: the agent's type by torch's names
+        out["agent_type"] = (
+            isinstance(agent, sync_rpc.TensorPipeAgent),
+            isinstance(agent, sync_rpc.RpcAgent),
+            sync_rpc.api._get_current_rpc_agent().__class__ is sync_rpc.TensorPipeAgent,
+        )
         out["infos"] = [tuple(i) for i in agent.get_worker_infos()]
         out["info"] = (tuple(agent.get_worker_info()), tuple(agent.get_worker_info("worker2")))
         out["debug"] = sync_rpc._get_debug_info()["num_pending_requests"] == 0
@@ -874,6 +880,7 @@ async def check_torch_private_names(rank: int, world_size: int) -> dict[str, Any
 
 def test_torch_private_names(sync_service: WorkerGroup) -> None:
     got = sync_service.call(0, check_torch_private_names)
+    assert got["agent_type"] == (True, True, True)
     assert got["infos"] == [("worker0", 0), ("worker1", 1), ("worker2", 2)]
     assert got["info"] == (("worker0", 0), ("worker2", 2)) and got["debug"]
     assert got["user_type"] == (True, True) and got["cached"]

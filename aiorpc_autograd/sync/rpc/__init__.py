@@ -23,7 +23,9 @@ from ...options import RpcOptions, WorkerInfo
 from .. import _bridge
 from . import constants, functions
 from .api import (
+    RpcAgent,
     RRef,
+    TensorPipeAgent,
     get_worker_info,
     init_rpc,
     remote,
@@ -58,10 +60,12 @@ __all__ = [
     "RRef",
     "RemoteError",
     "RemoteException",
+    "RpcAgent",
     "RpcBackendOptions",
     "RpcError",
     "RpcOptions",
     "RpcTimeoutError",
+    "TensorPipeAgent",
     "TensorPipeRpcBackendOptions",
     "WorkerInfo",
     "constants",

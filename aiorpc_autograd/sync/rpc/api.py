@@ -189,9 +189,11 @@ def _rref_context_get_debug_info() -> dict[str, int]:
     return _debug_info_parts()[1]
 
 
-class _CurrentAgent:
+class RpcAgent:
     """What ``_get_current_rpc_agent()`` gives: torch's agent methods that
-    programs and tests use, over this process's agent."""
+    programs and tests use, over this process's agent. torch's names:
+    ``rpc.RpcAgent``, and ``rpc.TensorPipeAgent`` the type of the agent
+    (the only backend's); neither is made by hand."""
 
     __slots__ = ()
 
@@ -210,7 +212,14 @@ class _CurrentAgent:
         return _debug_info_parts()[0]
 
 
-def _get_current_rpc_agent() -> _CurrentAgent:
+class TensorPipeAgent(RpcAgent):
+    """torch's name of its agent's type: this process's agent, as
+    ``_get_current_rpc_agent()`` gives it."""
+
+    __slots__ = ()
+
+
+def _get_current_rpc_agent() -> TensorPipeAgent:
     """torch's private ``rpc.api._get_current_rpc_agent()``, for its
     ``get_worker_infos()`` (every worker of the group), ``get_worker_info``
     and ``get_debug_info``.
@@ -219,7 +228,7 @@ def _get_current_rpc_agent() -> _CurrentAgent:
         RpcError: RPC has not been initialized in this process.
     """
     api.current_agent()
-    return _CurrentAgent()
+    return TensorPipeAgent()
 
 
 def _args(args: Any) -> tuple[Any, ...]:
