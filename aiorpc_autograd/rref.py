@@ -1001,10 +1001,10 @@ class RRefService:
         new RRef fails with its error and nothing is sent.
         """
         failure = self.failure(source) if source is not None else None
-        rref_id = self.new_id()
         fut: asyncio.Future[Any]
         if failure is not None:  # nothing is pickled (no fork) nor sent
-            rref = RRef._make(self, to, rref_id, rref_id, False)
+            rref_id = fork_id = self.new_id()
+            rref = RRef._make(self, to, rref_id, fork_id, False)
             rref._deleted = True  # the owner never heard of it
             fut = self.agent.loop.create_future()
             fut.set_exception(fresh_error(failure))
@@ -1014,8 +1014,10 @@ class RRefService:
                 call = self.agent.call_message(func, args, kwargs)
             finally:
                 sending_to.reset(token)
-            # The creator's user RRef gets its own fork id (as torch's, whose
-            # str() shows both); a remote() to ourselves makes an owner handle.
+            # Ids as torch numbers them: the arguments' forks, then the RRef
+            # id, then the creator's own fork id (torch's str() shows both); a
+            # remote() to ourselves makes an owner handle, one id.
+            rref_id = self.new_id()
             fork_id = rref_id if to.id == self.agent.info.id else self.new_id()
             msg = PythonRemoteCall(call.target, call.value, list(rref_id), list(fork_id))
             rref = RRef._make(self, to, rref_id, fork_id, False)
@@ -1023,7 +1025,7 @@ class RRefService:
             if source is not None:
                 fut = self.creation_first(source, fut)
         fut.add_done_callback(retrieve_error)
-        fut.add_done_callback(lambda f: self._created(rref._fork_id, f))
+        fut.add_done_callback(lambda f: self._created(fork_id, f))
         rref._creation = fut
         return rref
 

@@ -360,6 +360,10 @@ async def identity_async(r: Any) -> Any:
     return r
 
 
+def is_user_rref(rref: rpc.RRef[Any]) -> bool:
+    return not rref.is_owner()
+
+
 async def check_printed_forms(rank: int, world_size: int) -> dict[str, Any]:
     """torch's test_rref_str and test_local_value_not_on_owner, in a fresh group."""
     dst = (rank + 1) % world_size
@@ -371,9 +375,12 @@ async def check_printed_forms(rank: int, world_size: int) -> dict[str, Any]:
     except RuntimeError as exc:
         local_value = str(exc)
     await user.to_here()
+    # An RRef argument is forked (id 3) before the new RRef's ids (4, 5), as in torch.
+    passed = rpc.remote(f"worker{dst}", is_user_rref, (owned,))
     return {
         "owned": (str(owned), repr(owned)),
         "user": (str(user), repr(user)),
+        "passed": (str(passed), await passed.to_here()),
         "local_value": local_value,
         "me": repr(rpc.get_worker_info()),
     }
@@ -387,6 +394,8 @@ def test_rrefs_and_worker_infos_print_in_torchs_words() -> None:
         user = f"UserRRef(RRefId = {uid(rank, 1)}, ForkId = {uid(rank, 2)})"
         assert got["owned"] == (owned, owned)
         assert got["user"] == (user, user)
+        passed = f"UserRRef(RRefId = {uid(rank, 4)}, ForkId = {uid(rank, 5)})"
+        assert got["passed"] == (passed, True)
         assert got["me"] == f"WorkerInfo(id={rank}, name=worker{rank})"
         other = 1 - rank
         assert got["local_value"].startswith(
