@@ -2028,6 +2028,11 @@ class RpcAgent:
         """Run ``fn`` in the agent's thread pool."""
         return self._pool.run(fn)
 
+    @property
+    def pool_busy(self) -> bool:
+        """Whether the agent's thread pool runs or holds a job."""
+        return self._pool.busy
+
     async def invoke(
         self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:

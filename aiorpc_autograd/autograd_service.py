@@ -214,21 +214,27 @@ class _PassRun:
             self.engine = None
 
 
-# A job kind measured under this many seconds runs on the event loop: the
-# pool hop costs 40-80 us here (a thread wake-up there, a loop wake-up back,
-# a GIL hand-off each way: the bench step's caller-side job took 100 us in
-# the pool for ~45 us of work), and holding the loop this long delays other
-# frames by no more than decoding a mid-size message does.
+# A job kind measured under this many seconds runs on the event loop while
+# the pool computes something else: the pool hop costs 40-80 us here (a
+# thread wake-up there, a loop wake-up back, a GIL hand-off each way: the
+# bench step's caller-side job took 100 us in the pool for ~45 us of work),
+# and holding the loop this long delays other frames by no more than decoding
+# a mid-size message does.
 INLINE_BELOW_S = 200e-6
-# On a worker confined to one CPU the pool runs nothing in parallel with the
-# loop (they take turns on that CPU), so a hop buys only the loop's freedom to
-# read other frames meanwhile: longer jobs run inline too (pinned A/B of the
-# bench's step in backward: the worker's backward 1.00-1.03 -> 0.92-0.97 ms).
-# 10 ms: with 2 ms a 64-layer MLP's backward (1.8 ms) went to the pool after
-# each run slowed past the bound and came back only runs later, paying the
-# hop (+50-100 us) in a third to two thirds of the steps; a loop held 10 ms
-# still answers heartbeats in time.
-INLINE_BELOW_PINNED_S = 10e-3
+# When a hop would buy no parallelism, longer jobs run inline too: on a worker
+# confined to one CPU (the pool and the loop take turns on it), or while the
+# pool is idle (the job would run there alone); the hop then buys only the
+# loop's freedom to read other frames meanwhile. Pinned A/B of the bench's
+# step in backward: the worker's backward 1.00-1.03 -> 0.92-0.97 ms. Unpinned
+# (2-vCPU VM, interleaved launches, medians of step overhead; README, Design):
+# classic step 2.56 -> 2.25 ms, step in backward 2.17 -> 1.86, MLP depth 1
+# 1.78 -> 1.53 and depth 64 31.2 -> 18.8, and no launch's classic step in the
+# slow mode (6-9 ms) that 8 of 22 launches hit with the worker's backward job
+# in the pool. 10 ms: with 2 ms a 64-layer MLP's backward (1.8 ms) went to
+# the pool after each run slowed past the bound and came back only runs
+# later, paying the hop (+50-100 us) in a third to two thirds of the steps; a
+# loop held 10 ms still answers heartbeats in time.
+INLINE_BELOW_IDLE_S = 10e-3
 
 # A context released by a peer is dropped within this many seconds, and at
 # most this many wait (see AutogradService._drop_later).
@@ -239,21 +245,29 @@ DROP_HELD_MAX = 8
 class JobCosts:
     """Where engine jobs and optimizer steps run, chosen with data: a kind of
     job runs inline on the event loop once a run of it was measured (first in
-    the pool) under ``inline_below`` seconds, and goes back to the pool as
-    soon as one run takes longer. Inline jobs never wait for a lock another
-    thread holds (:func:`~aiorpc_autograd.autograd.no_waiting`): such a job
-    runs in the pool instead."""
+    the pool) under ``inline_below`` seconds, or under ``inline_below_idle``
+    while the pool has nothing else to run, and goes back to the pool as soon
+    as one run takes longer. Inline jobs never wait for a lock another thread
+    holds (:func:`~aiorpc_autograd.autograd.no_waiting`): such a job runs in
+    the pool instead."""
 
     MAX_KINDS = 4096
 
-    def __init__(self, inline_below: float = INLINE_BELOW_S) -> None:
+    def __init__(
+        self, inline_below: float = INLINE_BELOW_S, inline_below_idle: float = INLINE_BELOW_IDLE_S
+    ) -> None:
         self.inline_below = inline_below
+        self.inline_below_idle = inline_below_idle
         self._cost: dict[Hashable, float] = {}
         self.inline_runs = 0  # for tests and the record
 
-    def inline(self, kind: Hashable) -> bool:
+    def inline(self, kind: Hashable, pool_busy: bool = True) -> bool:
+        """Whether a job of ``kind`` runs on the loop now (``pool_busy``:
+        whether the pool runs or holds other jobs)."""
         cost = self._cost.get(kind)
-        return cost is not None and cost < self.inline_below
+        if cost is None:
+            return False
+        return cost < (self.inline_below if pool_busy else self.inline_below_idle)
 
     def record(self, kind: Hashable, seconds: float) -> None:
         """A run of ``kind`` took ``seconds`` (from any thread)."""
@@ -280,7 +294,9 @@ class AutogradService:
         # Step in backward: optimizer id -> (a future of) a weak reference to
         # the function stepping this worker's local optimizer of that id.
         self._local_optimizers: dict[int, asyncio.Future[Any]] = {}
-        self.job_costs = JobCosts(INLINE_BELOW_PINNED_S if agent.pinned else INLINE_BELOW_S)
+        self.job_costs = JobCosts(
+            INLINE_BELOW_IDLE_S if agent.pinned else INLINE_BELOW_S, INLINE_BELOW_IDLE_S
+        )
         # Contexts released by peers, their tensors not yet dropped (_drop_later).
         self._to_drop: list[DistAutogradContext] = []
         self._drop_timer: asyncio.TimerHandle | None = None
@@ -335,7 +351,7 @@ class AutogradService:
         """Run an engine job or an optimizer step: inline on the loop when
         jobs of ``kind`` are cheap (:class:`JobCosts`), else in the pool."""
         costs = self.job_costs
-        if costs.inline(kind):
+        if costs.inline(kind, self.agent.pool_busy):
             fut: asyncio.Future[T] = self.agent.loop.create_future()
             t0 = time.perf_counter()
             try:

@@ -15,7 +15,7 @@ import torch
 from aiorpc_autograd import autograd
 from aiorpc_autograd.autograd import WouldBlock, hold_grads, no_waiting, take
 from aiorpc_autograd.autograd_service import (
-    INLINE_BELOW_PINNED_S,
+    INLINE_BELOW_IDLE_S,
     INLINE_BELOW_S,
     AutogradService,
     JobCosts,
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def test_costs_inline_only_after_a_cheap_measurement() -> None:
-    costs = JobCosts(inline_below=0.001)
+    costs = JobCosts(inline_below=0.001, inline_below_idle=0.001)
     assert not costs.inline("k")  # never measured: the pool first
     costs.record("k", 0.0002)
     assert costs.inline("k")
@@ -74,7 +74,7 @@ async def test_run_job_inline_when_cheap_pool_when_slow_or_locked() -> None:
     loop = asyncio.get_running_loop()
     pool = WorkerPool(loop, 2, "t")
     agent = types.SimpleNamespace(
-        info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run, pinned=False
+        info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run, pinned=False, pool_busy=True
     )
     service = AutogradService(agent)  # type: ignore[arg-type]
     loop_thread = threading.get_ident()
@@ -130,21 +130,66 @@ async def test_run_job_inline_when_cheap_pool_when_slow_or_locked() -> None:
     pool.shutdown()
 
 
-def test_a_worker_on_one_cpu_runs_longer_jobs_inline() -> None:
-    """Pinned to one CPU the pool computes nothing in parallel with the loop:
-    the inline bound is 10 ms there, 200 us otherwise (a 1 ms job kind runs
-    inline only on the pinned worker)."""
-    bounds = {}
-    for pinned in (False, True):
-        agent = types.SimpleNamespace(info=WorkerInfo("w", 0), loop=None, pinned=pinned)
+def test_longer_jobs_run_inline_where_a_hop_buys_no_parallelism() -> None:
+    """A 1 ms job kind runs inline on a worker confined to one CPU (the pool
+    computes nothing in parallel with the loop there) and, unpinned, while the
+    pool is idle; unpinned with the pool busy, only jobs under 200 us do."""
+    agents = {
+        pinned: types.SimpleNamespace(info=WorkerInfo("w", 0), loop=None, pinned=pinned)
+        for pinned in (False, True)
+    }
+    seen = {}
+    for pinned, agent in agents.items():
         costs = AutogradService(agent).job_costs  # type: ignore[arg-type]
         costs.record("engine", 0.001)
-        bounds[pinned] = (costs.inline_below, costs.inline("engine"))
-    assert bounds == {
-        False: (INLINE_BELOW_S, False),
-        True: (INLINE_BELOW_PINNED_S, True),
+        costs.record("small", 0.0001)
+        costs.record("long", 0.05)
+        seen[pinned] = {
+            busy: [costs.inline(k, pool_busy=busy) for k in ("small", "engine", "long")]
+            for busy in (True, False)
+        }
+    assert seen == {
+        False: {True: [True, False, False], False: [True, True, False]},
+        True: {True: [True, True, False], False: [True, True, False]},
     }
-    assert INLINE_BELOW_S == 200e-6 and INLINE_BELOW_PINNED_S == 10e-3
+    assert INLINE_BELOW_S == 200e-6 and INLINE_BELOW_IDLE_S == 10e-3
+
+
+async def test_run_job_asks_whether_the_pool_is_busy() -> None:
+    """The same 1 ms kind, unpinned: inline while the agent's pool is idle,
+    in the pool while it runs another job."""
+    loop = asyncio.get_running_loop()
+    pool = WorkerPool(loop, 2, "t")
+
+    class Agent:
+        info = WorkerInfo("w", 0)
+        pinned = False
+
+        def __init__(self) -> None:
+            self.loop = loop
+            self.run_in_executor = pool.run
+
+        @property
+        def pool_busy(self) -> bool:
+            return pool.busy
+
+    service = AutogradService(Agent())  # type: ignore[arg-type]
+    service.job_costs.record("engine", 0.001)
+    loop_thread = threading.get_ident()
+
+    def where() -> bool:
+        return threading.get_ident() == loop_thread
+
+    assert await service.run_job("engine", where) is True
+    release = threading.Event()
+    other = pool.run(lambda: release.wait(5))
+    assert pool.busy
+    assert await service.run_job("engine", where) is False
+    release.set()
+    assert await other is True
+    assert not pool.busy
+    assert await service.run_job("engine", where) is True
+    pool.shutdown()
 
 
 def test_grad_slots_are_held_per_tensor_and_all_or_nothing() -> None:
