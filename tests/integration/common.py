@@ -6,6 +6,7 @@ Everything here is module-level so it pickles by name into the workers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any
@@ -67,3 +68,15 @@ async def await_outcome(awaitable: Any) -> Any:
         return await awaitable
     except Exception as exc:
         return exc
+
+
+class WarningMessages(logging.Handler):
+    """Collects the messages of the warnings (and worse) logged where it is
+    added, in a worker process (where pytest's caplog does not reach)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import aiorpc_autograd as rpc
-from tests.integration.common import attempt, await_outcome, echo
+from tests.integration.common import WarningMessages, attempt, await_outcome, echo
 from tests.integration.harness import barrier, run_processes
 
 pytestmark = pytest.mark.timeout(120)
@@ -289,15 +289,6 @@ def test_mixing_fixed_and_dynamic_and_taking_a_live_name_are_refused() -> None:
 # ------------------------------------------------------------------ everyone at once
 
 
-class _Warnings(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 async def join_and_leave_at_once(rank: int, world_size: int, init_method: str) -> Any:
     # torch's test_dynamic_rpc_init_rpc, in rounds: every worker, the store's
     # host included, joins and leaves at once, with no barrier, each round a
@@ -307,7 +298,7 @@ async def join_and_leave_at_once(rank: int, world_size: int, init_method: str) -
     # bounded by heartbeat_timeout. One barrier first: the processes start
     # together, as torch's forked ranks do (spawned ones finish importing
     # seconds apart, longer than the host outlasts a quiet group).
-    warnings = _Warnings()
+    warnings = WarningMessages()
     logging.getLogger("aiorpc_autograd").addHandler(warnings)
     options = rpc.RpcOptions(rpc_timeout=20)
     rounds = 1 if rank == 0 else 3

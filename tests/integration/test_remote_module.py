@@ -36,6 +36,7 @@ from aiorpc_autograd.sync import autograd as sync_autograd
 from aiorpc_autograd.sync import nn as sync_nn
 from aiorpc_autograd.sync import optim as sync_optim
 from aiorpc_autograd.sync import rpc as sync_rpc
+from tests.integration.common import WarningMessages
 from tests.integration.conftest import close_shared_group, shared_group
 from tests.integration.harness import WorkerGroup
 
@@ -160,15 +161,6 @@ async def describe_error_async(make: Callable[[], Any]) -> tuple[str, str, bool]
     except Exception as exc:
         return kind_of(exc), str(exc), isinstance(exc, RemoteError)
     raise AssertionError("no error")
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def unsupported_errors(module: Any) -> dict[str, tuple[str, str]]:
@@ -333,7 +325,7 @@ def test_async_remote_module_behaves_as_torchs_with_await(service: WorkerGroup) 
 async def check_async_over_the_wire(rank: int, world_size: int) -> dict[str, Any]:
     t = torch.ones(1)
     m = async_nn.RemoteModule("worker1/cpu", MyModule, (1,))
-    records = _Records()
+    records = WarningMessages()
     logging.getLogger("aiorpc_autograd.nn").addHandler(records)
     try:
         plain = await rpc.rpc_async("worker2", keys_of, (m,))
