@@ -242,42 +242,108 @@ DROP_WITHIN_S = 5e-3
 DROP_HELD_MAX = 8
 
 
+class _KindStats:
+    """What :class:`JobCosts` knows of one kind of job."""
+
+    __slots__ = ("best_one", "best_own", "cost", "one_thread", "runs")
+
+    def __init__(self, seconds: float) -> None:
+        self.cost = seconds  # the estimate that places the job (loop or pool)
+        self.runs = 1
+        self.best_own = float("inf")  # fastest trial run on the thread's own intra-op threads
+        self.best_one = float("inf")  # fastest trial run on one intra-op thread
+        self.one_thread: bool | None = None  # chosen after the trial
+
+
 class JobCosts:
-    """Where engine jobs and optimizer steps run, chosen with data: a kind of
-    job runs inline on the event loop once a run of it was measured (first in
-    the pool) under ``inline_below`` seconds, or under ``inline_below_idle``
-    while the pool has nothing else to run, and goes back to the pool as soon
-    as one run takes longer. Inline jobs never wait for a lock another thread
-    holds (:func:`~aiorpc_autograd.autograd.no_waiting`): such a job runs in
-    the pool instead."""
+    """Where engine jobs and optimizer steps run, and on how many of torch's
+    intra-op threads, chosen with data.
+
+    Place: a kind of job runs inline on the event loop once a run of it was
+    measured (first in the pool) under ``inline_below`` seconds, or under
+    ``inline_below_idle`` while the pool has nothing else to run, and goes
+    back to the pool as soon as one run takes longer. Inline jobs never wait
+    for a lock another thread holds (:func:`~aiorpc_autograd.autograd.no_waiting`):
+    such a job runs in the pool instead.
+
+    Threads: after its first run, a kind's next ``TRIAL_RUNS`` runs alternate
+    between one intra-op thread and the thread's own count (where that is
+    more than one), and the kind then keeps the faster. A graph of small ops
+    (a deep MLP of 64-wide layers) pays an OpenMP team wake-up for each
+    product's parallel region, ~100 us on a busy 2-vCPU host, for ops that
+    take a few us on one thread; a large product keeps its threads."""
 
     MAX_KINDS = 4096
+    TRIAL_RUNS = 4
 
     def __init__(
         self, inline_below: float = INLINE_BELOW_S, inline_below_idle: float = INLINE_BELOW_IDLE_S
     ) -> None:
         self.inline_below = inline_below
         self.inline_below_idle = inline_below_idle
-        self._cost: dict[Hashable, float] = {}
+        self._kinds: dict[Hashable, _KindStats] = {}
         self.inline_runs = 0  # for tests and the record
 
     def inline(self, kind: Hashable, pool_busy: bool = True) -> bool:
         """Whether a job of ``kind`` runs on the loop now (``pool_busy``:
         whether the pool runs or holds other jobs)."""
-        cost = self._cost.get(kind)
-        if cost is None:
+        stats = self._kinds.get(kind)
+        if stats is None:
             return False
-        return cost < (self.inline_below if pool_busy else self.inline_below_idle)
+        return stats.cost < (self.inline_below if pool_busy else self.inline_below_idle)
 
-    def record(self, kind: Hashable, seconds: float) -> None:
-        """A run of ``kind`` took ``seconds`` (from any thread)."""
-        prev = self._cost.get(kind)
-        if prev is None and len(self._cost) >= self.MAX_KINDS:
-            self._cost.clear()  # kinds are per graph shape: a bound, not a cache policy
+    def one_thread(self, kind: Hashable) -> bool:
+        """Whether the next job of ``kind`` runs on one intra-op thread (only
+        asked where the thread's own count is more than one)."""
+        stats = self._kinds.get(kind)
+        if stats is None:
+            return False  # the first run: its own threads (and a warm-up)
+        if stats.one_thread is not None:
+            return stats.one_thread
+        return stats.runs % 2 == 1  # the trial: one thread, own, one, own
+
+    def record(self, kind: Hashable, seconds: float, one_thread: bool = False) -> None:
+        """A run of ``kind`` took ``seconds`` (from any thread), on one
+        intra-op thread or on the thread's own count."""
+        stats = self._kinds.get(kind)
+        if stats is None:
+            if len(self._kinds) >= self.MAX_KINDS:
+                self._kinds.clear()  # kinds are per graph shape: a bound, not a cache policy
+            self._kinds[kind] = _KindStats(seconds)
+            return
+        if stats.one_thread is None and stats.runs > 0:
+            if one_thread:
+                stats.best_one = min(stats.best_one, seconds)
+            else:
+                stats.best_own = min(stats.best_own, seconds)
+            if stats.runs >= self.TRIAL_RUNS:
+                stats.one_thread = stats.best_one < stats.best_own
+                # The estimate restarts from the chosen setting's best run:
+                # the first run's (a warm-up, maybe on the slower setting)
+                # would otherwise keep the kind in the pool for several runs.
+                stats.cost = min(stats.best_one, stats.best_own)
+                stats.runs += 1
+                return
+        stats.runs += 1
         # A slow run counts at once; fast runs lower the estimate gradually.
-        self._cost[kind] = (
-            seconds if prev is None or seconds > prev else 0.75 * prev + 0.25 * seconds
-        )
+        prev = stats.cost
+        stats.cost = seconds if seconds > prev else 0.75 * prev + 0.25 * seconds
+
+
+def run_on_threads(one_thread: bool, fn: Callable[[], T]) -> T:
+    """``fn()`` on one torch intra-op thread when ``one_thread``, else on the
+    calling thread's own count. The count is per thread (OpenMP's and MKL's
+    settings); torch also keeps it for threads that start their first op in
+    the meantime, and the pool's threads and the loop's took theirs when they
+    started (:func:`~aiorpc_autograd.agent.adopt_torch_threads`)."""
+    if not one_thread:
+        return fn()
+    own = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(own)
 
 
 class AutogradService:
@@ -349,22 +415,24 @@ class AutogradService:
 
     def run_job(self, kind: Hashable, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run an engine job or an optimizer step: inline on the loop when
-        jobs of ``kind`` are cheap (:class:`JobCosts`), else in the pool."""
+        jobs of ``kind`` are cheap, else in the pool; on one intra-op thread
+        when that was faster for ``kind`` (:class:`JobCosts`)."""
         costs = self.job_costs
+        one = torch.get_num_threads() > 1 and costs.one_thread(kind)
         if costs.inline(kind, self.agent.pool_busy):
             fut: asyncio.Future[T] = self.agent.loop.create_future()
             t0 = time.perf_counter()
             try:
                 with no_waiting():
-                    result = fn()
+                    result = run_on_threads(one, fn)
             except WouldBlock:
                 pass  # nothing ran: the pool waits for the lock instead
             except BaseException as exc:
-                costs.record(kind, time.perf_counter() - t0)
+                costs.record(kind, time.perf_counter() - t0, one)
                 fut.set_exception(raisable(exc))
                 return fut
             else:
-                costs.record(kind, time.perf_counter() - t0)
+                costs.record(kind, time.perf_counter() - t0, one)
                 costs.inline_runs += 1
                 fut.set_result(result)
                 return fut
@@ -372,9 +440,9 @@ class AutogradService:
         def timed() -> T:
             t0 = time.perf_counter()
             try:
-                return fn()
+                return run_on_threads(one, fn)
             finally:
-                costs.record(kind, time.perf_counter() - t0)
+                costs.record(kind, time.perf_counter() - t0, one)
 
         return self.agent.run_in_executor(timed)
 

@@ -1,6 +1,7 @@
 """Where engine jobs and optimizer steps run (JobCosts): measured first in the
 pool, inline on the loop while cheap, back to the pool when slow or when a
-lock is taken."""
+lock is taken; and on how many intra-op threads: the faster of one and the
+thread's own count, tried on the kind's first runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import threading
 import time
 import types
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from aiorpc_autograd.autograd_service import (
     INLINE_BELOW_S,
     AutogradService,
     JobCosts,
+    run_on_threads,
 )
 from aiorpc_autograd.options import WorkerInfo
 from aiorpc_autograd.pool import WorkerPool
@@ -38,6 +41,96 @@ def test_costs_inline_only_after_a_cheap_measurement() -> None:
     assert costs.inline("k")
     costs.record("slow", 1.0)
     assert not costs.inline("slow")
+
+
+def test_a_kind_keeps_the_faster_of_one_intra_op_thread_and_its_own() -> None:
+    costs = JobCosts(inline_below=0.001, inline_below_idle=0.001)
+    assert costs.one_thread("never run") is False  # the first run: its own threads
+    for kind, one, own in (("small ops", 0.0004, 0.005), ("large ops", 0.004, 0.002)):
+        costs.record(kind, 0.02)  # the first run (a warm-up) does not count
+        tried = []
+        for _ in range(JobCosts.TRIAL_RUNS):
+            single = costs.one_thread(kind)
+            tried.append(single)
+            costs.record(kind, one if single else own, single)
+        assert tried == [True, False, True, False]
+        chosen = kind == "small ops"
+        assert [costs.one_thread(kind) for _ in range(3)] == [chosen] * 3
+        # The estimate restarts from the chosen setting's best run, not from
+        # the warm-up: the small-ops kind is inline at once.
+        assert costs.inline(kind) is chosen
+        costs.record(kind, 0.05, chosen)  # a slow run still sends it to the pool
+        assert not costs.inline(kind) and costs.one_thread(kind) is chosen
+
+
+def test_run_on_threads_sets_one_thread_for_the_job_only_and_only_here() -> None:
+    own = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: dict[str, int] = {}
+        started, finish = threading.Event(), threading.Event()
+
+        def other() -> None:
+            torch.get_num_threads()  # takes its count when it starts (as the pool's do)
+            started.set()
+            finish.wait(5)
+            seen["other thread after"] = torch.get_num_threads()
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert started.wait(5)
+
+        def job() -> int:
+            seen["job"] = torch.get_num_threads()
+            x = torch.randn(32, 64, requires_grad=True)
+            (x @ torch.randn(64, 64)).relu().sum().backward()
+            assert x.grad is not None
+            return 7
+
+        assert run_on_threads(True, job) == 7
+        assert seen["job"] == 1 and torch.get_num_threads() == 2
+        finish.set()
+        t.join(5)
+        assert seen["other thread after"] == 2
+        assert run_on_threads(False, job) == 7 and seen["job"] == 2
+        with pytest.raises(ZeroDivisionError):
+            run_on_threads(True, lambda: 1 // 0)
+        assert torch.get_num_threads() == 2  # restored after an error too
+    finally:
+        torch.set_num_threads(own)
+
+
+async def test_run_job_runs_a_kind_on_the_threads_it_was_faster_on() -> None:
+    """Through the service with a real pool: a job that is slower on several
+    intra-op threads (as a graph of tiny products is on a busy host) runs on
+    one after its trial, inline or in the pool; one that is faster on its
+    threads keeps them."""
+    loop = asyncio.get_running_loop()
+    pool = WorkerPool(loop, 2, "t")
+    agent = types.SimpleNamespace(
+        info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run, pinned=False, pool_busy=True
+    )
+    service = AutogradService(agent)  # type: ignore[arg-type]
+    own = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+
+        def job(slow_on: int) -> Callable[[], int]:
+            def run() -> int:
+                n = torch.get_num_threads()
+                time.sleep(0.004 if n == slow_on else 0.0005)
+                return n
+
+            return run
+
+        for kind, slow_on, keeps in (("tiny ops", 2, 1), ("large ops", 1, 2)):
+            seen = [await service.run_job(kind, job(slow_on)) for _ in range(8)]
+            assert seen[: 1 + JobCosts.TRIAL_RUNS] == [2, 1, 2, 1, 2]
+            assert seen[1 + JobCosts.TRIAL_RUNS :] == [keeps] * 3
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(own)
+        pool.shutdown()
 
 
 def test_take_never_waits_under_no_waiting() -> None:
