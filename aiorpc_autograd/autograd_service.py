@@ -245,14 +245,21 @@ DROP_HELD_MAX = 8
 class _KindStats:
     """What :class:`JobCosts` knows of one kind of job."""
 
-    __slots__ = ("best_one", "best_own", "cost", "one_thread", "runs")
+    __slots__ = ("best_one", "best_own", "chosen", "cost", "one_thread", "runs")
 
     def __init__(self, seconds: float) -> None:
         self.cost = seconds  # the estimate that places the job (loop or pool)
-        self.runs = 1
+        self.runs = 1  # since the last trial began (the first run: a warm-up)
         self.best_own = float("inf")  # fastest trial run on the thread's own intra-op threads
         self.best_one = float("inf")  # fastest trial run on one intra-op thread
         self.one_thread: bool | None = None  # chosen after the trial
+        self.chosen = 0.0  # the chosen setting's best trial run
+
+    def retry(self) -> None:
+        """Try both settings again (the kind's work changed)."""
+        self.runs = 1
+        self.best_own = self.best_one = float("inf")
+        self.one_thread = None
 
 
 class JobCosts:
@@ -268,13 +275,17 @@ class JobCosts:
 
     Threads: after its first run, a kind's next ``TRIAL_RUNS`` runs alternate
     between one intra-op thread and the thread's own count (where that is
-    more than one), and the kind then keeps the faster. A graph of small ops
-    (a deep MLP of 64-wide layers) pays an OpenMP team wake-up for each
-    product's parallel region, ~100 us on a busy 2-vCPU host, for ops that
-    take a few us on one thread; a large product keeps its threads."""
+    more than one), and the kind then keeps the faster, until a run takes
+    ``RETRY_FACTOR`` times longer or shorter than the chosen setting's best
+    (a kind is a graph's shape, not its tensors' sizes: a larger batch may
+    want the threads back). A graph of small ops (a deep MLP of 64-wide
+    layers) pays an OpenMP team wake-up for each product's parallel region,
+    ~100 us on a busy 2-vCPU host, for ops that take a few us on one thread;
+    a large product keeps its threads."""
 
     MAX_KINDS = 4096
     TRIAL_RUNS = 4
+    RETRY_FACTOR = 4.0
 
     def __init__(
         self, inline_below: float = INLINE_BELOW_S, inline_below_idle: float = INLINE_BELOW_IDLE_S
@@ -311,20 +322,22 @@ class JobCosts:
                 self._kinds.clear()  # kinds are per graph shape: a bound, not a cache policy
             self._kinds[kind] = _KindStats(seconds)
             return
-        if stats.one_thread is None and stats.runs > 0:
+        stats.runs += 1
+        if stats.one_thread is None:
             if one_thread:
                 stats.best_one = min(stats.best_one, seconds)
             else:
                 stats.best_own = min(stats.best_own, seconds)
-            if stats.runs >= self.TRIAL_RUNS:
+            if stats.runs > self.TRIAL_RUNS:
                 stats.one_thread = stats.best_one < stats.best_own
+                stats.chosen = min(stats.best_one, stats.best_own)
                 # The estimate restarts from the chosen setting's best run:
                 # the first run's (a warm-up, maybe on the slower setting)
                 # would otherwise keep the kind in the pool for several runs.
-                stats.cost = min(stats.best_one, stats.best_own)
-                stats.runs += 1
+                stats.cost = stats.chosen
                 return
-        stats.runs += 1
+        elif not stats.chosen / self.RETRY_FACTOR <= seconds <= stats.chosen * self.RETRY_FACTOR:
+            stats.retry()
         # A slow run counts at once; fast runs lower the estimate gradually.
         prev = stats.cost
         stats.cost = seconds if seconds > prev else 0.75 * prev + 0.25 * seconds

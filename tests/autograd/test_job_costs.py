@@ -59,8 +59,19 @@ def test_a_kind_keeps_the_faster_of_one_intra_op_thread_and_its_own() -> None:
         # The estimate restarts from the chosen setting's best run, not from
         # the warm-up: the small-ops kind is inline at once.
         assert costs.inline(kind) is chosen
-        costs.record(kind, 0.05, chosen)  # a slow run still sends it to the pool
-        assert not costs.inline(kind) and costs.one_thread(kind) is chosen
+        best = one if chosen else own
+        costs.record(kind, 3 * best, chosen)  # a slow run still sends it to the pool,
+        assert not costs.inline(kind) and costs.one_thread(kind) is chosen  # same threads
+    # A run far off the chosen setting's best (a larger batch through the
+    # same graph, say) tries both again, and the kind follows the new data.
+    costs.record("small ops", 0.0004 * JobCosts.RETRY_FACTOR * 2, True)
+    tried = []
+    for _ in range(JobCosts.TRIAL_RUNS):
+        single = costs.one_thread("small ops")
+        tried.append(single)
+        costs.record("small ops", 0.01 if single else 0.004, single)
+    assert tried == [True, False, True, False]
+    assert costs.one_thread("small ops") is False
 
 
 def test_run_on_threads_sets_one_thread_for_the_job_only_and_only_here() -> None:
@@ -118,7 +129,7 @@ async def test_run_job_runs_a_kind_on_the_threads_it_was_faster_on() -> None:
         def job(slow_on: int) -> Callable[[], int]:
             def run() -> int:
                 n = torch.get_num_threads()
-                time.sleep(0.004 if n == slow_on else 0.0005)
+                time.sleep(0.02 if n == slow_on else 0.002)  # far apart: a busy host
                 return n
 
             return run
