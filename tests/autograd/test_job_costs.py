@@ -29,6 +29,16 @@ from aiorpc_autograd.pool import WorkerPool
 pytestmark = pytest.mark.timeout(30)
 
 
+def _service_on_a_pool(loop: asyncio.AbstractEventLoop) -> tuple[AutogradService, WorkerPool]:
+    """A service on a stand-in agent (unpinned, its pool counted busy) with a
+    real two-thread pool."""
+    pool = WorkerPool(loop, 2, "t")
+    agent = types.SimpleNamespace(
+        info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run, pinned=False, pool_busy=True
+    )
+    return AutogradService(agent), pool  # type: ignore[arg-type]
+
+
 def test_costs_inline_only_after_a_cheap_measurement() -> None:
     costs = JobCosts(inline_below=0.001, inline_below_idle=0.001)
     assert not costs.inline("k")  # never measured: the pool first
@@ -117,11 +127,7 @@ async def test_run_job_runs_a_kind_on_the_threads_it_was_faster_on() -> None:
     one after its trial, inline or in the pool; one that is faster on its
     threads keeps them."""
     loop = asyncio.get_running_loop()
-    pool = WorkerPool(loop, 2, "t")
-    agent = types.SimpleNamespace(
-        info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run, pinned=False, pool_busy=True
-    )
-    service = AutogradService(agent)  # type: ignore[arg-type]
+    service, pool = _service_on_a_pool(loop)
     own = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -176,11 +182,7 @@ def test_take_never_waits_under_no_waiting() -> None:
 
 async def test_run_job_inline_when_cheap_pool_when_slow_or_locked() -> None:
     loop = asyncio.get_running_loop()
-    pool = WorkerPool(loop, 2, "t")
-    agent = types.SimpleNamespace(
-        info=WorkerInfo("w", 0), loop=loop, run_in_executor=pool.run, pinned=False, pool_busy=True
-    )
-    service = AutogradService(agent)  # type: ignore[arg-type]
+    service, pool = _service_on_a_pool(loop)
     loop_thread = threading.get_ident()
 
     def where() -> bool:
