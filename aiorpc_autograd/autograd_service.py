@@ -245,21 +245,23 @@ DROP_HELD_MAX = 8
 class _KindStats:
     """What :class:`JobCosts` knows of one kind of job."""
 
-    __slots__ = ("best_one", "best_own", "chosen", "cost", "one_thread", "runs")
+    __slots__ = ("best_one", "best_own", "cost", "runs")
 
     def __init__(self, seconds: float) -> None:
         self.cost = seconds  # the estimate that places the job (loop or pool)
         self.runs = 1  # since the last trial began (the first run: a warm-up)
         self.best_own = float("inf")  # fastest trial run on the thread's own intra-op threads
         self.best_one = float("inf")  # fastest trial run on one intra-op thread
-        self.one_thread: bool | None = None  # chosen after the trial
-        self.chosen = 0.0  # the chosen setting's best trial run
+
+    @property
+    def best(self) -> float:
+        """The faster setting's best trial run."""
+        return min(self.best_one, self.best_own)
 
     def retry(self) -> None:
         """Try both settings again (the kind's work changed)."""
         self.runs = 1
         self.best_own = self.best_one = float("inf")
-        self.one_thread = None
 
 
 class JobCosts:
@@ -309,9 +311,9 @@ class JobCosts:
         stats = self._kinds.get(kind)
         if stats is None:
             return False  # the first run: its own threads (and a warm-up)
-        if stats.one_thread is not None:
-            return stats.one_thread
-        return stats.runs % 2 == 1  # the trial: one thread, own, one, own
+        if stats.runs <= self.TRIAL_RUNS:
+            return stats.runs % 2 == 1  # the trial: one thread, own, one, own
+        return stats.best_one < stats.best_own
 
     def record(self, kind: Hashable, seconds: float, one_thread: bool = False) -> None:
         """A run of ``kind`` took ``seconds`` (from any thread), on one
@@ -322,21 +324,20 @@ class JobCosts:
                 self._kinds.clear()  # kinds are per graph shape: a bound, not a cache policy
             self._kinds[kind] = _KindStats(seconds)
             return
+        trial = stats.runs <= self.TRIAL_RUNS
         stats.runs += 1
-        if stats.one_thread is None:
+        if trial:
             if one_thread:
                 stats.best_one = min(stats.best_one, seconds)
             else:
                 stats.best_own = min(stats.best_own, seconds)
             if stats.runs > self.TRIAL_RUNS:
-                stats.one_thread = stats.best_one < stats.best_own
-                stats.chosen = min(stats.best_one, stats.best_own)
-                # The estimate restarts from the chosen setting's best run:
-                # the first run's (a warm-up, maybe on the slower setting)
+                # Chosen. The estimate restarts from the chosen setting's best
+                # run: the first run's (a warm-up, maybe on the slower setting)
                 # would otherwise keep the kind in the pool for several runs.
-                stats.cost = stats.chosen
+                stats.cost = stats.best
                 return
-        elif not stats.chosen / self.RETRY_FACTOR <= seconds <= stats.chosen * self.RETRY_FACTOR:
+        elif not stats.best / self.RETRY_FACTOR <= seconds <= stats.best * self.RETRY_FACTOR:
             stats.retry()
         # A slow run counts at once; fast runs lower the estimate gradually.
         prev = stats.cost
